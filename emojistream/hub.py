@@ -1,0 +1,109 @@
+"""The hub: connections indexed by namespace, grouped in pools, and broadcast.
+
+A namespace is the request path after C{/subscribe}: C{/eps}, C{/raw},
+C{/details/2665}. A message published to a namespace reaches every connection whose
+namespace is that one or an ancestor of it at a C{/} boundary, so C{/details} hears
+every detail update and C{/details/26} does not hear C{/details/2665}. Matching
+connections are found through the index, never by scanning every connection.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from emojistream.stream import Stream
+
+#: Emoji IDs as they appear in detail paths and channel names: 1F1FA-1F1F8, 2665...
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+#: The pools the admin cluster and graphite count, by stream kind.
+POOLS = ("eps", "raw", "detail", "kiosk")
+
+
+def lineage(namespace: str) -> list[str]:
+    """The namespace and its ancestors at C{/} boundaries, most specific first."""
+    chain = [namespace]
+    cut = namespace.rfind("/")
+    while cut > 0:
+        namespace = namespace[:cut]
+        chain.append(namespace)
+        cut = namespace.rfind("/")
+    return chain
+
+
+class Hub:
+    """Every open stream, by namespace, and the counters reports read."""
+
+    def __init__(self) -> None:
+        self._index: dict[str, dict[Stream, None]] = {}
+        self._lineages: dict[str, list[str]] = {}
+        self._pool_sizes: dict[str, int] = dict.fromkeys(POOLS, 0)
+        #: Messages written to clients since start (one per message per client).
+        self.delivered = 0
+
+    def add(self, stream: Stream) -> None:
+        """Start delivering to C{stream}."""
+        self._index.setdefault(stream.namespace, {})[stream] = None
+        self._pool_sizes[stream.kind] = self._pool_sizes.get(stream.kind, 0) + 1
+
+    def remove(self, stream: Stream) -> None:
+        """Stop delivering to C{stream} at once; removing twice is harmless."""
+        pool = self._index.get(stream.namespace)
+        if pool is None or stream not in pool:
+            return
+        del pool[stream]
+        if not pool:
+            del self._index[stream.namespace]
+        self._pool_sizes[stream.kind] -= 1
+
+    def publish(self, namespace: str, frame: bytes) -> int:
+        """Write the one encoded C{frame} to every stream listening on C{namespace}.
+
+        Returns how many streams it was written to.
+        """
+        chain = self._lineages.get(namespace)
+        if chain is None:
+            chain = lineage(namespace)
+            if len(self._lineages) < 10_000:
+                self._lineages[namespace] = chain
+        sent = 0
+        index = self._index
+        for name in chain:
+            pool = index.get(name)
+            if pool:
+                # A copy: a write may end a stream and so change the pool.
+                targets = tuple(pool)
+                for stream in targets:
+                    stream.send(frame)
+                sent += len(targets)
+        self.delivered += sent
+        return sent
+
+    def keepalive(self, frame: bytes) -> None:
+        """Write a keepalive comment to every open stream."""
+        for pool in tuple(self._index.values()):
+            for stream in tuple(pool):
+                stream.send_control(frame)
+
+    def streams(self) -> Iterator[Stream]:
+        """Every open stream, in no particular order."""
+        for pool in tuple(self._index.values()):
+            yield from tuple(pool)
+
+    def in_namespace(self, namespace: str) -> list[Stream]:
+        """The streams subscribed to exactly C{namespace}."""
+        return list(self._index.get(namespace, ()))
+
+    def pool_sizes(self) -> dict[str, int]:
+        """How many streams each pool (eps, raw, detail, kiosk) holds now."""
+        return dict(self._pool_sizes)
+
+    def __len__(self) -> int:
+        return sum(self._pool_sizes.values())
+
+    def snapshot(self, now: float) -> list[dict[str, Any]]:
+        """Every connection as the status report lists it, oldest first."""
+        streams = sorted(self.streams(), key=lambda s: s.created_at)
+        return [s.describe(now) for s in streams]

@@ -1,0 +1,78 @@
+"""What a Redis pub/sub message means: which namespace hears it, encoded how."""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+from emojistream.hub import ID_PATTERN, Hub
+from emojistream.sse import encode_event
+from emojistream.summarizer import ScoreSummarizer
+
+SCORE_CHANNEL = b"stream.score_updates"
+DETAIL_PREFIX = b"stream.tweet_updates."
+DETAIL_PATTERN = DETAIL_PREFIX + b"*"
+
+
+def valid_utf8(payload: bytes) -> bytes:
+    """The payload itself if it is UTF-8, else with each bad byte replaced by U+FFFD.
+
+    Streams are declared C{charset=utf-8}; passing invalid bytes on would make each
+    browser repair them its own way.
+    """
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return payload.decode("utf-8", "replace").encode("utf-8")
+    return payload
+
+
+class Router:
+    """Turns (channel, payload) from Redis into hub broadcasts and summarizer hits."""
+
+    log = Logger()
+
+    def __init__(self, hub: Hub, summarizer: ScoreSummarizer, *, raw_stream: bool) -> None:
+        self._hub = hub
+        self._summarizer = summarizer
+        self._raw_stream = raw_stream
+        #: Messages received from Redis since start.
+        self.received = 0
+        #: Messages dropped because their channel or payload made no sense.
+        self.dropped = 0
+
+    def message(self, channel: bytes, payload: bytes) -> None:
+        """Handle one pub/sub message."""
+        self.received += 1
+        if channel == SCORE_CHANNEL:
+            self.score(payload)
+        elif channel.startswith(DETAIL_PREFIX):
+            self.detail(channel, payload)
+        else:
+            self.dropped += 1
+
+    def score(self, payload: bytes) -> None:
+        """One hit: counted for C{/eps}, and sent on C{/raw} when that stream is on."""
+        try:
+            emoji_id = payload.decode("ascii")
+        except UnicodeDecodeError:
+            self.dropped += 1
+            return
+        if not ID_PATTERN.fullmatch(emoji_id):
+            self.dropped += 1
+            return
+        self._summarizer.hit(emoji_id)
+        if self._raw_stream:
+            self._hub.publish("/raw", encode_event(payload))
+
+    def detail(self, channel: bytes, payload: bytes) -> None:
+        """A detail update, for C{/details/<ID>} and its ancestors, named by its channel."""
+        suffix = channel[len(DETAIL_PREFIX):]
+        try:
+            emoji_id = suffix.decode("ascii")
+        except UnicodeDecodeError:
+            self.dropped += 1
+            return
+        if not ID_PATTERN.fullmatch(emoji_id):
+            self.dropped += 1
+            return
+        self._hub.publish("/details/" + emoji_id, encode_event(valid_utf8(payload), channel))

@@ -1,0 +1,175 @@
+"""HTTP routes: the SSE streams, the admin status, and the errors in between.
+
+Every response carries C{Access-Control-Allow-Origin: *}; errors are short
+plain-text bodies with the right status, never an HTML page or a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from importlib.resources import files
+from typing import Any
+
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+
+from emojistream.hub import ID_PATTERN, Hub
+from emojistream.stream import Stream
+
+SSE_HEADERS = (
+    (b"Content-Type", b"text/event-stream; charset=utf-8"),
+    (b"Cache-Control", b"no-cache"),
+    (b"Connection", b"keep-alive"),
+)
+CORS = (b"Access-Control-Allow-Origin", b"*")
+
+
+def client_ip(request: Request) -> str:
+    """The address of the peer that sent C{request}."""
+    return str(getattr(request.getClientAddress(), "host", ""))
+
+
+def _text(request: IRequest, code: int, body: str) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+    return body.encode("utf-8") + b"\n"
+
+
+class StreamRoutes:
+    """The Klein application: one instance per server, collaborators injected."""
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(
+        self,
+        hub: Hub,
+        status: Callable[[], dict[str, Any]],
+        *,
+        clock: IReactorTime,
+        raw_stream: bool = True,
+        verbose: bool = False,
+    ) -> None:
+        self._hub = hub
+        self._status = status
+        self._clock = clock
+        self._raw_stream = raw_stream
+        self._verbose = verbose
+        self._admin_page = (files("emojistream") / "data" / "admin.html").read_bytes()
+
+    def resource(self) -> IResource:
+        """The root resource to serve, with the CORS header on every response."""
+        return CORSResource(self.app.resource())
+
+    # -- streams -----------------------------------------------------------
+
+    @app.route("/subscribe/eps", methods=["GET"])
+    def eps(self, request: Request) -> Any:
+        return self._stream(request, "/eps", "eps")
+
+    @app.route("/subscribe/raw", methods=["GET"])
+    def raw(self, request: Request) -> Any:
+        if not self._raw_stream:
+            return _text(request, 404, "404 Not Found: the raw stream is disabled here")
+        return self._stream(request, "/raw", "raw")
+
+    @app.route("/subscribe/details", methods=["GET"])
+    def all_details(self, request: Request) -> Any:
+        return self._stream(request, "/details", "detail")
+
+    @app.route("/subscribe/details/<path:emoji_id>", methods=["GET"])
+    def details(self, request: Request, emoji_id: str) -> Any:
+        if not ID_PATTERN.fullmatch(emoji_id):
+            return _text(request, 400, "400 Bad Request: an ID is 1 to 64 letters, digits, "
+                                       "'-' or '_'")
+        return self._stream(request, "/details/" + emoji_id, "detail", tag=emoji_id)
+
+    def _stream(self, request: Request, namespace: str, kind: str,
+                tag: str | None = None) -> Any:
+        for name, value in SSE_HEADERS:
+            request.setHeader(name, value)
+        if request.method == b"HEAD":
+            return b""
+        stream = Stream(
+            request,
+            namespace=namespace,
+            kind=kind,
+            request_path="/subscribe" + namespace,
+            created_at=self._clock.seconds(),
+            client_ip=client_ip(request),
+            user_agent=(request.getHeader(b"user-agent") or b"").decode("utf-8", "replace"),
+            tag=tag,
+        )
+        self._hub.add(stream)
+        request.notifyFinish().addBoth(self._finished, stream)
+        # Sends the status line and headers now, before the first event.
+        request.write(b"")
+        if self._verbose:
+            self.log.info("connect {path} from {ip}", path=stream.request_path,
+                          ip=stream.client_ip)
+        return stream.done
+
+    def _finished(self, result: object, stream: Stream) -> None:
+        stream.lost()
+        self._hub.remove(stream)
+        if self._verbose:
+            self.log.info("disconnect {path} from {ip} after {age:.1f} s",
+                          path=stream.request_path, ip=stream.client_ip,
+                          age=self._clock.seconds() - stream.created_at)
+
+    # -- admin ---------------------------------------------------------------
+
+    @app.route("/admin/status.json", methods=["GET"])
+    def status_json(self, request: Request) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        return json.dumps(self._status()).encode("utf-8")
+
+    @app.route("/admin/", methods=["GET"])
+    def admin_page(self, request: Request) -> bytes:
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        return self._admin_page
+
+    # -- errors --------------------------------------------------------------
+
+    @app.handle_errors(HTTPException)
+    def http_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, HTTPException)
+        code = error.code or 500
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            methods = sorted(m for m in error.valid_methods if m != "OPTIONS")
+            request.setHeader(b"Allow", ", ".join(methods).encode())
+        elif not isinstance(error, NotFound):
+            # Redirects (/admin -> /admin/) keep their Location.
+            for name, value in error.get_response().headers:
+                if name.lower() != "content-type":
+                    request.setHeader(name.encode(), value.encode())
+        return _text(request, code, f"{code} {error.name}")
+
+    @app.handle_errors(Exception)
+    def internal_error(self, request: IRequest, failure: Failure) -> bytes:
+        self.log.failure("Error handling {method} {uri}", failure,
+                         method=request.method, uri=request.uri)
+        return _text(request, 500, "500 Internal Server Error")
+
+
+class CORSResource(Resource):
+    """Adds C{Access-Control-Allow-Origin: *} to every response of the wrapped resource."""
+
+    isLeaf = True
+
+    def __init__(self, wrapped: IResource) -> None:
+        super().__init__()
+        self._wrapped = wrapped
+
+    def render(self, request: Request) -> Any:
+        request.setHeader(*CORS)
+        return self._wrapped.render(request)
