@@ -135,7 +135,7 @@ class RedisConnection(Service):
         self.protocol: Any = None
         self._prepare = prepare
         self._select_db = select_db
-        self._waiting: list[Deferred[None]] = []
+        self._waiting: list[tuple[str, Deferred[None]]] = []
 
         def configure_protocol(protocol: Any) -> None:
             protocol.on_lost = lambda why: self._lost(protocol)
@@ -155,19 +155,33 @@ class RedisConnection(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        self.state = "stopped"
+        self._set_state("stopped")
         self.protocol = None
         d: Deferred[None] = self._client.stopService()
         return d
 
     def when_up(self) -> Deferred[None]:
         """A Deferred that fires once the connection is (or next becomes) up."""
+        return self.when_state("up")
+
+    def when_state(self, state: str) -> Deferred[None]:
+        """A Deferred that fires once C{state} is (or next becomes) C{state}."""
         d: Deferred[None] = Deferred()
-        if self.state == "up":
+        if self.state == state:
             d.callback(None)
         else:
-            self._waiting.append(d)
+            self._waiting.append((state, d))
         return d
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        still = []
+        for wanted, d in self._waiting:
+            if wanted == state:
+                d.callback(None)
+            else:
+                still.append((wanted, d))
+        self._waiting = still
 
     @inlineCallbacks
     def _login(self, protocol: Any) -> Any:
@@ -189,18 +203,15 @@ class RedisConnection(Service):
             return
         self.protocol = protocol
         if self.state != "up":
-            self.state = "up"
             self.log.info("Redis {purpose} connection to {address} is up",
                           purpose=self.purpose, address=str(self.address))
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(None)
+            self._set_state("up")
 
     def _down(self, message: str) -> None:
         if self.state not in ("down", "stopped"):
-            self.state = "down"
             self.log.warn("{message}; retrying every {cap:g} s at most", message=message,
                           cap=MAX_DELAY)
+            self._set_state("down")
 
     def _failed(self, reason: Failure) -> None:
         self._down(f"Redis at {self.address} is unreachable for the {self.purpose} "

@@ -40,8 +40,9 @@ class Options(usage.Options):
         flag
         for s in SPECS if s.is_flag
         for flag in (
-            [s.option, None, _describe(s.help, s.default, s.env)],
-            [f"no-{s.option}", None, f"Turn --{s.option} off"],
+            [[s.option, None, _describe(s.help, s.default, s.env)],
+             [f"no-{s.option}", None, f"Turn --{s.option} off (overrides {s.env})"]]
+            if s.env else [[s.option, None, s.help]]
         )
     ]
 
@@ -54,7 +55,7 @@ class Options(usage.Options):
         given: dict[str, str | None] = {}
         for spec in SPECS:
             if spec.is_flag:
-                on, off = self[spec.option], self[f"no-{spec.option}"]
+                on, off = self[spec.option], self.get(f"no-{spec.option}")
                 if on and off:
                     raise usage.UsageError(f"--{spec.option} and --no-{spec.option} "
                                            "contradict each other")
@@ -65,18 +66,19 @@ class Options(usage.Options):
             settings = resolve(self._environ, given)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
-        check_endpoint(settings.listen)
+        source = "PORT" if given["listen"] is None and "PORT" in self._environ else "--listen"
+        check_endpoint(settings.listen, source)
         self.settings = settings
 
 
-def check_endpoint(description: str) -> None:
+def check_endpoint(description: str, source: str = "--listen") -> None:
     """Raise a one-line UsageError if C{description} is not a server endpoint string."""
     from twisted.internet import reactor
 
     try:
         serverFromString(reactor, description)
     except (ValueError, TypeError, KeyError) as e:
-        raise usage.UsageError(f"--listen: {description!r} is not an endpoint ({e})") from None
+        raise usage.UsageError(f"{source}: {description!r} is not an endpoint ({e})") from None
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

@@ -1,0 +1,96 @@
+"""Fixtures: a real Redis per test, the daemon in-process on a real port, a real client."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+import txredisapi
+from twisted.internet import reactor
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from emojistream.config import resolve
+from emojistream.service import Emojistream
+from redisproc import RedisProcess
+from sseclient import Client, within
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisProcess]:
+    server = RedisProcess()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class Daemon:
+    """A running Emojistream in this process, listening on a loopback port."""
+
+    def __init__(self, app: Emojistream, port: int) -> None:
+        self.app = app
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+
+
+async def start_daemon(env: dict[str, str], options: dict[str, str | None] | None = None
+                       ) -> Daemon:
+    opts: dict[str, str | None] = {"listen": "tcp:0:interface=127.0.0.1"}
+    opts.update(options or {})
+    app = Emojistream(resolve(env, opts), reactor)
+    app.service.startService()
+    port = await within(app.when_listening())
+    return Daemon(app, port.getHost().port)
+
+
+@pytest.fixture
+def daemon_env(redis_server: RedisProcess) -> dict[str, str]:
+    """Environment for the daemon under test (tests may add to it before starting)."""
+    return {"REDIS_URL": redis_server.url, "NODE_NAME": "test.1"}
+
+
+@pytest_twisted.async_yield_fixture
+async def daemon(daemon_env: dict[str, str]) -> AsyncIterator[Daemon]:
+    d = await start_daemon(daemon_env)
+    await within(d.app.feed.when_subscribed())
+    try:
+        yield d
+    finally:
+        await d.app.service.stopService()
+
+
+@pytest_twisted.async_yield_fixture
+async def client(daemon: Daemon) -> AsyncIterator[Client]:
+    c = Client(daemon.base)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def publisher(redis_server: RedisProcess) -> AsyncIterator[Any]:
+    """A plain Redis client connection for PUBLISHing, like the upstream feeder."""
+    conn = await within(txredisapi.Connection(
+        "127.0.0.1", redis_server.port, reconnect=False, convertNumbers=False, charset=None
+    ))
+    try:
+        yield conn
+    finally:
+        await conn.disconnect()
+
+
+def repo_env() -> dict[str, str]:
+    """Environment for a twistd child that runs this checkout's code."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env

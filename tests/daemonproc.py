@@ -1,0 +1,92 @@
+"""The daemon as operators run it: `twistd -n emojistream ...` in a child process."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from conftest import REPO, repo_env
+
+TWISTD = str(Path(sys.executable).parent / "twistd")
+
+
+def twistd(*args: str, env: dict[str, str] | None = None, timeout: float = 60
+           ) -> subprocess.CompletedProcess[str]:
+    """Run twistd to completion (for commands expected to exit by themselves)."""
+    full_env = repo_env()
+    full_env.update(env or {})
+    return subprocess.run([TWISTD, *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=REPO)
+
+
+class TwistdProcess:
+    """A running `twistd -n` child whose log is collected line by line."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        full_env = repo_env()
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "--logfile=-", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+            cwd=REPO,
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for_line(self, pattern: str, timeout: float = 30) -> re.Match[str]:
+        """Block until a log line matches C{pattern}; fail if the process exits first."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and seen == len(self.lines)):
+                    raise AssertionError(f"no log line matching {pattern!r}:\n" + self.log())
+                self._changed.wait(min(left, 0.5))
+
+    def port(self) -> int:
+        """The HTTP port, from the web service's start-up log line."""
+        return int(self.wait_for_line(r"Site starting on (\d+)").group(1))
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM and wait for the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def children(self) -> list[int]:
+        """PIDs of this process's direct children."""
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        try:
+            return [int(p) for p in path.read_text().split()]
+        except FileNotFoundError:
+            return []

@@ -1,0 +1,167 @@
+"""A real HTTP client for event streams in tests: treq over a real socket, bytes kept
+as received, events parsed by the independent spec parser."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from ssespec import Event, SpecParser
+
+TIMEOUT = 15.0
+
+
+def within(d: Deferred[Any], seconds: float = TIMEOUT) -> Deferred[Any]:
+    """C{d}, failing with TimeoutError instead of hanging a test forever."""
+    return d.addTimeout(seconds, reactor)
+
+
+class StreamReader(Protocol):
+    """Collects a response body: the raw bytes, and the events they parse into."""
+
+    def __init__(self) -> None:
+        self.raw = bytearray()
+        self.parser = SpecParser()
+        self.closed: Deferred[None] = Deferred()
+        self.is_closed = False
+        self._waiters: list[tuple[Callable[[StreamReader], bool], Deferred[StreamReader]]] = []
+
+    @property
+    def events(self) -> list[Event]:
+        return self.parser.events
+
+    def dataReceived(self, data: bytes) -> None:
+        self.raw += data
+        self.parser.feed(data)
+        self._check()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.is_closed = True
+        self.closed.callback(None)
+        self._check()
+
+    def _check(self) -> None:
+        still = []
+        for predicate, d in self._waiters:
+            if predicate(self):
+                d.callback(self)
+            else:
+                still.append((predicate, d))
+        self._waiters = still
+
+    def wait_for(self, predicate: Callable[[StreamReader], bool],
+                 seconds: float = TIMEOUT) -> Deferred[StreamReader]:
+        """Fires once C{predicate(self)} holds (checked as each chunk arrives)."""
+        d: Deferred[StreamReader] = Deferred()
+        if predicate(self):
+            d.callback(self)
+        else:
+            self._waiters.append((predicate, d))
+        return within(d, seconds)
+
+    def wait_events(self, n: int, seconds: float = TIMEOUT) -> Deferred[StreamReader]:
+        return self.wait_for(lambda r: len(r.events) >= n, seconds)
+
+    def close(self) -> None:
+        """Hang up from the client side."""
+        if not self.is_closed and self.transport is not None:
+            self.transport.stopProducing()
+
+
+class Client:
+    """An HTTP client whose connections are all closed at the end of the test."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.http = treq.client.HTTPClient(Agent(reactor, pool=self.pool))
+        self.readers: list[StreamReader] = []
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return await within(self.http.request(method, self.base + path, **kwargs))
+
+    async def text(self, method: str, path: str, **kwargs: Any) -> tuple[Any, bytes]:
+        response = await self.request(method, path, **kwargs)
+        body = await within(treq.content(response))
+        return response, body
+
+    async def stream(self, path: str, headers: dict[str, str] | None = None
+                     ) -> tuple[Any, StreamReader]:
+        """Open an event stream; returns once the status and headers have arrived."""
+        response = await self.request("GET", path, headers=headers, unbuffered=True)
+        reader = StreamReader()
+        self.readers.append(reader)
+        response.deliverBody(reader)
+        return response, reader
+
+    async def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+        await self.pool.closeCachedConnections()
+
+
+class RawConnection(Protocol):
+    """A bare TCP connection: bytes out as given, bytes in as received."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.closed: Deferred[None] = Deferred()
+        self.is_closed = False
+        self._waiters: list[tuple[Callable[[bytes], bool], Deferred[bytes]]] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        self._check()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.is_closed = True
+        self.closed.callback(None)
+        self._check()
+
+    def _check(self) -> None:
+        still = []
+        for predicate, d in self._waiters:
+            if predicate(bytes(self.received)) or self.is_closed:
+                d.callback(bytes(self.received))
+            else:
+                still.append((predicate, d))
+        self._waiters = still
+
+    def wait_for(self, predicate: Callable[[bytes], bool],
+                 seconds: float = TIMEOUT) -> Deferred[bytes]:
+        """Fires with everything received once C{predicate} holds or the peer closes."""
+        d: Deferred[bytes] = Deferred()
+        self._waiters.append((predicate, d))
+        self._check()
+        return within(d, seconds)
+
+    def wait_closed(self, seconds: float = TIMEOUT) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.closed.addBoth(lambda _: d.callback(None) if not d.called else None)
+        return within(d, seconds)
+
+    def close(self) -> None:
+        if not self.is_closed and self.transport is not None:
+            self.transport.abortConnection()
+
+
+async def raw_connect(port: int) -> RawConnection:
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    conn = RawConnection()
+    await within(connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), conn))
+    return conn
+
+
+def split_response(data: bytes) -> tuple[str, list[tuple[str, str]], bytes]:
+    """Status line, headers in order, and the rest, of raw HTTP response bytes."""
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = [tuple(h.split(": ", 1)) for h in lines[1:]]
+    return lines[0], headers, rest  # type: ignore[return-value]

@@ -1,0 +1,104 @@
+"""Settings from environment and options, and the twistd Options around them."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.python import usage
+
+from emojistream.config import ConfigError, RedisAddress, parse_bool, parse_redis_url, resolve
+from emojistream.redisconn import backoff
+from emojistream.tap import Options
+
+
+def options(argv: list[str], env: dict[str, str] | None = None) -> Options:
+    opts = Options(environ=env or {})
+    opts.parseOptions(argv)
+    return opts
+
+
+def test_defaults_without_environment():
+    s = resolve({"NODE_NAME": "web.1"}, {})
+    assert s.listen == "tcp:8001"
+    assert s.redis == RedisAddress("localhost", 6379, None, None, 0)
+    assert s.raw_stream is True and s.verbose is False and s.demo is False
+    assert s.keepalive == 15.0
+    assert s.env == "development"
+    assert s.node_name == "twisted-development-web.1"
+
+
+def test_environment_is_read_with_the_legacy_names():
+    env = {"PORT": "9000", "REDIS_URL": "redis://:pw@redis.example:6380/2",
+           "ENABLE_RAW_STREAM": "No", "VERBOSE": "YES", "RACK_ENV": "production",
+           "DYNO": "web.3", "SSE_KEEPALIVE_SEC": "2.5"}
+    s = resolve(env, {})
+    assert s.listen == "tcp:9000"
+    assert s.redis == RedisAddress("redis.example", 6380, "pw", None, 2)
+    assert s.raw_stream is False and s.verbose is True
+    assert s.node_name == "twisted-production-web.3"
+    assert s.keepalive == 2.5
+    assert resolve({"NODE_NAME": "n", "DYNO": "d"}, {}).node == "n"
+
+
+def test_options_override_the_environment():
+    env = {"PORT": "9000", "REDIS_URL": "redis://a:1", "ENABLE_RAW_STREAM": "false"}
+    opts = options(["--listen", "tcp:7000:interface=127.0.0.1", "--redis",
+                    "redis://b:2/5", "--raw-stream", "--keepalive", "3"], env)
+    s = opts.settings
+    assert s is not None
+    assert s.listen == "tcp:7000:interface=127.0.0.1"
+    assert (s.redis.host, s.redis.port, s.redis.db) == ("b", 2, 5)
+    assert s.raw_stream is True and s.keepalive == 3.0
+    off = options(["--no-raw-stream"], {"ENABLE_RAW_STREAM": "true"}).settings
+    assert off is not None and off.raw_stream is False
+
+
+@pytest.mark.parametrize("word", ["true", "T", "Yes", "y", "1", "TRUE"])
+def test_true_words(word):
+    assert parse_bool(word) is True
+
+
+@pytest.mark.parametrize("word", ["false", "F", "no", "N", "0", ""])
+def test_false_words(word):
+    assert parse_bool(word) is False
+
+
+def test_redis_urls():
+    assert parse_redis_url("redis://h") == RedisAddress("h", 6379, None, None, 0)
+    assert parse_redis_url("redis://user:p%40ss@h:1/9") == RedisAddress("h", 1, "p@ss", "user", 9)
+    assert parse_redis_url("redis://secret@h") == RedisAddress("h", 6379, "secret", None, 0)
+    assert "p@ss" not in str(parse_redis_url("redis://:p%40ss@h"))
+    for bad in ("http://h", "redis://h:notaport", "redis://h/x", "h:6379", "redis://h:99999"):
+        with pytest.raises(ValueError):
+            parse_redis_url(bad)
+
+
+@pytest.mark.parametrize(("env", "argv", "message"), [
+    ({"REDIS_URL": "nope"}, [], "REDIS_URL"),
+    ({}, ["--redis", "redis://h:x"], "--redis"),
+    ({"ENABLE_RAW_STREAM": "maybe"}, [], "ENABLE_RAW_STREAM"),
+    ({}, ["--keepalive", "soon"], "--keepalive"),
+    ({}, ["--keepalive", "0"], "--keepalive"),
+    ({}, ["--listen", "bogus:1"], "--listen"),
+    ({}, ["--listen", "tcp:notaport"], "--listen"),
+    ({"PORT": "http"}, [], "PORT"),
+    ({}, ["--raw-stream", "--no-raw-stream"], "contradict"),
+])
+def test_bad_values_are_one_line_usage_errors(env, argv, message):
+    with pytest.raises(usage.UsageError) as info:
+        options(argv, env)
+    text = str(info.value)
+    assert message in text and "\n" not in text
+
+
+def test_config_error_names_the_source():
+    with pytest.raises(ConfigError, match="VERBOSE"):
+        resolve({"VERBOSE": "loud"}, {})
+
+
+def test_backoff_is_capped_and_jittered():
+    lows = [backoff(n, rand=lambda: 0.0) for n in range(1, 12)]
+    highs = [backoff(n, rand=lambda: 1.0) for n in range(1, 12)]
+    assert highs[0] == pytest.approx(0.1) and lows[0] == pytest.approx(0.05)
+    assert max(highs) == 5.0 and highs[-1] == 5.0 and lows[-1] == 2.5
+    assert highs == sorted(highs)
+    assert backoff(10_000) <= 5.0

@@ -1,0 +1,159 @@
+"""The daemon against a Redis that goes away and comes back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest_twisted
+import txredisapi
+
+from conftest import start_daemon
+from redisproc import RedisProcess
+from sseclient import Client, within
+
+
+async def connect(server: RedisProcess):
+    return await within(txredisapi.Connection(
+        "127.0.0.1", server.port, reconnect=False, convertNumbers=False, charset=None
+    ))
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_restart_under_a_connected_client(daemon, client, redis_server):
+    _, reader = await client.stream("/subscribe/details/2665")
+    pub = await connect(redis_server)
+    await pub.publish("stream.tweet_updates.2665", "before")
+    await reader.wait_events(1)
+    await pub.disconnect()
+
+    redis_server.stop()
+    await within(daemon.app.feed.when_state("down"))
+    code, body = await status(client)
+    assert code == 200
+    assert body["status"] != "OK" and body["redis"] == "down"
+    redis_server.start()
+    await within(daemon.app.feed.when_state("up"))
+
+    pub = await connect(redis_server)
+    try:
+        for i in range(5):
+            await pub.publish("stream.tweet_updates.2665", f"after {i}")
+        await reader.wait_events(6)
+        # A last message: once it is in, any duplicate of the earlier ones would be too.
+        await pub.publish("stream.tweet_updates.2665", "last")
+        await reader.wait_events(7)
+    finally:
+        await pub.disconnect()
+    assert [e.data for e in reader.events] == ["before"] + [f"after {i}" for i in range(5)] + [
+        "last"]
+    assert not reader.is_closed
+    assert len(daemon.app.hub.in_namespace("/details/2665")) == 1
+    _code, body = await status(client)
+    assert body["status"] == "OK"
+
+
+async def status(client):
+    response, body = await client.text("GET", "/admin/status.json")
+    return response.code, json.loads(body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_daemon_serves_while_redis_is_down_and_subscribes_when_it_comes():
+    server = RedisProcess()  # chosen port, not started yet
+    d = await start_daemon({"REDIS_URL": server.url, "NODE_NAME": "t"})
+    c = Client(d.base)
+    try:
+        code, body = await status(c)
+        assert code == 200
+        assert body["status"] != "OK"
+        assert body["redis"] in ("connecting", "down")
+        _, reader = await c.stream("/subscribe/raw")
+        server.start()
+        await within(d.app.feed.when_state("up"))
+        pub = await connect(server)
+        await pub.publish("stream.score_updates", "1F602")
+        await reader.wait_events(1)
+        await pub.disconnect()
+        assert reader.events[0].data == "1F602"
+    finally:
+        await c.close()
+        await d.app.service.stopService()
+        server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_password_and_database_come_from_the_url():
+    server = RedisProcess(extra_args=("--requirepass", "s3cret"))
+    server.start()
+    d = await start_daemon({"REDIS_URL": f"redis://:s3cret@127.0.0.1:{server.port}/3",
+                            "NODE_NAME": "t"})
+    c = Client(d.base)
+    try:
+        await within(d.app.feed.when_state("up"))
+        _, reader = await c.stream("/subscribe/details/2665")
+        pub = await within(txredisapi.Connection(
+            "127.0.0.1", server.port, password="s3cret", reconnect=False,
+            convertNumbers=False, charset=None))
+        await pub.publish("stream.tweet_updates.2665", "with auth")
+        await reader.wait_events(1)
+        await pub.disconnect()
+        assert reader.events[0].data == "with auth"
+    finally:
+        await c.close()
+        await d.app.service.stopService()
+        server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wrong_password_is_reported_not_fatal():
+    server = RedisProcess(extra_args=("--requirepass", "right"))
+    server.start()
+    d = await start_daemon({"REDIS_URL": f"redis://:wrong@127.0.0.1:{server.port}",
+                            "NODE_NAME": "t"})
+    c = Client(d.base)
+    try:
+        await within(d.app.feed.when_state("down"))
+        code, body = await status(c)
+        assert code == 200 and body["redis"] == "down"
+    finally:
+        await c.close()
+        await d.app.service.stopService()
+        server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_redis_is_logged_once_not_once_per_retry():
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from twisted.logger import globalLogPublisher
+
+    from emojistream.config import parse_redis_url
+    from emojistream.demo import free_port
+    from emojistream.redisfeed import RedisFeed
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    attempts: list[int] = []
+    sixth: Deferred[None] = Deferred()
+
+    def quick_retries(attempt: int) -> float:
+        attempts.append(attempt)
+        if attempt == 6:
+            # Not from inside ClientService's own transition.
+            reactor.callLater(0, sixth.callback, None)
+        return 0.01
+
+    feed = RedisFeed(parse_redis_url(f"redis://127.0.0.1:{free_port()}"),
+                     lambda channel, payload: None, reactor=reactor,
+                     channels=(b"c",), patterns=(), retry_policy=quick_retries)
+    feed.startService()
+    try:
+        await within(sixth)
+    finally:
+        await feed.stopService()
+        globalLogPublisher.removeObserver(events.append)
+    mine = [e for e in events if e.get("log_namespace", "").startswith("emojistream")]
+    assert attempts[:6] == [1, 2, 3, 4, 5, 6]
+    assert len(mine) == 1, mine
+    assert "unreachable" in mine[0]["message"]
+    assert not [e for e in events if "Scheduling retry" in e.get("log_format", "")]

@@ -1,0 +1,78 @@
+"""The score rollup on a Clock: exact counts per tick, nothing on empty ticks."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+from twisted.application.internet import TimerService
+from twisted.internet.task import Clock
+
+from emojistream.summarizer import RATE, ScoreSummarizer
+
+
+def running(summarizer: ScoreSummarizer, clock: Clock) -> TimerService:
+    timer = TimerService(1 / RATE, summarizer.tick)
+    timer.clock = clock
+    timer.startService()
+    return timer
+
+
+def test_counts_are_exact_across_tick_boundaries():
+    sent: list[bytes] = []
+    clock = Clock()
+    summarizer = ScoreSummarizer(sent.append)
+    timer = running(summarizer, clock)
+    rng = random.Random(7)
+    expected: Counter[str] = Counter()
+    ids = ["2665", "1F602", "1F1FA-1F1F8", "2764", "00A9"]
+    for _ in range(2000):
+        emoji_id = rng.choice(ids)
+        summarizer.hit(emoji_id)
+        expected[emoji_id] += 1
+        clock.advance(rng.choice([0, 0, 0.001, 0.004, 1 / RATE, 0.05]))
+    clock.advance(1 / RATE)
+    timer.stopService()
+    total: Counter[str] = Counter()
+    for message in sent:
+        summary = json.loads(message)
+        assert summary and all(v > 0 for v in summary.values())
+        total.update(summary)
+    assert total == expected
+    # At most one summary per tick of 1/60 s.
+    assert len(sent) <= clock.seconds() * RATE + 1
+
+
+def test_empty_ticks_send_nothing_and_output_is_compact_json():
+    sent: list[bytes] = []
+    clock = Clock()
+    summarizer = ScoreSummarizer(sent.append)
+    running(summarizer, clock)
+    clock.pump([1 / RATE] * 30)
+    assert sent == []
+    summarizer.hit("2665")
+    summarizer.hit("2665")
+    summarizer.hit("1F602")
+    clock.advance(1 / RATE)
+    assert sent == [b'{"2665":2,"1F602":1}']
+    clock.pump([1 / RATE] * 10)
+    assert len(sent) == 1
+
+
+def test_a_failing_emit_does_not_stop_the_ticks():
+    calls: list[bytes] = []
+
+    def emit(summary: bytes) -> None:
+        calls.append(summary)
+        raise RuntimeError("boom")
+
+    clock = Clock()
+    summarizer = ScoreSummarizer(emit)
+    timer = running(summarizer, clock)
+    summarizer.hit("A")
+    clock.advance(1 / RATE)
+    summarizer.hit("B")
+    clock.advance(1 / RATE)
+    assert calls == [b'{"A":1}', b'{"B":1}']
+    assert timer.running

@@ -1,0 +1,100 @@
+"""The daemon as a real twistd process: option errors, demo mode, the .tac file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+import pytest_twisted
+
+from daemonproc import TwistdProcess, twistd
+from emojistream.demo import free_port
+from sseclient import Client
+
+
+@pytest.mark.parametrize(("args", "env", "names"), [
+    (["--redis", "http://nope"], {}, "--redis"),
+    (["--listen", "tcp:abc"], {}, "--listen"),
+    (["--keepalive", "often"], {}, "--keepalive"),
+    ([], {"ENABLE_RAW_STREAM": "perhaps"}, "ENABLE_RAW_STREAM"),
+    ([], {"PORT": "eighty"}, "PORT"),
+])
+def test_a_bad_value_is_a_one_line_error_and_a_failed_exit(args, env, names):
+    result = twistd("-n", "--pidfile=", "emojistream", *args, env=env)
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "Traceback" not in out
+    last = out.strip().splitlines()[-1]
+    assert names in last and last.startswith(("twistd", "/")), last
+
+
+@pytest.fixture
+def demo() -> Iterator[TwistdProcess]:
+    proc = TwistdProcess("emojistream", "--demo", "--listen",
+                         f"tcp:{free_port()}:interface=127.0.0.1")
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+
+
+@pytest_twisted.ensureDeferred
+async def test_demo_serves_eps_and_details_and_stops_its_redis(demo):
+    port = demo.port()
+    demo.wait_for_line(r"Redis subscriber connection .* is up")
+    (redis_pid,) = demo.children()
+    client = Client(f"http://127.0.0.1:{port}")
+    try:
+        _, eps = await client.stream("/subscribe/eps")
+        # The most used emoji gets several detail updates a second at 250 hits/s.
+        _, details = await client.stream("/subscribe/details/1F602")
+        await eps.wait_events(30)
+        await details.wait_events(2)
+    finally:
+        await client.close()
+    for event in eps.events:
+        summary = json.loads(event.data)
+        assert summary and all(isinstance(v, int) and v > 0 for v in summary.values())
+    for event in details.events:
+        assert event.type == "stream.tweet_updates.1F602"
+        tweet = json.loads(event.data)
+        assert set(tweet) == {"id", "text", "screen_name", "name", "links",
+                              "profile_image_url", "created_at"}
+        assert "😂" in tweet["text"]
+    # twistd re-raises the SIGTERM it stopped on (graceful stop is issue 4's).
+    assert demo.terminate() in (0, -signal.SIGTERM)
+    assert not os.path.exists(f"/proc/{redis_pid}") or _is_zombie(redis_pid)
+    assert "Traceback" not in demo.log()
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_tac_builds_the_same_service_from_the_environment(redis_server):
+    port = free_port()
+    proc = TwistdProcess("-y", "emojistream.tac", env={
+        "PORT": str(port), "REDIS_URL": redis_server.url, "NODE_NAME": "tac.1",
+    })
+    try:
+        assert proc.port() == port
+        proc.wait_for_line(r"Redis subscriber connection .* is up")
+        client = Client(f"http://127.0.0.1:{port}")
+        try:
+            _response, body = await client.text("GET", "/admin/status.json")
+        finally:
+            await client.close()
+        status = json.loads(body)
+        assert status["node"] == "twisted-development-tac.1"
+        assert status["status"] == "OK"
+    finally:
+        assert proc.terminate() in (0, -signal.SIGTERM)
+
