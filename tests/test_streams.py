@@ -196,3 +196,45 @@ async def test_disconnected_client_leaves_its_pool_at_once(client, daemon, publi
     assert hub.pool_sizes()["detail"] == 1
     (only,) = hub.in_namespace("/details/Q")
     assert only.msgs_sent == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_keepalive_comments_flow_on_every_stream(redis_server):
+    from conftest import start_daemon
+    from sseclient import Client
+
+    d = await start_daemon({"REDIS_URL": redis_server.url, "SSE_KEEPALIVE_SEC": "0.05"})
+    c = Client(d.base)
+    try:
+        _, eps = await c.stream("/subscribe/eps")
+        _, detail = await c.stream("/subscribe/details/2665")
+        for reader in (eps, detail):
+            await reader.wait_for(lambda r: len(r.parser.comments) >= 3)
+            assert bytes(reader.raw).startswith(b":\n\n")
+            assert reader.events == []
+    finally:
+        await c.close()
+        await d.app.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_demo_feeder_can_drive_a_given_redis(redis_server, publisher):
+    from conftest import start_daemon
+    from sseclient import Client
+
+    d = await start_daemon({"REDIS_URL": redis_server.url},
+                           {"demo": "true", "demo_rate": "500"})
+    c = Client(d.base)
+    try:
+        assert d.app.embedded_redis is None
+        await within(d.app.feed.when_subscribed())
+        _, eps = await c.stream("/subscribe/eps")
+        _, every = await c.stream("/subscribe/details")
+        await eps.wait_events(5)
+        await every.wait_events(5)
+        # The daemon listens on the given Redis only, so that is where the hits went.
+        assert (await publisher.execute_command("PUBSUB", "NUMPAT")) == 1
+        assert all(e.type.startswith("stream.tweet_updates.") for e in every.events)
+    finally:
+        await c.close()
+        await d.app.service.stopService()
