@@ -109,6 +109,53 @@ def parse_redis_url(text: str) -> RedisAddress:
     )
 
 
+@dataclass(frozen=True)
+class GraphiteTarget:
+    """Where carbon plaintext lines go: C{tcp} (one kept-up connection) or C{udp}."""
+
+    transport: str
+    host: str
+    port: int = 2003
+
+    def __str__(self) -> str:
+        return f"{self.transport}://{self.host}:{self.port}"
+
+
+def parse_graphite_url(text: str) -> GraphiteTarget | None:
+    """Parse C{tcp://host[:port]} or C{udp://host[:port]}; empty means no graphite."""
+    if not text.strip():
+        return None
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"{text!r} is not a graphite URL ({e})") from None
+    if parts.scheme not in ("tcp", "udp") or not parts.hostname:
+        raise ValueError(f"{text!r} is not a tcp://host:port or udp://host:port URL")
+    if parts.path.strip("/") or parts.query or parts.username:
+        raise ValueError(f"{text!r}: a graphite URL is only tcp:// or udp:// with host:port")
+    return GraphiteTarget(parts.scheme, parts.hostname, port if port is not None else 2003)
+
+
+def parse_milliseconds(text: str) -> int:
+    """A whole, non-negative number of milliseconds."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number of milliseconds") from None
+    if value < 0:
+        raise ValueError(f"{text!r} must not be negative")
+    return value
+
+
+def parse_log_format(text: str) -> str:
+    """C{text} (twistd's usual lines) or C{json} (one JSON object per line)."""
+    word = text.strip().lower()
+    if word not in ("text", "json"):
+        raise ValueError(f"{text!r} is not a log format (text or json)")
+    return word
+
+
 _ENV_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -156,6 +203,40 @@ SPECS: tuple[Spec, ...] = (
     Spec("node", "node", None, str, None,
          "This node's name in reports (default: $NODE_NAME, else $DYNO, else the host name)",
          metavar="NAME"),
+    Spec("kiosk_stream", "kiosk-interaction-stream", "ENABLE_KIOSK_INTERACTION_STREAM",
+         parse_bool, "false",
+         "Serve /subscribe/kiosk_interaction (subscribes to stream.interaction.*)",
+         is_flag=True),
+    Spec("force_refresh", "force-refresh", "SSE_FORCE_REFRESH", parse_bool, "false",
+         "Legacy forced refresh: retry hints, X-Sse-Cleanup-Requested, closing old streams",
+         is_flag=True),
+    Spec("score_retry_ms", "score-retry-ms", "SSE_SCORE_RETRY_MS", parse_milliseconds, "100",
+         "retry: hint of score streams (eps, raw) in forced-refresh mode", metavar="MS"),
+    Spec("detail_retry_ms", "detail-retry-ms", "SSE_DETAIL_RETRY_MS", parse_milliseconds,
+         "500", "retry: hint of detail and kiosk streams in forced-refresh mode",
+         metavar="MS"),
+    Spec("score_max_age", "score-forceclose-sec", "SSE_SCORE_FORCECLOSE_SEC",
+         parse_positive_float, "300",
+         "Age at which score streams are closed in forced-refresh mode", metavar="SECONDS"),
+    Spec("detail_max_age", "detail-forceclose-sec", "SSE_DETAIL_FORCECLOSE_SEC",
+         parse_positive_float, "300",
+         "Age at which detail and kiosk streams are closed in forced-refresh mode",
+         metavar="SECONDS"),
+    Spec("trust_proxy", "trust-proxy", "TRUST_PROXY", parse_bool, "false",
+         "Take the client IP from X-Forwarded-For, else X-Real-IP (behind a router only)",
+         is_flag=True),
+    Spec("admin_report", "admin-report", "ADMIN_REPORT", parse_bool, None,
+         "HSET this node's status into admin_stream_status every 5 s "
+         "(default: on when the environment is staging or production)", is_flag=True),
+    Spec("graphite", "graphite", "GRAPHITE_URL", parse_graphite_url, "",
+         "Carbon target for metrics every 10 s, tcp://host:2003 or udp://host:2003 "
+         "(default: off)", metavar="URL"),
+    Spec("graphite_prefix", "graphite-prefix", "HOSTEDGRAPHITE_APIKEY", str, "",
+         "Key put in front of every carbon metric path (hosted graphite's API key)",
+         metavar="KEY"),
+    Spec("log_format", "log-format", "LOG_FORMAT", parse_log_format, "text",
+         "Log as text lines or as one JSON object per line on standard output (json)",
+         metavar="FORMAT"),
     Spec("demo", "demo", None, parse_bool, "false",
          "Start a private redis-server and a synthetic feeder publishing into it "
          "(with --redis, feed that Redis instead)", is_flag=True),
@@ -176,6 +257,17 @@ class Settings:
     verbose: bool = False
     env: str = "development"
     node: str = "localhost"
+    kiosk_stream: bool = False
+    force_refresh: bool = False
+    score_retry_ms: int = 100
+    detail_retry_ms: int = 500
+    score_max_age: float = 300.0
+    detail_max_age: float = 300.0
+    trust_proxy: bool = False
+    admin_report: bool = False
+    graphite: GraphiteTarget | None = None
+    graphite_prefix: str = ""
+    log_format: str = "text"
     demo: bool = False
     demo_rate: float = 250.0
 
@@ -208,6 +300,9 @@ def resolve(env: Mapping[str, str], options: Mapping[str, str | None]) -> Settin
             elif spec.key == "node":
                 given = _default_node(env)
                 source = "NODE_NAME"
+            elif spec.key == "admin_report":
+                # Decided below, once the environment name is known.
+                continue
             else:
                 assert spec.default is not None
                 given = spec.default
@@ -215,6 +310,8 @@ def resolve(env: Mapping[str, str], options: Mapping[str, str | None]) -> Settin
             values[spec.key] = spec.parse(given)
         except ValueError as e:
             raise ConfigError(f"{source}: {e}") from None
+    if "admin_report" not in values:
+        values["admin_report"] = values["env"] in ("staging", "production")
     values["redis_given"] = (
         options.get("redis") is not None or "REDIS_URL" in env
     )

@@ -42,6 +42,10 @@ class Hub:
         self._pool_sizes: dict[str, int] = dict.fromkeys(POOLS, 0)
         #: Messages written to clients since start (one per message per client).
         self.delivered = 0
+        #: Streams that have ended since start, for whatever reason.
+        self.closed = 0
+        #: Streams the server ended because the client could not keep up.
+        self.dropped = 0
 
     def add(self, stream: Stream) -> None:
         """Start delivering to C{stream}."""
@@ -57,6 +61,7 @@ class Hub:
         if not pool:
             del self._index[stream.namespace]
         self._pool_sizes[stream.kind] -= 1
+        self.closed += 1
 
     def publish(self, namespace: str, frame: bytes) -> int:
         """Write the one encoded C{frame} to every stream listening on C{namespace}.

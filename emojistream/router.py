@@ -11,6 +11,8 @@ from emojistream.summarizer import ScoreSummarizer
 SCORE_CHANNEL = b"stream.score_updates"
 DETAIL_PREFIX = b"stream.tweet_updates."
 DETAIL_PATTERN = DETAIL_PREFIX + b"*"
+KIOSK_PREFIX = b"stream.interaction."
+KIOSK_PATTERN = KIOSK_PREFIX + b"*"
 
 
 def valid_utf8(payload: bytes) -> bytes:
@@ -31,10 +33,12 @@ class Router:
 
     log = Logger()
 
-    def __init__(self, hub: Hub, summarizer: ScoreSummarizer, *, raw_stream: bool) -> None:
+    def __init__(self, hub: Hub, summarizer: ScoreSummarizer, *, raw_stream: bool,
+                 kiosk_stream: bool = False) -> None:
         self._hub = hub
         self._summarizer = summarizer
         self._raw_stream = raw_stream
+        self._kiosk_stream = kiosk_stream
         #: Messages received from Redis since start.
         self.received = 0
         #: Messages dropped because their channel or payload made no sense.
@@ -47,6 +51,8 @@ class Router:
             self.score(payload)
         elif channel.startswith(DETAIL_PREFIX):
             self.detail(channel, payload)
+        elif self._kiosk_stream and channel.startswith(KIOSK_PREFIX):
+            self.kiosk(channel, payload)
         else:
             self.dropped += 1
 
@@ -76,3 +82,10 @@ class Router:
             self.dropped += 1
             return
         self._hub.publish("/details/" + emoji_id, encode_event(valid_utf8(payload), channel))
+
+    def kiosk(self, channel: bytes, payload: bytes) -> None:
+        """A kiosk interaction, for C{/kiosk_interaction}, named by its channel."""
+        if b"\n" in channel or b"\r" in channel:
+            self.dropped += 1
+            return
+        self._hub.publish("/kiosk_interaction", encode_event(valid_utf8(payload), channel))

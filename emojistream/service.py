@@ -5,20 +5,32 @@ Shared by the twistd plugin (L{emojistream.tap}) and C{emojistream.tac}.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
 from twisted.web.server import Site
 
 from emojistream.config import Settings
 from emojistream.demo import EmbeddedRedis, Feeder, find_redis_server, free_port
-from emojistream.hub import Hub
+from emojistream.hub import POOLS, Hub
+from emojistream.redisconn import RedisConnection
 from emojistream.redisfeed import RedisFeed
-from emojistream.router import DETAIL_PATTERN, SCORE_CHANNEL, Router
+from emojistream.reporting import (
+    ADMIN_INTERVAL,
+    CARBON_INTERVAL,
+    AdminReporter,
+    CarbonReporter,
+    TcpCarbon,
+    UdpCarbon,
+    carbon_prefix,
+)
+from emojistream.router import DETAIL_PATTERN, KIOSK_PATTERN, SCORE_CHANNEL, Router
 from emojistream.sse import KEEPALIVE, encode_event
 from emojistream.status import StatusReport
 from emojistream.summarizer import RATE, ScoreSummarizer
@@ -62,20 +74,42 @@ class _RecordingEndpoint:
         return d
 
 
+class _SafeCall:
+    """A timer's call that logs its exceptions: a C{TimerService} whose call raises
+    once stops for good."""
+
+    log = Logger()
+
+    def __init__(self, call: Callable[..., object], what: str) -> None:
+        self._call = call
+        self._what = what
+
+    def __call__(self, *args: Any) -> None:
+        try:
+            self._call(*args)
+        except Exception:
+            self.log.failure("{what} failed", what=self._what)
+
+
 class Emojistream:
     """The assembled daemon: its parts, for tests and tools, and its service tree.
 
+    @param reactor: does the networking.
+    @param clock: keeps time for every timer (ticks, keepalives, forced closes,
+        reports); the reactor unless a test passes a C{Clock}.
     @ivar service: the root C{MultiService} to start.
     """
 
-    def __init__(self, settings: Settings, reactor: Any) -> None:
+    def __init__(self, settings: Settings, reactor: Any, clock: Any = None) -> None:
+        clock = reactor if clock is None else clock
         self.settings = settings
         self.service = MultiService()
         self.hub = Hub()
         self.summarizer = ScoreSummarizer(
             lambda summary: self.hub.publish("/eps", encode_event(summary))
         )
-        self.router = Router(self.hub, self.summarizer, raw_stream=settings.raw_stream)
+        self.router = Router(self.hub, self.summarizer, raw_stream=settings.raw_stream,
+                             kiosk_stream=settings.kiosk_stream)
 
         redis_address = settings.redis
         redis_parent: MultiService = self.service
@@ -90,20 +124,37 @@ class Emojistream:
             self.feeder = Feeder(redis_address, reactor=reactor, rate=settings.demo_rate)
             self.feeder.setServiceParent(redis_parent)
 
-        self.feed = RedisFeed(
-            redis_address, self.router.message, reactor=reactor,
-            channels=(SCORE_CHANNEL,), patterns=(DETAIL_PATTERN,),
-        )
+        patterns = (DETAIL_PATTERN, KIOSK_PATTERN) if settings.kiosk_stream else (DETAIL_PATTERN,)
+        self.feed = RedisFeed(redis_address, self.router.message, reactor=reactor,
+                              channels=(SCORE_CHANNEL,), patterns=patterns)
         self.feed.setServiceParent(redis_parent)
 
-        self._timer(1 / RATE, self.summarizer.tick, reactor)
-        self._timer(settings.keepalive, self.hub.keepalive, reactor, KEEPALIVE)
+        self._timer(1 / RATE, self.summarizer.tick, clock, "The score summary")
+        self._timer(settings.keepalive, self.hub.keepalive, clock, "Keepalive", KEEPALIVE)
 
-        self.status = StatusReport(self.hub, self.feed, node=settings.node_name, clock=reactor)
-        self.routes = StreamRoutes(
-            self.hub, self.status.document, clock=reactor,
-            raw_stream=settings.raw_stream, verbose=settings.verbose,
-        )
+        self.status = StatusReport(self.hub, self.feed, node=settings.node_name, clock=clock)
+
+        self.admin_reporter: AdminReporter | None = None
+        if settings.admin_report:
+            admin_redis = RedisConnection(redis_address, reactor=reactor, purpose="admin report")
+            admin_redis.setServiceParent(redis_parent)
+            self.admin_reporter = AdminReporter(admin_redis, self.status.document,
+                                                settings.node_name)
+            self._timer(ADMIN_INTERVAL, self.admin_reporter.report, clock, "Admin report")
+
+        self.carbon: TcpCarbon | UdpCarbon | None = None
+        if settings.graphite is not None:
+            carbon_type = TcpCarbon if settings.graphite.transport == "tcp" else UdpCarbon
+            self.carbon = carbon_type(settings.graphite, reactor=reactor)
+            self.carbon.setServiceParent(self.service)
+            reporter = CarbonReporter(
+                self.carbon.send, prefix=carbon_prefix(settings.graphite_prefix,
+                                                       settings.node_name),
+                clock=clock, gauges=self._gauges, counters=self._counters,
+            )
+            self._timer(CARBON_INTERVAL, reporter.report, clock, "Carbon report")
+
+        self.routes = StreamRoutes(self.hub, self.status.document, settings, clock=clock)
         site = _QuietSite(self.routes.resource())
         site.displayTracebacks = False
         self.endpoint = _RecordingEndpoint(serverFromString(reactor, settings.listen))
@@ -112,10 +163,26 @@ class Emojistream:
         web._raiseSynchronously = True
         web.setServiceParent(self.service)
 
-    def _timer(self, interval: float, call: Any, reactor: Any, *args: Any) -> None:
-        timer = TimerService(interval, call, *args)
-        timer.clock = reactor
+    def _timer(self, interval: float, call: Callable[..., object], clock: Any, what: str,
+               *args: Any) -> IService:
+        timer = TimerService(interval, _SafeCall(call, what), *args)
+        timer.clock = clock
         timer.setServiceParent(self.service)
+        return timer
+
+    def _gauges(self) -> dict[str, float]:
+        sizes = self.hub.pool_sizes()
+        pools = POOLS if self.settings.kiosk_stream else tuple(p for p in POOLS if p != "kiosk")
+        return {f"stream.{pool}.clients": sizes[pool] for pool in pools}
+
+    def _counters(self) -> dict[str, float]:
+        return {
+            "messages.received": self.router.received,
+            "messages.dropped": self.router.dropped,
+            "messages.delivered": self.hub.delivered,
+            "connections.closed": self.hub.closed,
+            "connections.dropped": self.hub.dropped,
+        }
 
     def when_listening(self) -> Deferred[IListeningPort]:
         """Fires with the listening port once the web service listens."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.web.server import Request
 
 
@@ -20,6 +21,7 @@ class Stream:
         "client_ip",
         "created_at",
         "done",
+        "expiry",
         "kind",
         "msgs_sent",
         "namespace",
@@ -52,6 +54,8 @@ class Stream:
         self.msgs_sent = 0
         self.open = True
         self.done: Deferred[None] = Deferred()
+        #: The forced-refresh close, pending while the stream is open.
+        self.expiry: IDelayedCall | None = None
 
     def send(self, frame: bytes) -> None:
         """Write one encoded message; counted in C{msgs_sent}."""

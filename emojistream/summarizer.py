@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from twisted.logger import Logger
-
 #: Ticks per second: summaries are sent at most this often.
 RATE = 60
 
@@ -18,8 +16,6 @@ class ScoreSummarizer:
     C{Clock} in tests). Everything runs on the reactor thread, so swapping the
     counter at a tick loses and double-counts nothing.
     """
-
-    log = Logger()
 
     def __init__(self, emit: Callable[[bytes], object]) -> None:
         self._emit = emit
@@ -40,8 +36,4 @@ class ScoreSummarizer:
             return
         counts, self._counts = self._counts, {}
         summary = json.dumps(counts, separators=(",", ":"), ensure_ascii=False)
-        try:
-            self._emit(summary.encode("utf-8"))
-        except Exception:
-            # A timer whose call raises stops for good; keep ticking.
-            self.log.failure("Sending a score summary failed")
+        self._emit(summary.encode("utf-8"))

@@ -68,6 +68,10 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         source = "PORT" if given["listen"] is None and "PORT" in self._environ else "--listen"
         check_endpoint(settings.listen, source)
+        parent = getattr(self, "parent", None)
+        if settings.log_format == "json" and parent is not None and not parent.get("logger"):
+            # twistd turns this name into its log observer after our options are read.
+            parent["logger"] = "emojistream.logs.json_stdout"
         self.settings = settings
 
 

@@ -20,7 +20,9 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
+from emojistream.config import Settings
 from emojistream.hub import ID_PATTERN, Hub
+from emojistream.sse import encode_retry
 from emojistream.stream import Stream
 
 SSE_HEADERS = (
@@ -31,15 +33,41 @@ SSE_HEADERS = (
 CORS = (b"Access-Control-Allow-Origin", b"*")
 
 
-def client_ip(request: Request) -> str:
+def peer_ip(request: Request) -> str:
     """The address of the peer that sent C{request}."""
     return str(getattr(request.getClientAddress(), "host", ""))
+
+
+def forwarded_ip(request: Request) -> str:
+    """The client as a proxy reports it: the first X-Forwarded-For address, else
+    X-Real-IP, else the peer."""
+    forwarded = request.getHeader(b"x-forwarded-for")
+    if forwarded:
+        first = forwarded.split(b",", 1)[0].strip()
+        if first:
+            return first.decode("latin-1")
+    real = request.getHeader(b"x-real-ip")
+    if real and real.strip():
+        return real.strip().decode("latin-1")
+    return peer_ip(request)
 
 
 def _text(request: IRequest, code: int, body: str) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
     return body.encode("utf-8") + b"\n"
+
+
+def _json(request: IRequest, document: object) -> bytes:
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-cache")
+    return json.dumps(document).encode("utf-8")
+
+
+_BAD_ID = "400 Bad Request: an ID is 1 to 64 letters, digits, '-' or '_'"
+
+#: Stream kinds whose forced-refresh settings are the score ones; others use detail ones.
+SCORE_KINDS = frozenset({"eps", "raw"})
 
 
 class StreamRoutes:
@@ -52,16 +80,15 @@ class StreamRoutes:
         self,
         hub: Hub,
         status: Callable[[], dict[str, Any]],
+        settings: Settings,
         *,
         clock: IReactorTime,
-        raw_stream: bool = True,
-        verbose: bool = False,
     ) -> None:
         self._hub = hub
         self._status = status
+        self._settings = settings
         self._clock = clock
-        self._raw_stream = raw_stream
-        self._verbose = verbose
+        self._client_ip = forwarded_ip if settings.trust_proxy else peer_ip
         self._admin_page = (files("emojistream") / "data" / "admin.html").read_bytes()
 
     def resource(self) -> IResource:
@@ -76,7 +103,7 @@ class StreamRoutes:
 
     @app.route("/subscribe/raw", methods=["GET"])
     def raw(self, request: Request) -> Any:
-        if not self._raw_stream:
+        if not self._settings.raw_stream:
             return _text(request, 404, "404 Not Found: the raw stream is disabled here")
         return self._stream(request, "/raw", "raw")
 
@@ -87,14 +114,22 @@ class StreamRoutes:
     @app.route("/subscribe/details/<path:emoji_id>", methods=["GET"])
     def details(self, request: Request, emoji_id: str) -> Any:
         if not ID_PATTERN.fullmatch(emoji_id):
-            return _text(request, 400, "400 Bad Request: an ID is 1 to 64 letters, digits, "
-                                       "'-' or '_'")
+            return _text(request, 400, _BAD_ID)
         return self._stream(request, "/details/" + emoji_id, "detail", tag=emoji_id)
+
+    @app.route("/subscribe/kiosk_interaction", methods=["GET"])
+    def kiosk(self, request: Request) -> Any:
+        if not self._settings.kiosk_stream:
+            return _text(request, 404, "404 Not Found")
+        return self._stream(request, "/kiosk_interaction", "kiosk")
 
     def _stream(self, request: Request, namespace: str, kind: str,
                 tag: str | None = None) -> Any:
+        settings = self._settings
         for name, value in SSE_HEADERS:
             request.setHeader(name, value)
+        if settings.force_refresh:
+            request.setHeader(b"X-Sse-Cleanup-Requested", b"true")
         if request.method == b"HEAD":
             return b""
         stream = Stream(
@@ -103,34 +138,65 @@ class StreamRoutes:
             kind=kind,
             request_path="/subscribe" + namespace,
             created_at=self._clock.seconds(),
-            client_ip=client_ip(request),
+            client_ip=self._client_ip(request),
             user_agent=(request.getHeader(b"user-agent") or b"").decode("utf-8", "replace"),
             tag=tag,
         )
         self._hub.add(stream)
         request.notifyFinish().addBoth(self._finished, stream)
-        # Sends the status line and headers now, before the first event.
-        request.write(b"")
-        if self._verbose:
+        if settings.force_refresh:
+            scores = kind in SCORE_KINDS
+            stream.send_control(encode_retry(
+                settings.score_retry_ms if scores else settings.detail_retry_ms))
+            stream.expiry = self._clock.callLater(
+                settings.score_max_age if scores else settings.detail_max_age, stream.close)
+        else:
+            # Sends the status line and headers now, before the first event.
+            request.write(b"")
+        if settings.verbose:
             self.log.info("connect {path} from {ip}", path=stream.request_path,
                           ip=stream.client_ip)
         return stream.done
 
     def _finished(self, result: object, stream: Stream) -> None:
         stream.lost()
+        if stream.expiry is not None and stream.expiry.active():
+            stream.expiry.cancel()
         self._hub.remove(stream)
-        if self._verbose:
+        if self._settings.verbose:
             self.log.info("disconnect {path} from {ip} after {age:.1f} s",
                           path=stream.request_path, ip=stream.client_ip,
                           age=self._clock.seconds() - stream.created_at)
+
+    # -- cleanup -------------------------------------------------------------
+
+    @app.route("/subscribe/cleanup/scores", methods=["POST"])
+    def cleanup_scores(self, request: Request) -> bytes:
+        closed = self._close_callers(request, ("/eps", "/raw"))
+        return _json(request, {"status": "OK", "closed": closed})
+
+    @app.route("/subscribe/cleanup/details/<path:emoji_id>", methods=["POST"])
+    def cleanup_details(self, request: Request, emoji_id: str) -> bytes:
+        if not ID_PATTERN.fullmatch(emoji_id):
+            return _text(request, 400, _BAD_ID)
+        closed = self._close_callers(request, ("/details/" + emoji_id,))
+        return _json(request, {"status": "OK", "closed": closed})
+
+    def _close_callers(self, request: Request, namespaces: tuple[str, ...]) -> int:
+        """Close the streams of C{namespaces} opened from the caller's IP; how many."""
+        ip = self._client_ip(request)
+        mine = [s for ns in namespaces for s in self._hub.in_namespace(ns) if s.client_ip == ip]
+        for stream in mine:
+            stream.close()
+        if self._settings.verbose and mine:
+            self.log.info("cleanup closed {n} stream(s) of {ip}", n=len(mine), ip=ip)
+        return len(mine)
 
     # -- admin ---------------------------------------------------------------
 
     @app.route("/admin/status.json", methods=["GET"])
     def status_json(self, request: Request) -> bytes:
-        request.setHeader(b"Content-Type", b"application/json")
-        request.setHeader(b"Cache-Control", b"no-cache")
-        return json.dumps(self._status()).encode("utf-8")
+        return _json(request, self._status())
 
     @app.route("/admin/", methods=["GET"])
     def admin_page(self, request: Request) -> bytes:

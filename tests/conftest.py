@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +43,32 @@ class Daemon:
         self.base = f"http://127.0.0.1:{port}"
 
 
-async def start_daemon(env: dict[str, str], options: dict[str, str | None] | None = None
-                       ) -> Daemon:
+async def start_daemon(env: dict[str, str], options: dict[str, str | None] | None = None,
+                       clock: Any = None) -> Daemon:
+    """Start the daemon in-process; C{clock} (a Clock) drives its timers if given."""
     opts: dict[str, str | None] = {"listen": "tcp:0:interface=127.0.0.1"}
     opts.update(options or {})
-    app = Emojistream(resolve(env, opts), reactor)
+    app = Emojistream(resolve(env, opts), reactor, clock)
     app.service.startService()
     port = await within(app.when_listening())
     return Daemon(app, port.getHost().port)
+
+
+@asynccontextmanager
+async def running(env: dict[str, str], options: dict[str, str | None] | None = None,
+                  clock: Any = None, subscribed: bool = True
+                  ) -> AsyncIterator[tuple[Daemon, Client]]:
+    """A daemon started for one test (subscribed to Redis unless told otherwise) and a
+    client for it; both closed and stopped at the end, also on failure."""
+    d = await start_daemon(env, options, clock)
+    c = Client(d.base)
+    try:
+        if subscribed:
+            await within(d.app.feed.when_subscribed())
+        yield d, c
+    finally:
+        await c.close()
+        await d.app.service.stopService()
 
 
 @pytest.fixture

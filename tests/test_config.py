@@ -6,7 +6,7 @@ import pytest
 from twisted.python import usage
 
 from emojistream.config import ConfigError, RedisAddress, parse_bool, parse_redis_url, resolve
-from emojistream.redisconn import backoff
+from emojistream.connection import backoff
 from emojistream.tap import Options
 
 

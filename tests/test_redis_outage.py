@@ -7,9 +7,9 @@ import json
 import pytest_twisted
 import txredisapi
 
-from conftest import start_daemon
+from conftest import running
 from redisproc import RedisProcess
-from sseclient import Client, within
+from sseclient import within
 
 
 async def connect(server: RedisProcess):
@@ -60,24 +60,21 @@ async def status(client):
 @pytest_twisted.ensureDeferred
 async def test_daemon_serves_while_redis_is_down_and_subscribes_when_it_comes():
     server = RedisProcess()  # chosen port, not started yet
-    d = await start_daemon({"REDIS_URL": server.url, "NODE_NAME": "t"})
-    c = Client(d.base)
     try:
-        code, body = await status(c)
-        assert code == 200
-        assert body["status"] != "OK"
-        assert body["redis"] in ("connecting", "down")
-        _, reader = await c.stream("/subscribe/raw")
-        server.start()
-        await within(d.app.feed.when_state("up"))
-        pub = await connect(server)
-        await pub.publish("stream.score_updates", "1F602")
-        await reader.wait_events(1)
-        await pub.disconnect()
-        assert reader.events[0].data == "1F602"
+        async with running({"REDIS_URL": server.url}, subscribed=False) as (d, c):
+            code, body = await status(c)
+            assert code == 200
+            assert body["status"] != "OK"
+            assert body["redis"] in ("connecting", "down")
+            _, reader = await c.stream("/subscribe/raw")
+            server.start()
+            await within(d.app.feed.when_state("up"))
+            pub = await connect(server)
+            await pub.publish("stream.score_updates", "1F602")
+            await reader.wait_events(1)
+            await pub.disconnect()
+            assert reader.events[0].data == "1F602"
     finally:
-        await c.close()
-        await d.app.service.stopService()
         server.stop()
 
 
@@ -85,22 +82,18 @@ async def test_daemon_serves_while_redis_is_down_and_subscribes_when_it_comes():
 async def test_password_and_database_come_from_the_url():
     server = RedisProcess(extra_args=("--requirepass", "s3cret"))
     server.start()
-    d = await start_daemon({"REDIS_URL": f"redis://:s3cret@127.0.0.1:{server.port}/3",
-                            "NODE_NAME": "t"})
-    c = Client(d.base)
     try:
-        await within(d.app.feed.when_state("up"))
-        _, reader = await c.stream("/subscribe/details/2665")
-        pub = await within(txredisapi.Connection(
-            "127.0.0.1", server.port, password="s3cret", reconnect=False,
-            convertNumbers=False, charset=None))
-        await pub.publish("stream.tweet_updates.2665", "with auth")
-        await reader.wait_events(1)
-        await pub.disconnect()
-        assert reader.events[0].data == "with auth"
+        async with running({"REDIS_URL": f"redis://:s3cret@127.0.0.1:{server.port}/3"}
+                           ) as (_d, c):
+            _, reader = await c.stream("/subscribe/details/2665")
+            pub = await within(txredisapi.Connection(
+                "127.0.0.1", server.port, password="s3cret", reconnect=False,
+                convertNumbers=False, charset=None))
+            await pub.publish("stream.tweet_updates.2665", "with auth")
+            await reader.wait_events(1)
+            await pub.disconnect()
+            assert reader.events[0].data == "with auth"
     finally:
-        await c.close()
-        await d.app.service.stopService()
         server.stop()
 
 
@@ -108,16 +101,13 @@ async def test_password_and_database_come_from_the_url():
 async def test_a_wrong_password_is_reported_not_fatal():
     server = RedisProcess(extra_args=("--requirepass", "right"))
     server.start()
-    d = await start_daemon({"REDIS_URL": f"redis://:wrong@127.0.0.1:{server.port}",
-                            "NODE_NAME": "t"})
-    c = Client(d.base)
     try:
-        await within(d.app.feed.when_state("down"))
-        code, body = await status(c)
-        assert code == 200 and body["redis"] == "down"
+        async with running({"REDIS_URL": f"redis://:wrong@127.0.0.1:{server.port}"},
+                           subscribed=False) as (d, c):
+            await within(d.app.feed.when_state("down"))
+            code, body = await status(c)
+            assert code == 200 and body["redis"] == "down"
     finally:
-        await c.close()
-        await d.app.service.stopService()
         server.stop()
 
 

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest_twisted
 
+from conftest import running
 from sseclient import raw_connect, split_response, within
 
 SSE_HEADERS = {
@@ -200,34 +201,21 @@ async def test_disconnected_client_leaves_its_pool_at_once(client, daemon, publi
 
 @pytest_twisted.ensureDeferred
 async def test_keepalive_comments_flow_on_every_stream(redis_server):
-    from conftest import start_daemon
-    from sseclient import Client
-
-    d = await start_daemon({"REDIS_URL": redis_server.url, "SSE_KEEPALIVE_SEC": "0.05"})
-    c = Client(d.base)
-    try:
+    async with running({"REDIS_URL": redis_server.url, "SSE_KEEPALIVE_SEC": "0.05"}
+                       ) as (_d, c):
         _, eps = await c.stream("/subscribe/eps")
         _, detail = await c.stream("/subscribe/details/2665")
         for reader in (eps, detail):
             await reader.wait_for(lambda r: len(r.parser.comments) >= 3)
             assert bytes(reader.raw).startswith(b":\n\n")
             assert reader.events == []
-    finally:
-        await c.close()
-        await d.app.service.stopService()
 
 
 @pytest_twisted.ensureDeferred
 async def test_demo_feeder_can_drive_a_given_redis(redis_server, publisher):
-    from conftest import start_daemon
-    from sseclient import Client
-
-    d = await start_daemon({"REDIS_URL": redis_server.url},
-                           {"demo": "true", "demo_rate": "500"})
-    c = Client(d.base)
-    try:
+    async with running({"REDIS_URL": redis_server.url},
+                       {"demo": "true", "demo_rate": "500"}) as (d, c):
         assert d.app.embedded_redis is None
-        await within(d.app.feed.when_subscribed())
         _, eps = await c.stream("/subscribe/eps")
         _, every = await c.stream("/subscribe/details")
         await eps.wait_events(5)
@@ -235,6 +223,3 @@ async def test_demo_feeder_can_drive_a_given_redis(redis_server, publisher):
         # The daemon listens on the given Redis only, so that is where the hits went.
         assert (await publisher.execute_command("PUBSUB", "NUMPAT")) == 1
         assert all(e.type.startswith("stream.tweet_updates.") for e in every.events)
-    finally:
-        await c.close()
-        await d.app.service.stopService()

@@ -60,8 +60,13 @@ def test_empty_ticks_send_nothing_and_output_is_compact_json():
     assert len(sent) == 1
 
 
-def test_a_failing_emit_does_not_stop_the_ticks():
+def test_a_failing_timer_call_is_logged_and_the_timer_keeps_running():
+    from twisted.logger import globalLogPublisher
+
+    from emojistream.service import _SafeCall
+
     calls: list[bytes] = []
+    events: list[dict] = []
 
     def emit(summary: bytes) -> None:
         calls.append(summary)
@@ -69,10 +74,18 @@ def test_a_failing_emit_does_not_stop_the_ticks():
 
     clock = Clock()
     summarizer = ScoreSummarizer(emit)
-    timer = running(summarizer, clock)
-    summarizer.hit("A")
-    clock.advance(1 / RATE)
-    summarizer.hit("B")
-    clock.advance(1 / RATE)
+    timer = TimerService(1 / RATE, _SafeCall(summarizer.tick, "The score summary"))
+    timer.clock = clock
+    globalLogPublisher.addObserver(events.append)
+    try:
+        timer.startService()
+        summarizer.hit("A")
+        clock.advance(1 / RATE)
+        summarizer.hit("B")
+        clock.advance(1 / RATE)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
     assert calls == [b'{"A":1}', b'{"B":1}']
     assert timer.running
+    failures = [e for e in events if "log_failure" in e]
+    assert len(failures) == 2 and failures[0]["what"] == "The score summary"

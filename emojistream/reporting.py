@@ -1,0 +1,187 @@
+"""Reports to the outside: this node's status into Redis for the admin cluster, and
+pool sizes and message counts to graphite (carbon plaintext protocol)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import DatagramProtocol, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from emojistream.config import GraphiteTarget
+from emojistream.connection import KeptConnection
+
+ADMIN_KEY = "admin_stream_status"
+ADMIN_INTERVAL = 5.0
+CARBON_INTERVAL = 10.0
+
+
+class AdminReporter:
+    """HSETs the status document under this node's name in C{admin_stream_status}.
+
+    Runs on a timer; while Redis is down a report is skipped (the connection logs
+    the outage once), and a report Redis rejects is logged once until one succeeds.
+    """
+
+    log = Logger()
+
+    def __init__(self, connection: Any, status: Callable[[], dict[str, Any]],
+                 node: str) -> None:
+        self._connection = connection
+        self._status = status
+        self._node = node
+        self._failing = False
+        #: Reports written since start.
+        self.sent = 0
+        #: The Deferred of the latest report sent to Redis (None before the first).
+        self.last_report: Deferred[None] | None = None
+
+    def report(self) -> Deferred[None] | None:
+        """Write one report now, if Redis is there to take it."""
+        protocol = self._connection.protocol
+        if protocol is None:
+            return None
+        try:
+            document = json.dumps(self._status())
+            d: Deferred[None] = protocol.hset(ADMIN_KEY, self._node, document)
+        except Exception as e:
+            self._failed(Failure(e))
+            return None
+        self.last_report = d.addCallbacks(self._done, self._failed)
+        return self.last_report
+
+    def _done(self, result: object) -> None:
+        self.sent += 1
+        if self._failing:
+            self._failing = False
+            self.log.info("Admin status reports to Redis work again")
+
+    def _failed(self, reason: Failure) -> None:
+        if not self._failing:
+            self._failing = True
+            self.log.warn("Admin status report to Redis failed: {why}; skipping reports "
+                          "until it works", why=reason.getErrorMessage())
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def metric_component(name: str) -> str:
+    """A node name as one graphite path component: dots and the rest become C{_}."""
+    return _UNSAFE.sub("_", name) or "_"
+
+
+def carbon_lines(prefix: str, values: Mapping[str, float], timestamp: int) -> bytes:
+    """Carbon plaintext: one C{path value timestamp} line per value, under C{prefix}."""
+    return b"".join(
+        f"{prefix}.{path} {value:g} {timestamp}\n".encode("ascii")
+        for path, value in values.items()
+    )
+
+
+class CarbonReporter:
+    """Every period, sends pool sizes (gauges) and what happened since the last
+    report (counter deltas) to a carbon sender.
+
+    @param gauges: current values, e.g. C{stream.eps.clients}.
+    @param counters: running totals since start, e.g. C{messages.delivered}; the
+        report sends how much each grew since the previous report.
+    """
+
+    def __init__(self, send: Callable[[bytes], None], *, prefix: str, clock: Any,
+                 gauges: Callable[[], Mapping[str, float]],
+                 counters: Callable[[], Mapping[str, float]]) -> None:
+        self._send = send
+        self._prefix = prefix
+        self._clock = clock
+        self._gauges = gauges
+        self._counters = counters
+        self._last = dict(counters())
+
+    def report(self) -> None:
+        """Send one batch of lines, all with the same timestamp."""
+        totals = dict(self._counters())
+        values = dict(self._gauges())
+        for path, total in totals.items():
+            values[path] = total - self._last.get(path, 0)
+        self._last = totals
+        self._send(carbon_lines(self._prefix, values, int(self._clock.seconds())))
+
+
+def carbon_prefix(api_key: str, node: str) -> str:
+    """C{[<key>.]emojistream.<node>}: the path every metric of this node lives under."""
+    path = f"emojistream.{metric_component(node)}"
+    return f"{api_key}.{path}" if api_key else path
+
+
+class TcpCarbon(KeptConnection):
+    """One carbon TCP connection, kept up; lines sent while it is down are dropped."""
+
+    def __init__(self, target: GraphiteTarget, *, reactor: Any) -> None:
+        super().__init__(
+            HostnameEndpoint(reactor, target.host, target.port, timeout=5), Protocol,
+            clock=reactor, name=f"Carbon connection to {target}",
+        )
+
+    def send(self, data: bytes) -> None:
+        """Write C{data} if connected; a report made during an outage is lost."""
+        if self.protocol is not None:
+            self.protocol.transport.write(data)
+
+
+class UdpCarbon(Service):
+    """Carbon over UDP: each report is one datagram to the target."""
+
+    log = Logger()
+
+    def __init__(self, target: GraphiteTarget, *, reactor: Any) -> None:
+        self._target = target
+        self._reactor = reactor
+        self._port: Any = None
+        self._address: str | None = None
+        self._complained = False
+
+    def startService(self) -> None:
+        super().startService()
+        self._port = self._reactor.listenUDP(0, DatagramProtocol())
+        self._resolve()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        port, self._port = self._port, None
+        return port.stopListening() if port is not None else None
+
+    def _resolve(self) -> None:
+        def resolved(address: str) -> None:
+            self._address = address
+            self._complained = False
+
+        def failed(reason: Failure) -> None:
+            self._complain(f"cannot resolve {self._target.host}: {reason.getErrorMessage()}")
+
+        self._reactor.resolve(self._target.host).addCallbacks(resolved, failed)
+
+    def _complain(self, why: str) -> None:
+        if not self._complained:
+            self._complained = True
+            self.log.warn("Carbon over UDP to {target}: {why}", target=str(self._target),
+                          why=why)
+
+    def send(self, data: bytes) -> None:
+        """Send C{data} as one datagram (skipped until the host name resolves)."""
+        if self._port is None:
+            return
+        if self._address is None:
+            self._resolve()
+            return
+        try:
+            self._port.write(data, (self._address, self._target.port))
+        except OSError as e:
+            self._complain(str(e))
