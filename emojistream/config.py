@@ -157,6 +157,14 @@ def parse_log_format(text: str) -> str:
 
 
 _ENV_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_METRIC_KEY = re.compile(r"^[A-Za-z0-9_.-]*$")
+
+
+def parse_metric_key(text: str) -> str:
+    """A carbon path prefix: letters, digits, C{. _ -} (a space would break the line)."""
+    if not _METRIC_KEY.match(text.strip()):
+        raise ValueError(f"{text!r} may only hold letters, digits, '.', '_' and '-'")
+    return text.strip().strip(".")
 
 
 def parse_env_name(text: str) -> str:
@@ -231,7 +239,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("graphite", "graphite", "GRAPHITE_URL", parse_graphite_url, "",
          "Carbon target for metrics every 10 s, tcp://host:2003 or udp://host:2003 "
          "(default: off)", metavar="URL"),
-    Spec("graphite_prefix", "graphite-prefix", "HOSTEDGRAPHITE_APIKEY", str, "",
+    Spec("graphite_prefix", "graphite-prefix", "HOSTEDGRAPHITE_APIKEY", parse_metric_key, "",
          "Key put in front of every carbon metric path (hosted graphite's API key)",
          metavar="KEY"),
     Spec("log_format", "log-format", "LOG_FORMAT", parse_log_format, "text",

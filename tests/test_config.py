@@ -82,12 +82,31 @@ def test_redis_urls():
     ({}, ["--listen", "tcp:notaport"], "--listen"),
     ({"PORT": "http"}, [], "PORT"),
     ({}, ["--raw-stream", "--no-raw-stream"], "contradict"),
+    ({"GRAPHITE_URL": "http://h:2003"}, [], "GRAPHITE_URL"),
+    ({}, ["--graphite", "tcp://"], "--graphite"),
+    ({"HOSTEDGRAPHITE_APIKEY": "a key"}, [], "HOSTEDGRAPHITE_APIKEY"),
+    ({"SSE_SCORE_RETRY_MS": "-1"}, [], "SSE_SCORE_RETRY_MS"),
+    ({"SSE_DETAIL_FORCECLOSE_SEC": "never"}, [], "SSE_DETAIL_FORCECLOSE_SEC"),
+    ({"LOG_FORMAT": "xml"}, [], "LOG_FORMAT"),
 ])
 def test_bad_values_are_one_line_usage_errors(env, argv, message):
     with pytest.raises(usage.UsageError) as info:
         options(argv, env)
     text = str(info.value)
     assert message in text and "\n" not in text
+
+
+def test_legacy_settings_and_their_defaults():
+    s = resolve({}, {})
+    assert (s.force_refresh, s.score_retry_ms, s.detail_retry_ms) == (False, 100, 500)
+    assert (s.score_max_age, s.detail_max_age) == (300.0, 300.0)
+    assert (s.trust_proxy, s.kiosk_stream, s.graphite, s.graphite_prefix) == (
+        False, False, None, "")
+    t = resolve({"SSE_FORCE_REFRESH": "t", "GRAPHITE_URL": "udp://carbon", "TRUST_PROXY": "1",
+                 "HOSTEDGRAPHITE_APIKEY": "abc-123", "ENABLE_KIOSK_INTERACTION_STREAM": "y"},
+                {})
+    assert t.force_refresh and t.trust_proxy and t.kiosk_stream
+    assert str(t.graphite) == "udp://carbon:2003" and t.graphite_prefix == "abc-123"
 
 
 def test_config_error_names_the_source():

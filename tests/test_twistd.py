@@ -98,3 +98,21 @@ async def test_tac_builds_the_same_service_from_the_environment(redis_server):
     finally:
         assert proc.terminate() in (0, -signal.SIGTERM)
 
+
+
+def test_json_log_format_writes_one_object_per_line():
+    proc = TwistdProcess("emojistream", "--log-format", "json",
+                         "--listen", f"tcp:{free_port()}:interface=127.0.0.1",
+                         "--redis", f"redis://127.0.0.1:{free_port()}")
+    try:
+        proc.port()
+        proc.wait_for_line(r"unreachable")
+    finally:
+        proc.terminate()
+    records = [json.loads(line) for line in proc.lines if line.strip()]
+    assert len(records) >= 3
+    for record in records:
+        assert {"time", "level", "namespace", "message"} <= set(record)
+    (warning,) = [r for r in records if "unreachable" in r["message"]]
+    assert warning["level"] == "warn"
+    assert warning["namespace"] == "emojistream.redisfeed.RedisFeed"

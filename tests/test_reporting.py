@@ -1,0 +1,194 @@
+"""Reports to the admin cluster (HSET in a real Redis) and to graphite (carbon lines
+read by real TCP and UDP sockets)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+
+from conftest import running
+from emojistream.config import resolve
+from emojistream.reporting import ADMIN_INTERVAL, CARBON_INTERVAL, carbon_lines
+from sseclient import within
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_report_hsets_the_status_json(redis_server, publisher):
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    env = {"REDIS_URL": redis_server.url + "/2", "ADMIN_REPORT": "true",
+           "NODE_NAME": "web.1", "RACK_ENV": "production"}
+    async with running(env, clock=clock) as (d, c):
+        reporter = d.app.admin_reporter
+        assert reporter is not None
+        await c.stream("/subscribe/eps", headers={"User-Agent": "ua"})
+        await within(d.app.admin_reporter._connection.when_up())
+        clock.advance(ADMIN_INTERVAL)
+        await within(reporter.last_report)
+    await publisher.select(2)
+    raw = await publisher.hget("admin_stream_status", "twisted-production-web.1")
+    report = json.loads(raw)
+    assert report["node"] == "twisted-production-web.1"
+    assert report["status"] == "OK"
+    assert report["reported_at"] == 1_800_000_000 + ADMIN_INTERVAL
+    (conn,) = report["connections"]
+    assert conn["request_path"] == "/subscribe/eps" and conn["user_agent"] == "ua"
+    assert conn["age"] == ADMIN_INTERVAL
+    assert set(report) >= {"node", "status", "reported_at", "connections"}
+
+
+def test_admin_report_defaults_follow_the_environment():
+    assert resolve({"RACK_ENV": "production"}, {}).admin_report is True
+    assert resolve({"RACK_ENV": "staging"}, {}).admin_report is True
+    assert resolve({"RACK_ENV": "development"}, {}).admin_report is False
+    assert resolve({"RACK_ENV": "production", "ADMIN_REPORT": "no"}, {}).admin_report is False
+    assert resolve({}, {"admin_report": "true"}).admin_report is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_reports_skip_a_redis_outage_with_one_log_line(redis_server, publisher):
+    clock = Clock()
+    events: list[dict] = []
+    env = {"REDIS_URL": redis_server.url, "ADMIN_REPORT": "1"}
+    globalLogPublisher.addObserver(events.append)
+    try:
+        async with running(env, clock=clock) as (d, _c):
+            reporter = d.app.admin_reporter
+            connection = reporter._connection
+            await within(connection.when_up())
+            clock.advance(ADMIN_INTERVAL)
+            await within(reporter.last_report)
+            redis_server.stop()
+            await within(connection.when_state("down"))
+            for _ in range(5):
+                clock.advance(ADMIN_INTERVAL)  # skipped: nothing raised, nothing queued
+            assert reporter.sent == 1
+            redis_server.start()
+            await within(connection.when_state("up"))
+            clock.advance(ADMIN_INTERVAL)
+            await within(reporter.last_report)
+            assert reporter.sent == 2
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    from twisted.logger import LogLevel
+
+    admin = [e for e in events if "admin report" in str(e.get("what", ""))
+             or "admin report" in str(e.get("message", ""))]
+    # Up, one warning for the outage, up again: a line per change, none per skip.
+    assert [e["log_level"] for e in admin] == [LogLevel.info, LogLevel.warn, LogLevel.info]
+    assert not [e for e in events if "log_failure" in e]
+
+
+class Lines:
+    """Carbon lines as a stand-in carbon daemon receives them, with waits on them."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._waiters: list[tuple[int, int, Deferred[None]]] = []
+
+    def add(self, data: bytes) -> None:
+        self.lines.extend(line for line in data.decode().split("\n") if line)
+        for stamp, n, d in list(self._waiters):
+            if len(self.at(stamp)) >= n and not d.called:
+                d.callback(None)
+
+    def at(self, stamp: int) -> dict[str, float]:
+        """The metrics of the batch stamped C{stamp}: path -> value."""
+        batch = {}
+        for line in self.lines:
+            path, value, when = line.split(" ")
+            if int(when) == stamp:
+                batch[path] = float(value)
+        return batch
+
+    def wait(self, stamp: int, n: int) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._waiters.append((stamp, n, d))
+        self.add(b"")
+        return within(d)
+
+
+class CarbonServer(Protocol):
+    """A stand-in carbon daemon on a real TCP socket."""
+
+    def __init__(self, sink: Lines) -> None:
+        self.sink = sink
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        complete, _, self.buffer = self.buffer.rpartition(b"\n")
+        self.sink.add(complete + b"\n")
+
+
+class CarbonDatagrams(DatagramProtocol):
+    def __init__(self, sink: Lines) -> None:
+        self.sink = sink
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        self.sink.add(data)
+
+
+METRICS = 8
+
+
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
+@pytest_twisted.ensureDeferred
+async def test_carbon_lines_reach_a_real_socket(transport, redis_server, publisher):
+    sink = Lines()
+    if transport == "tcp":
+        port = reactor.listenTCP(0, Factory.forProtocol(lambda: CarbonServer(sink)),
+                                 interface="127.0.0.1")
+    else:
+        port = reactor.listenUDP(0, CarbonDatagrams(sink), interface="127.0.0.1")
+    start = 1_700_000_000
+    clock = Clock()
+    clock.advance(start)
+    env = {"REDIS_URL": redis_server.url, "NODE_NAME": "web.1", "RACK_ENV": "production",
+           "GRAPHITE_URL": f"{transport}://127.0.0.1:{port.getHost().port}",
+           "HOSTEDGRAPHITE_APIKEY": "k3y", "ADMIN_REPORT": "false"}
+    try:
+        async with running(env, clock=clock) as (d, c):
+            if transport == "tcp":
+                await within(d.app.carbon.when_up())
+            _, eps1 = await c.stream("/subscribe/eps")
+            await c.stream("/subscribe/eps")
+            _, raw = await c.stream("/subscribe/raw")
+            _, detail = await c.stream("/subscribe/details/2665")
+            for emoji_id in ("2665", "2665", "1F602"):
+                await publisher.publish("stream.score_updates", emoji_id)
+            await publisher.publish("stream.tweet_updates.2665", "{}")
+            await raw.wait_events(3)
+            await detail.wait_events(1)
+            clock.advance(1 / 60)  # one summary to both eps clients
+            await eps1.wait_events(1)
+            clock.advance(CARBON_INTERVAL - 1 / 60)
+            await sink.wait(start + 10, METRICS)
+            clock.advance(CARBON_INTERVAL)
+            await sink.wait(start + 20, METRICS)
+    finally:
+        await port.stopListening()
+    prefix = "k3y.emojistream.twisted-production-web_1."
+    first = sink.at(start + 10)
+    assert all(path.startswith(prefix) for path in first)
+    assert {path.removeprefix(prefix): v for path, v in first.items()} == {
+        "stream.eps.clients": 2, "stream.raw.clients": 1, "stream.detail.clients": 1,
+        "messages.received": 4, "messages.dropped": 0,
+        # 3 raw + 1 detail + 1 summary to each of 2 eps clients
+        "messages.delivered": 6, "connections.closed": 0, "connections.dropped": 0,
+    }
+    # The second period saw no traffic: counters report the change, not the total.
+    second = {path.removeprefix(prefix): v for path, v in sink.at(start + 20).items()}
+    assert second["messages.received"] == 0 and second["messages.delivered"] == 0
+    assert second["stream.eps.clients"] == 2
+
+
+def test_carbon_line_format():
+    assert carbon_lines("a.b", {"x.y": 3, "z": 0.5}, 17) == b"a.b.x.y 3 17\na.b.z 0.5 17\n"
