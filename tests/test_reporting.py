@@ -192,3 +192,41 @@ async def test_carbon_lines_reach_a_real_socket(transport, redis_server, publish
 
 def test_carbon_line_format():
     assert carbon_lines("a.b", {"x.y": 3, "z": 0.5}, 17) == b"a.b.x.y 3 17\na.b.z 0.5 17\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_carbon_tcp_connection_comes_back_after_the_server_restarts(redis_server):
+    sink = Lines()
+    servers: list[CarbonServer] = []
+
+    def build() -> CarbonServer:
+        servers.append(CarbonServer(sink))
+        return servers[-1]
+
+    port = reactor.listenTCP(0, Factory.forProtocol(build), interface="127.0.0.1")
+    number = port.getHost().port
+    start = 1_700_000_000
+    clock = Clock()
+    clock.advance(start)
+    env = {"REDIS_URL": redis_server.url, "GRAPHITE_URL": f"tcp://127.0.0.1:{number}"}
+    try:
+        async with running(env, clock=clock) as (d, _c):
+            carbon = d.app.carbon
+            await within(carbon.when_up())
+            clock.advance(CARBON_INTERVAL)
+            await sink.wait(start + 10, METRICS)
+            # The carbon daemon goes away...
+            await port.stopListening()
+            for server in servers:
+                server.transport.loseConnection()
+            await within(carbon.when_state("down"))
+            clock.advance(CARBON_INTERVAL)  # this report is skipped, not queued
+            # ...and comes back on the same port: the connection is re-established.
+            port = reactor.listenTCP(number, Factory.forProtocol(build), interface="127.0.0.1")
+            await within(carbon.when_state("up"))
+            clock.advance(CARBON_INTERVAL)
+            await sink.wait(start + 30, METRICS)
+    finally:
+        await port.stopListening()
+    assert sink.at(start + 20) == {}
+    assert len(servers) == 2
