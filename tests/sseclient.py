@@ -22,23 +22,17 @@ def within(d: Deferred[Any], seconds: float = TIMEOUT) -> Deferred[Any]:
     return d.addTimeout(seconds, reactor)
 
 
-class StreamReader(Protocol):
-    """Collects a response body: the raw bytes, and the events they parse into."""
+class Collector(Protocol):
+    """Keeps everything a connection receives and fires waits as it arrives."""
 
     def __init__(self) -> None:
         self.raw = bytearray()
-        self.parser = SpecParser()
         self.closed: Deferred[None] = Deferred()
         self.is_closed = False
-        self._waiters: list[tuple[Callable[[StreamReader], bool], Deferred[StreamReader]]] = []
-
-    @property
-    def events(self) -> list[Event]:
-        return self.parser.events
+        self._waiters: list[tuple[Callable[[Any], bool], Deferred[Any]]] = []
 
     def dataReceived(self, data: bytes) -> None:
         self.raw += data
-        self.parser.feed(data)
         self._check()
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -47,31 +41,45 @@ class StreamReader(Protocol):
         self._check()
 
     def _check(self) -> None:
-        still = []
-        for predicate, d in self._waiters:
-            if predicate(self):
-                d.callback(self)
-            else:
-                still.append((predicate, d))
-        self._waiters = still
-
-    def wait_for(self, predicate: Callable[[StreamReader], bool],
-                 seconds: float = TIMEOUT) -> Deferred[StreamReader]:
-        """Fires once C{predicate(self)} holds (checked as each chunk arrives)."""
-        d: Deferred[StreamReader] = Deferred()
-        if predicate(self):
+        ready = [(p, d) for p, d in self._waiters if p(self)]
+        self._waiters = [(p, d) for p, d in self._waiters if (p, d) not in ready]
+        for _, d in ready:
             d.callback(self)
-        else:
-            self._waiters.append((predicate, d))
+
+    def wait_for(self, predicate: Callable[[Any], bool], seconds: float = TIMEOUT
+                 ) -> Deferred[Any]:
+        """Fires with C{self} once C{predicate(self)} holds (checked as data arrives)."""
+        d: Deferred[Any] = Deferred()
+        self._waiters.append((predicate, d))
+        self._check()
         return within(d, seconds)
 
-    def wait_events(self, n: int, seconds: float = TIMEOUT) -> Deferred[StreamReader]:
-        return self.wait_for(lambda r: len(r.events) >= n, seconds)
+    def wait_closed(self, seconds: float = TIMEOUT) -> Deferred[Any]:
+        return self.wait_for(lambda c: c.is_closed, seconds)
 
     def close(self) -> None:
         """Hang up from the client side."""
         if not self.is_closed and self.transport is not None:
             self.transport.stopProducing()
+
+
+class StreamReader(Collector):
+    """Collects a response body: the raw bytes, and the events they parse into."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parser = SpecParser()
+
+    @property
+    def events(self) -> list[Event]:
+        return self.parser.events
+
+    def dataReceived(self, data: bytes) -> None:
+        self.parser.feed(data)
+        super().dataReceived(data)
+
+    def wait_events(self, n: int, seconds: float = TIMEOUT) -> Deferred[StreamReader]:
+        return self.wait_for(lambda r: len(r.events) >= n, seconds)
 
 
 class Client:
@@ -106,49 +114,18 @@ class Client:
         await self.pool.closeCachedConnections()
 
 
-class RawConnection(Protocol):
+class RawConnection(Collector):
     """A bare TCP connection: bytes out as given, bytes in as received."""
 
-    def __init__(self) -> None:
-        self.received = bytearray()
-        self.closed: Deferred[None] = Deferred()
-        self.is_closed = False
-        self._waiters: list[tuple[Callable[[bytes], bool], Deferred[bytes]]] = []
+    @property
+    def received(self) -> bytes:
+        return bytes(self.raw)
 
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        self._check()
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.is_closed = True
-        self.closed.callback(None)
-        self._check()
-
-    def _check(self) -> None:
-        still = []
-        for predicate, d in self._waiters:
-            if predicate(bytes(self.received)) or self.is_closed:
-                d.callback(bytes(self.received))
-            else:
-                still.append((predicate, d))
-        self._waiters = still
-
-    def wait_for(self, predicate: Callable[[bytes], bool],
-                 seconds: float = TIMEOUT) -> Deferred[bytes]:
+    def wait_bytes(self, predicate: Callable[[bytes], bool], seconds: float = TIMEOUT
+                   ) -> Deferred[bytes]:
         """Fires with everything received once C{predicate} holds or the peer closes."""
-        d: Deferred[bytes] = Deferred()
-        self._waiters.append((predicate, d))
-        self._check()
-        return within(d, seconds)
-
-    def wait_closed(self, seconds: float = TIMEOUT) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self.closed.addBoth(lambda _: d.callback(None) if not d.called else None)
-        return within(d, seconds)
-
-    def close(self) -> None:
-        if not self.is_closed and self.transport is not None:
-            self.transport.abortConnection()
+        d = self.wait_for(lambda c: c.is_closed or predicate(c.received), seconds)
+        return d.addCallback(lambda c: c.received)
 
 
 async def raw_connect(port: int) -> RawConnection:

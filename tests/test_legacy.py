@@ -25,7 +25,7 @@ async def test_forced_refresh_starts_with_retry_and_marks_the_response(redis_ser
                             ("/subscribe/details/2665", b"500")):
             conn = await raw_connect(d.port)
             conn.transport.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            raw = await conn.wait_for(lambda b: b"\n\n" in b.partition(b"\r\n\r\n")[2])
+            raw = await conn.wait_bytes(lambda b: b"\n\n" in b.partition(b"\r\n\r\n")[2])
             status, headers, body = split_response(raw)
             assert status == "HTTP/1.1 200 OK"
             assert ("X-Sse-Cleanup-Requested", "true") in headers

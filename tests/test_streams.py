@@ -39,7 +39,7 @@ async def test_get_headers_are_exact_and_arrive_before_any_event(daemon):
                  "/subscribe/details"):
         conn = await raw_connect(daemon.port)
         conn.transport.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        raw = await conn.wait_for(lambda b: b"\r\n\r\n" in b)
+        raw = await conn.wait_bytes(lambda b: b"\r\n\r\n" in b)
         status, headers = exact_headers(raw, "GET " + path)
         assert status == "HTTP/1.1 200 OK"
         assert headers["transfer-encoding"] == "chunked"
