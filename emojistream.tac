@@ -7,6 +7,7 @@ from twisted.application.service import Application
 from twisted.internet import reactor
 
 from emojistream.config import ConfigError, resolve
+from emojistream.lifecycle import prepare_process
 from emojistream.service import Emojistream
 
 try:
@@ -14,5 +15,6 @@ try:
 except ConfigError as e:
     sys.exit(f"emojistream.tac: {e}")
 
+prepare_process(reactor, settings.max_streams)
 application = Application("emojistream")
 Emojistream(settings, reactor).service.setServiceParent(application)

@@ -148,6 +148,26 @@ def parse_milliseconds(text: str) -> int:
     return value
 
 
+def parse_count(text: str) -> int:
+    """A whole number, zero or more (zero turns a limit off where the help says so)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise ValueError(f"{text!r} must not be negative")
+    return value
+
+
+def parse_token(text: str) -> str:
+    """A bearer token: printable ASCII without spaces, at least 16 characters."""
+    token = text.strip()
+    if token and (len(token) < 16 or not token.isascii() or not token.isprintable()
+                  or " " in token):
+        raise ValueError("a token must be at least 16 printable ASCII characters, no spaces")
+    return token
+
+
 def parse_log_format(text: str) -> str:
     """C{text} (twistd's usual lines) or C{json} (one JSON object per line)."""
     word = text.strip().lower()
@@ -242,6 +262,24 @@ SPECS: tuple[Spec, ...] = (
     Spec("graphite_prefix", "graphite-prefix", "HOSTEDGRAPHITE_APIKEY", parse_metric_key, "",
          "Key put in front of every carbon metric path (hosted graphite's API key)",
          metavar="KEY"),
+    Spec("max_queue", "max-queue-bytes", "SSE_MAX_QUEUE_BYTES", parse_positive_int, "1048576",
+         "Bytes held for a client that is not reading before its event stream is dropped "
+         "(its /eps stream is conflated instead)", metavar="BYTES"),
+    Spec("max_payload", "max-payload-bytes", "MAX_PAYLOAD_BYTES", parse_positive_int, "65536",
+         "Larger detail and kiosk payloads from Redis are dropped (and counted)",
+         metavar="BYTES"),
+    Spec("max_streams", "max-streams", "MAX_STREAMS", parse_positive_int, "20000",
+         "Open streams at most; more get 503 with Retry-After", metavar="N"),
+    Spec("max_streams_per_ip", "max-streams-per-ip", "MAX_STREAMS_PER_IP", parse_count, "0",
+         "Open streams per client IP at most, more get 429 (0: no limit)", metavar="N"),
+    Spec("admin_listen", "admin-listen", "ADMIN_LISTEN", str, "",
+         "Serve /admin/ on this endpoint only (e.g. tcp:8002:interface=127.0.0.1) "
+         "instead of the main one", metavar="ENDPOINT"),
+    Spec("admin_token", "admin-token", "ADMIN_TOKEN", parse_token, "",
+         "Require 'Authorization: Bearer <token>' on /admin/", metavar="TOKEN"),
+    Spec("drain", "drain-sec", "SSE_DRAIN_SEC", parse_positive_float, "10",
+         "On SIGTERM, close streams spread over this many seconds, then exit",
+         metavar="SECONDS"),
     Spec("log_format", "log-format", "LOG_FORMAT", parse_log_format, "text",
          "Log as text lines or as one JSON object per line on standard output (json)",
          metavar="FORMAT"),
@@ -276,6 +314,13 @@ class Settings:
     graphite: GraphiteTarget | None = None
     graphite_prefix: str = ""
     log_format: str = "text"
+    max_queue: int = 1 << 20
+    max_payload: int = 65536
+    max_streams: int = 20000
+    max_streams_per_ip: int = 0
+    admin_listen: str = ""
+    admin_token: str = ""
+    drain: float = 10.0
     demo: bool = False
     demo_rate: float = 250.0
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
-from emojistream.stream import Stream
+from emojistream.stream import Stream, SummaryStream
 
 #: Emoji IDs as they appear in detail paths and channel names: 1F1FA-1F1F8, 2665...
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -40,6 +40,7 @@ class Hub:
         self._index: dict[str, dict[Stream, None]] = {}
         self._lineages: dict[str, list[str]] = {}
         self._pool_sizes: dict[str, int] = dict.fromkeys(POOLS, 0)
+        self._per_ip: dict[str, int] = {}
         #: Messages written to clients since start (one per message per client).
         self.delivered = 0
         #: Streams that have ended since start, for whatever reason.
@@ -51,6 +52,7 @@ class Hub:
         """Start delivering to C{stream}."""
         self._index.setdefault(stream.namespace, {})[stream] = None
         self._pool_sizes[stream.kind] = self._pool_sizes.get(stream.kind, 0) + 1
+        self._per_ip[stream.client_ip] = self._per_ip.get(stream.client_ip, 0) + 1
 
     def remove(self, stream: Stream) -> None:
         """Stop delivering to C{stream} at once; removing twice is harmless."""
@@ -61,7 +63,14 @@ class Hub:
         if not pool:
             del self._index[stream.namespace]
         self._pool_sizes[stream.kind] -= 1
+        left = self._per_ip[stream.client_ip] - 1
+        if left:
+            self._per_ip[stream.client_ip] = left
+        else:
+            del self._per_ip[stream.client_ip]
         self.closed += 1
+        if stream.dropped:
+            self.dropped += 1
 
     def publish(self, namespace: str, frame: bytes) -> int:
         """Write the one encoded C{frame} to every stream listening on C{namespace}.
@@ -85,6 +94,25 @@ class Hub:
                 sent += len(targets)
         self.delivered += sent
         return sent
+
+    def publish_summary(self, namespace: str, frame: bytes, counts: dict[str, int]) -> int:
+        """Send a score summary to the summary streams of C{namespace} (/eps).
+
+        A backed-up summary stream folds C{counts} into its pending summary instead
+        of queueing C{frame}.
+        """
+        pool = self._index.get(namespace)
+        if not pool:
+            return 0
+        targets = cast(tuple[SummaryStream, ...], tuple(pool))
+        for stream in targets:
+            stream.send_summary(frame, counts)
+        self.delivered += len(targets)
+        return len(targets)
+
+    def from_ip(self, client_ip: str) -> int:
+        """How many open streams C{client_ip} holds."""
+        return self._per_ip.get(client_ip, 0)
 
     def keepalive(self, frame: bytes) -> None:
         """Write a keepalive comment to every open stream."""

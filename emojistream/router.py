@@ -34,8 +34,9 @@ class Router:
     log = Logger()
 
     def __init__(self, hub: Hub, summarizer: ScoreSummarizer, *, raw_stream: bool,
-                 kiosk_stream: bool = False) -> None:
+                 kiosk_stream: bool = False, max_payload: int = 65536) -> None:
         self._hub = hub
+        self._max_payload = max_payload
         self._summarizer = summarizer
         self._raw_stream = raw_stream
         self._kiosk_stream = kiosk_stream
@@ -43,11 +44,16 @@ class Router:
         self.received = 0
         #: Messages dropped because their channel or payload made no sense.
         self.dropped = 0
+        #: Of those, the ones dropped for a payload over C{max_payload} bytes.
+        self.oversized = 0
 
     def message(self, channel: bytes, payload: bytes) -> None:
         """Handle one pub/sub message."""
         self.received += 1
-        if channel == SCORE_CHANNEL:
+        if len(payload) > self._max_payload:
+            self.dropped += 1
+            self.oversized += 1
+        elif channel == SCORE_CHANNEL:
             self.score(payload)
         elif channel.startswith(DETAIL_PREFIX):
             self.detail(channel, payload)

@@ -14,11 +14,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from emojistream.config import Settings
 from emojistream.demo import EmbeddedRedis, Feeder, find_redis_server, free_port
 from emojistream.hub import POOLS, Hub
+from emojistream.lifecycle import Drain, OrderedStop
 from emojistream.redisconn import RedisConnection
 from emojistream.redisfeed import RedisFeed
 from emojistream.reporting import (
@@ -31,18 +31,10 @@ from emojistream.reporting import (
     carbon_prefix,
 )
 from emojistream.router import DETAIL_PATTERN, KIOSK_PATTERN, SCORE_CHANNEL, Router
-from emojistream.sse import KEEPALIVE, encode_event
+from emojistream.sse import KEEPALIVE
 from emojistream.status import StatusReport
 from emojistream.summarizer import RATE, ScoreSummarizer
-from emojistream.web import StreamRoutes
-
-
-class _QuietSite(Site):
-    """A Site without the per-request access log: with thousands of long-lived
-    streams it would drown the daemon's own log (C{--verbose} logs streams)."""
-
-    def log(self, request: Any) -> None:
-        pass
+from emojistream.web import AdminRoutes, QuietSite, Root, StreamRoutes
 
 
 class _RecordingEndpoint:
@@ -97,28 +89,32 @@ class Emojistream:
     @param reactor: does the networking.
     @param clock: keeps time for every timer (ticks, keepalives, forced closes,
         reports); the reactor unless a test passes a C{Clock}.
-    @ivar service: the root C{MultiService} to start.
+    @ivar service: the root service to start. It stops in order: listeners first,
+        then the drain of open streams, then Redis and the timers.
     """
 
     def __init__(self, settings: Settings, reactor: Any, clock: Any = None) -> None:
         clock = reactor if clock is None else clock
         self.settings = settings
-        self.service = MultiService()
+        self.service = OrderedStop()
+        self.core = MultiService()
+        self.core.setServiceParent(self.service)
         self.hub = Hub()
         self.summarizer = ScoreSummarizer(
-            lambda summary: self.hub.publish("/eps", encode_event(summary))
+            lambda counts, frame: self.hub.publish_summary("/eps", frame, counts)
         )
         self.router = Router(self.hub, self.summarizer, raw_stream=settings.raw_stream,
-                             kiosk_stream=settings.kiosk_stream)
+                             kiosk_stream=settings.kiosk_stream,
+                             max_payload=settings.max_payload)
 
         redis_address = settings.redis
-        redis_parent: MultiService = self.service
+        redis_parent: MultiService = self.core
         self.embedded_redis: EmbeddedRedis | None = None
         self.feeder: Feeder | None = None
         if settings.demo:
             if not settings.redis_given:
                 self.embedded_redis = EmbeddedRedis(reactor, find_redis_server(), free_port())
-                self.embedded_redis.setServiceParent(self.service)
+                self.embedded_redis.setServiceParent(self.core)
                 redis_parent = self.embedded_redis
                 redis_address = self.embedded_redis.address
             self.feeder = Feeder(redis_address, reactor=reactor, rate=settings.demo_rate)
@@ -146,7 +142,7 @@ class Emojistream:
         if settings.graphite is not None:
             carbon_type = TcpCarbon if settings.graphite.transport == "tcp" else UdpCarbon
             self.carbon = carbon_type(settings.graphite, reactor=reactor)
-            self.carbon.setServiceParent(self.service)
+            self.carbon.setServiceParent(self.core)
             reporter = CarbonReporter(
                 self.carbon.send, prefix=carbon_prefix(settings.graphite_prefix,
                                                        settings.node_name),
@@ -154,20 +150,31 @@ class Emojistream:
             )
             self._timer(CARBON_INTERVAL, reporter.report, clock, "Carbon report")
 
-        self.routes = StreamRoutes(self.hub, self.status.document, settings, clock=clock)
-        site = _QuietSite(self.routes.resource())
-        site.displayTracebacks = False
-        self.endpoint = _RecordingEndpoint(serverFromString(reactor, settings.listen))
-        web = StreamServerEndpointService(self.endpoint, site)
+        Drain(self.hub, clock=clock, period=settings.drain).setServiceParent(self.service)
+
+        self.web = MultiService()
+        self.web.setServiceParent(self.service)
+        streams = StreamRoutes(self.hub, settings, clock=clock).app.resource()
+        admin = AdminRoutes(self.status.document, settings.admin_token).app.resource()
+        self.endpoint = self._listen(reactor, settings.listen,
+                                     Root(streams, None if settings.admin_listen else admin))
+        self.admin_endpoint: _RecordingEndpoint | None = None
+        if settings.admin_listen:
+            self.admin_endpoint = self._listen(reactor, settings.admin_listen, Root(None, admin))
+
+    def _listen(self, reactor: Any, description: str, root: Root) -> _RecordingEndpoint:
+        endpoint = _RecordingEndpoint(serverFromString(reactor, description))
+        listener = StreamServerEndpointService(endpoint, QuietSite(root))
         # Fail at start-up, not silently, when the port cannot be had.
-        web._raiseSynchronously = True
-        web.setServiceParent(self.service)
+        listener._raiseSynchronously = True
+        listener.setServiceParent(self.web)
+        return endpoint
 
     def _timer(self, interval: float, call: Callable[..., object], clock: Any, what: str,
                *args: Any) -> IService:
         timer = TimerService(interval, _SafeCall(call, what), *args)
         timer.clock = clock
-        timer.setServiceParent(self.service)
+        timer.setServiceParent(self.core)
         return timer
 
     def _gauges(self) -> dict[str, float]:
@@ -179,6 +186,7 @@ class Emojistream:
         return {
             "messages.received": self.router.received,
             "messages.dropped": self.router.dropped,
+            "messages.oversized": self.router.oversized,
             "messages.delivered": self.hub.delivered,
             "connections.closed": self.hub.closed,
             "connections.dropped": self.hub.dropped,

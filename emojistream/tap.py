@@ -11,6 +11,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from emojistream.config import SPECS, ConfigError, Settings, resolve
+from emojistream.lifecycle import prepare_process
 from emojistream.service import Emojistream
 
 
@@ -68,6 +69,8 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         source = "PORT" if given["listen"] is None and "PORT" in self._environ else "--listen"
         check_endpoint(settings.listen, source)
+        if settings.admin_listen:
+            check_endpoint(settings.admin_listen, "--admin-listen")
         parent = getattr(self, "parent", None)
         if settings.log_format == "json" and parent is not None and not parent.get("logger"):
             # twistd turns this name into its log observer after our options are read.
@@ -90,4 +93,5 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
     assert options.settings is not None
+    prepare_process(reactor, options.settings.max_streams)
     return Emojistream(options.settings, reactor).service

@@ -1,4 +1,5 @@
-"""HTTP routes: the SSE streams, the admin status, and the errors in between.
+"""HTTP routes: the SSE streams and cleanup (L{StreamRoutes}), the admin status
+(L{AdminRoutes}), and what every response shares.
 
 Every response carries C{Access-Control-Allow-Origin: *}; errors are short
 plain-text bodies with the right status, never an HTML page or a traceback.
@@ -6,9 +7,11 @@ plain-text bodies with the right status, never an HTML page or a traceback.
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Callable
 from importlib.resources import files
+from io import BytesIO
 from typing import Any
 
 from klein import Klein
@@ -17,13 +20,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from emojistream.config import Settings
 from emojistream.hub import ID_PATTERN, Hub
 from emojistream.sse import encode_retry
-from emojistream.stream import Stream
+from emojistream.stream import Stream, SummaryStream
 
 SSE_HEADERS = (
     (b"Content-Type", b"text/event-stream; charset=utf-8"),
@@ -31,6 +34,9 @@ SSE_HEADERS = (
     (b"Connection", b"keep-alive"),
 )
 CORS = (b"Access-Control-Allow-Origin", b"*")
+
+#: Seconds a client turned away for load is asked to wait.
+RETRY_AFTER = b"10"
 
 
 def peer_ip(request: Request) -> str:
@@ -64,6 +70,31 @@ def _json(request: IRequest, document: object) -> bytes:
     return json.dumps(document).encode("utf-8")
 
 
+def _http_error(request: IRequest, failure: Failure) -> bytes:
+    """Routing errors (404, 405, redirects) as short text with the right headers."""
+    error = failure.value
+    assert isinstance(error, HTTPException)
+    code = error.code or 500
+    if isinstance(error, MethodNotAllowed) and error.valid_methods:
+        methods = sorted(m for m in error.valid_methods if m != "OPTIONS")
+        request.setHeader(b"Allow", ", ".join(methods).encode())
+    elif not isinstance(error, NotFound):
+        # Redirects (/admin -> /admin/) keep their Location.
+        for name, value in error.get_response().headers:
+            if name.lower() != "content-type":
+                request.setHeader(name.encode(), value.encode())
+    return _text(request, code, f"{code} {error.name}")
+
+
+_log = Logger(namespace="emojistream.web")
+
+
+def _internal_error(request: IRequest, failure: Failure) -> bytes:
+    _log.failure("Error handling {method} {uri}", failure, method=request.method,
+                 uri=request.uri)
+    return _text(request, 500, "500 Internal Server Error")
+
+
 _BAD_ID = "400 Bad Request: an ID is 1 to 64 letters, digits, '-' or '_'"
 
 #: Stream kinds whose forced-refresh settings are the score ones; others use detail ones.
@@ -71,29 +102,16 @@ SCORE_KINDS = frozenset({"eps", "raw"})
 
 
 class StreamRoutes:
-    """The Klein application: one instance per server, collaborators injected."""
+    """The streams and cleanup endpoints: one instance per server, collaborators injected."""
 
     app = Klein()
     log = Logger()
 
-    def __init__(
-        self,
-        hub: Hub,
-        status: Callable[[], dict[str, Any]],
-        settings: Settings,
-        *,
-        clock: IReactorTime,
-    ) -> None:
+    def __init__(self, hub: Hub, settings: Settings, *, clock: IReactorTime) -> None:
         self._hub = hub
-        self._status = status
         self._settings = settings
         self._clock = clock
         self._client_ip = forwarded_ip if settings.trust_proxy else peer_ip
-        self._admin_page = (files("emojistream") / "data" / "admin.html").read_bytes()
-
-    def resource(self) -> IResource:
-        """The root resource to serve, with the CORS header on every response."""
-        return CORSResource(self.app.resource())
 
     # -- streams -----------------------------------------------------------
 
@@ -126,37 +144,52 @@ class StreamRoutes:
     def _stream(self, request: Request, namespace: str, kind: str,
                 tag: str | None = None) -> Any:
         settings = self._settings
-        for name, value in SSE_HEADERS:
-            request.setHeader(name, value)
-        if settings.force_refresh:
-            request.setHeader(b"X-Sse-Cleanup-Requested", b"true")
         if request.method == b"HEAD":
+            self._stream_headers(request)
             return b""
-        stream = Stream(
+        # Limits come before any per-stream state exists.
+        if len(self._hub) >= settings.max_streams:
+            request.setHeader(b"Retry-After", RETRY_AFTER)
+            return _text(request, 503, "503 Service Unavailable: too many streams, "
+                                       "try again later")
+        client_ip = self._client_ip(request)
+        if settings.max_streams_per_ip and self._hub.from_ip(client_ip) >= \
+                settings.max_streams_per_ip:
+            request.setHeader(b"Retry-After", RETRY_AFTER)
+            return _text(request, 429, "429 Too Many Requests: too many streams from "
+                                       "this address")
+        self._stream_headers(request)
+        stream = (SummaryStream if kind == "eps" else Stream)(
             request,
             namespace=namespace,
             kind=kind,
             request_path="/subscribe" + namespace,
             created_at=self._clock.seconds(),
-            client_ip=self._client_ip(request),
+            client_ip=client_ip,
             user_agent=(request.getHeader(b"user-agent") or b"").decode("utf-8", "replace"),
             tag=tag,
+            max_queue=settings.max_queue,
         )
         self._hub.add(stream)
         request.notifyFinish().addBoth(self._finished, stream)
+        first = b""
         if settings.force_refresh:
             scores = kind in SCORE_KINDS
-            stream.send_control(encode_retry(
-                settings.score_retry_ms if scores else settings.detail_retry_ms))
+            first = encode_retry(settings.score_retry_ms if scores else settings.detail_retry_ms)
             stream.expiry = self._clock.callLater(
                 settings.score_max_age if scores else settings.detail_max_age, stream.close)
-        else:
-            # Sends the status line and headers now, before the first event.
-            request.write(b"")
+        # The status line and headers go out now, before the first event.
+        stream.start(first)
         if settings.verbose:
             self.log.info("connect {path} from {ip}", path=stream.request_path,
                           ip=stream.client_ip)
         return stream.done
+
+    def _stream_headers(self, request: Request) -> None:
+        for name, value in SSE_HEADERS:
+            request.setHeader(name, value)
+        if self._settings.force_refresh:
+            request.setHeader(b"X-Sse-Cleanup-Requested", b"true")
 
     def _finished(self, result: object, stream: Stream) -> None:
         stream.lost()
@@ -164,7 +197,8 @@ class StreamRoutes:
             stream.expiry.cancel()
         self._hub.remove(stream)
         if self._settings.verbose:
-            self.log.info("disconnect {path} from {ip} after {age:.1f} s",
+            self.log.info("{what} {path} from {ip} after {age:.1f} s",
+                          what="dropped slow" if stream.dropped else "disconnect",
                           path=stream.request_path, ip=stream.client_ip,
                           age=self._clock.seconds() - stream.created_at)
 
@@ -192,50 +226,98 @@ class StreamRoutes:
             self.log.info("cleanup closed {n} stream(s) of {ip}", n=len(mine), ip=ip)
         return len(mine)
 
-    # -- admin ---------------------------------------------------------------
-
-    @app.route("/admin/status.json", methods=["GET"])
-    def status_json(self, request: Request) -> bytes:
-        return _json(request, self._status())
-
-    @app.route("/admin/", methods=["GET"])
-    def admin_page(self, request: Request) -> bytes:
-        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
-        return self._admin_page
-
     # -- errors --------------------------------------------------------------
 
     @app.handle_errors(HTTPException)
     def http_error(self, request: IRequest, failure: Failure) -> bytes:
-        error = failure.value
-        assert isinstance(error, HTTPException)
-        code = error.code or 500
-        if isinstance(error, MethodNotAllowed) and error.valid_methods:
-            methods = sorted(m for m in error.valid_methods if m != "OPTIONS")
-            request.setHeader(b"Allow", ", ".join(methods).encode())
-        elif not isinstance(error, NotFound):
-            # Redirects (/admin -> /admin/) keep their Location.
-            for name, value in error.get_response().headers:
-                if name.lower() != "content-type":
-                    request.setHeader(name.encode(), value.encode())
-        return _text(request, code, f"{code} {error.name}")
+        return _http_error(request, failure)
 
     @app.handle_errors(Exception)
     def internal_error(self, request: IRequest, failure: Failure) -> bytes:
-        self.log.failure("Error handling {method} {uri}", failure,
-                         method=request.method, uri=request.uri)
-        return _text(request, 500, "500 Internal Server Error")
+        return _internal_error(request, failure)
 
 
-class CORSResource(Resource):
-    """Adds C{Access-Control-Allow-Origin: *} to every response of the wrapped resource."""
+class AdminRoutes:
+    """C{/admin/}: the status page and C{status.json}, optionally behind a bearer token."""
+
+    app = Klein()
+
+    def __init__(self, status: Callable[[], dict[str, Any]], token: str = "") -> None:
+        self._status = status
+        self._token = token.encode("ascii")
+        self._page = (files("emojistream") / "data" / "admin.html").read_bytes()
+
+    def _authorized(self, request: IRequest) -> bool:
+        if not self._token:
+            return True
+        given = request.getHeader(b"authorization") or b""
+        scheme, _, credentials = given.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(),
+                                                                   self._token)
+
+    def _refuse(self, request: IRequest) -> bytes:
+        request.setHeader(b"WWW-Authenticate", b'Bearer realm="emojistream admin"')
+        return _text(request, 401, "401 Unauthorized: a bearer token is required")
+
+    @app.route("/admin/status.json", methods=["GET"])
+    def status_json(self, request: Request) -> bytes:
+        if not self._authorized(request):
+            return self._refuse(request)
+        return _json(request, self._status())
+
+    @app.route("/admin/", methods=["GET"])
+    def page(self, request: Request) -> bytes:
+        # The page itself holds no data; its script sends the token for status.json.
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        return self._page
+
+    @app.handle_errors(HTTPException)
+    def http_error(self, request: IRequest, failure: Failure) -> bytes:
+        return _http_error(request, failure)
+
+    @app.handle_errors(Exception)
+    def internal_error(self, request: IRequest, failure: Failure) -> bytes:
+        return _internal_error(request, failure)
+
+
+class Root(Resource):
+    """Every request's entry: sets the CORS header, then hands the whole request to
+    the admin routes (paths under /admin) or the stream routes."""
 
     isLeaf = True
 
-    def __init__(self, wrapped: IResource) -> None:
+    def __init__(self, streams: IResource | None, admin: IResource | None) -> None:
         super().__init__()
-        self._wrapped = wrapped
+        self._streams = streams
+        self._admin = admin
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: IRequest) -> Any:
         request.setHeader(*CORS)
-        return self._wrapped.render(request)
+        path = request.path
+        is_admin = path == b"/admin" or path.startswith(b"/admin/")
+        target = self._admin if is_admin else self._streams
+        if target is None:
+            return _text(request, 404, "404 Not Found")
+        return target.render(request)
+
+
+class BodilessRequest(Request):
+    """A request whose body is read and thrown away: no route here uses one, so a
+    large or endless body costs neither memory nor a temporary file."""
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        pass
+
+
+class QuietSite(Site):
+    """A Site without the per-request access log (with thousands of long-lived
+    streams it would drown the daemon's own log; C{--verbose} logs streams)."""
+
+    requestFactory = BodilessRequest
+    displayTracebacks = False
+
+    def log(self, request: Any) -> None:
+        pass

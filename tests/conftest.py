@@ -13,6 +13,7 @@ import pytest
 import pytest_twisted
 import txredisapi
 from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -42,12 +43,20 @@ class Daemon:
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
 
+    async def stop(self) -> None:
+        """Stop the daemon once the server has seen its clients go (so that the drain,
+        whose timers may run on a test's Clock, has nothing left to wait for)."""
+        await within(gatherResults([s.when_finished() for s in self.app.hub.streams()]))
+        await self.app.service.stopService()
+
 
 async def start_daemon(env: dict[str, str], options: dict[str, str | None] | None = None,
                        clock: Any = None) -> Daemon:
     """Start the daemon in-process; C{clock} (a Clock) drives its timers if given."""
     opts: dict[str, str | None] = {"listen": "tcp:0:interface=127.0.0.1"}
     opts.update(options or {})
+    # A short drain keeps each test's stop quick; tests of the drain set their own.
+    env = {"SSE_DRAIN_SEC": "0.05", **env}
     app = Emojistream(resolve(env, opts), reactor, clock)
     app.service.startService()
     port = await within(app.when_listening())
@@ -68,7 +77,7 @@ async def running(env: dict[str, str], options: dict[str, str | None] | None = N
         yield d, c
     finally:
         await c.close()
-        await d.app.service.stopService()
+        await d.stop()
 
 
 @pytest.fixture
@@ -84,7 +93,7 @@ async def daemon(daemon_env: dict[str, str]) -> AsyncIterator[Daemon]:
     try:
         yield d
     finally:
-        await d.app.service.stopService()
+        await d.stop()
 
 
 @pytest_twisted.async_yield_fixture

@@ -10,6 +10,8 @@ class FakeStream:
         self.namespace = namespace
         self.kind = kind
         self.created_at = created_at
+        self.client_ip = "192.0.2.1"
+        self.dropped = False
         self.frames: list[bytes] = []
         self.msgs_sent = 0
 

@@ -202,7 +202,7 @@ async def test_verbose_logs_connect_and_disconnect_with_path_ip_and_age(redis_se
         globalLogPublisher.removeObserver(events.append)
     mine = [e for e in events if e.get("log_namespace") == "emojistream.web.StreamRoutes"]
     connect = [e for e in mine if e["log_format"].startswith("connect")]
-    disconnect = [e for e in mine if e["log_format"].startswith("disconnect")]
+    disconnect = [e for e in mine if e.get("what") == "disconnect"]
     assert len(connect) == 1 and connect[0]["path"] == "/subscribe/details/2665"
     assert connect[0]["ip"] == "127.0.0.1"
     assert len(disconnect) == 1 and disconnect[0]["age"] == 42

@@ -136,7 +136,7 @@ class CarbonDatagrams(DatagramProtocol):
         self.sink.add(data)
 
 
-METRICS = 8
+METRICS = 9
 
 
 @pytest.mark.parametrize("transport", ["tcp", "udp"])
@@ -180,7 +180,7 @@ async def test_carbon_lines_reach_a_real_socket(transport, redis_server, publish
     assert all(path.startswith(prefix) for path in first)
     assert {path.removeprefix(prefix): v for path, v in first.items()} == {
         "stream.eps.clients": 2, "stream.raw.clients": 1, "stream.detail.clients": 1,
-        "messages.received": 4, "messages.dropped": 0,
+        "messages.received": 4, "messages.dropped": 0, "messages.oversized": 0,
         # 3 raw + 1 detail + 1 summary to each of 2 eps clients
         "messages.delivered": 6, "connections.closed": 0, "connections.dropped": 0,
     }

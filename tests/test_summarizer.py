@@ -22,7 +22,7 @@ def running(summarizer: ScoreSummarizer, clock: Clock) -> TimerService:
 def test_counts_are_exact_across_tick_boundaries():
     sent: list[bytes] = []
     clock = Clock()
-    summarizer = ScoreSummarizer(sent.append)
+    summarizer = ScoreSummarizer(lambda counts, frame: sent.append(frame))
     timer = running(summarizer, clock)
     rng = random.Random(7)
     expected: Counter[str] = Counter()
@@ -36,7 +36,8 @@ def test_counts_are_exact_across_tick_boundaries():
     timer.stopService()
     total: Counter[str] = Counter()
     for message in sent:
-        summary = json.loads(message)
+        assert message.startswith(b"data:{") and message.endswith(b"}\n\n")
+        summary = json.loads(message[len(b"data:"):-2])
         assert summary and all(v > 0 for v in summary.values())
         total.update(summary)
     assert total == expected
@@ -47,7 +48,7 @@ def test_counts_are_exact_across_tick_boundaries():
 def test_empty_ticks_send_nothing_and_output_is_compact_json():
     sent: list[bytes] = []
     clock = Clock()
-    summarizer = ScoreSummarizer(sent.append)
+    summarizer = ScoreSummarizer(lambda counts, frame: sent.append(frame))
     running(summarizer, clock)
     clock.pump([1 / RATE] * 30)
     assert sent == []
@@ -55,7 +56,7 @@ def test_empty_ticks_send_nothing_and_output_is_compact_json():
     summarizer.hit("2665")
     summarizer.hit("1F602")
     clock.advance(1 / RATE)
-    assert sent == [b'{"2665":2,"1F602":1}']
+    assert sent == [b'data:{"2665":2,"1F602":1}\n\n']
     clock.pump([1 / RATE] * 10)
     assert len(sent) == 1
 
@@ -68,8 +69,8 @@ def test_a_failing_timer_call_is_logged_and_the_timer_keeps_running():
     calls: list[bytes] = []
     events: list[dict] = []
 
-    def emit(summary: bytes) -> None:
-        calls.append(summary)
+    def emit(counts: dict[str, int], frame: bytes) -> None:
+        calls.append(json.dumps(counts, separators=(",", ":")).encode())
         raise RuntimeError("boom")
 
     clock = Clock()

@@ -1,0 +1,115 @@
+"""The process around the daemon: file-descriptor limit, an orderly stop, and a
+graceful drain of open streams on SIGTERM."""
+
+from __future__ import annotations
+
+import random
+import resource
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.logger import Logger
+
+from emojistream.hub import Hub
+from emojistream.sse import encode_retry
+
+log = Logger()
+
+
+def raise_fd_limit(wanted: int) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE towards C{wanted} (each stream is a socket);
+    returns the (soft, hard) limits now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warn("Could not raise the open-file limit to {n}: {e}", n=target, e=e)
+    if soft < wanted:
+        log.warn("Open-file limit is {soft}: fewer than {n} streams can be held",
+                 soft=soft, n=wanted)
+    return soft, hard
+
+
+def stop_cleanly_on_signals(reactor: Any) -> None:
+    """Make SIGTERM and SIGINT stop the reactor (draining streams) and exit 0.
+
+    twistd's own handlers re-raise the signal at exit, so a service manager sees
+    the process killed by it; a requested, completed stop is a success.
+    """
+
+    def handler(signum: int, frame: object) -> None:
+        log.info("Received {name}, draining streams and stopping",
+                 name=signal.Signals(signum).name)
+        reactor.callFromThread(reactor.stop)
+
+    def install() -> None:
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    # After the reactor's own handlers, which it installs as it starts.
+    reactor.callWhenRunning(install)
+
+
+def prepare_process(reactor: Any, max_streams: int) -> None:
+    """What a daemon process (twistd plugin or .tac) needs beyond its service tree."""
+    raise_fd_limit(max_streams + 1024)
+    stop_cleanly_on_signals(reactor)
+
+
+class OrderedStop(MultiService):
+    """A MultiService that stops its children one at a time, last added first, each
+    once the one before has finished stopping (listeners, then drain, then Redis)."""
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        for service in reversed(list(self)):
+            try:
+                yield maybeDeferred(service.stopService)
+            except Exception:
+                log.failure("Stopping {service} failed", service=service)
+
+
+class Drain(Service):
+    """On stop, tells every open stream to come back after a jittered C{retry:}
+    delay and closes the streams spread over C{period} seconds, so that their
+    reconnections do not arrive elsewhere as one wave."""
+
+    def __init__(self, hub: Hub, *, clock: Any, period: float,
+                 rand: Callable[[], float] = random.random) -> None:
+        self._hub = hub
+        self._clock = clock
+        self._period = period
+        self._rand = rand
+
+    def retry_hint(self) -> int:
+        """Milliseconds a drained client waits before reconnecting: 1 to 4 s."""
+        return 1000 + int(3000 * self._rand())
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        streams = list(self._hub.streams())
+        if not streams:
+            return succeed(None)
+        log.info("Draining {n} streams over {s:g} s", n=len(streams), s=self._period)
+        done: Deferred[None] = Deferred()
+        remaining = len(streams)
+
+        def close(stream: Any) -> None:
+            nonlocal remaining
+            stream.close()
+            remaining -= 1
+            if remaining == 0:
+                done.callback(None)
+
+        for stream in streams:
+            stream.send_control(encode_retry(self.retry_hint()))
+            # Spread over the first 90 % of the period: the last is closed in time.
+            self._clock.callLater(self._period * 0.9 * self._rand(), close, stream)
+        return done
