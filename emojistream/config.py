@@ -265,6 +265,10 @@ SPECS: tuple[Spec, ...] = (
     Spec("max_queue", "max-queue-bytes", "SSE_MAX_QUEUE_BYTES", parse_positive_int, "1048576",
          "Bytes held for a client that is not reading before its event stream is dropped "
          "(its /eps stream is conflated instead)", metavar="BYTES"),
+    Spec("send_buffer", "send-buffer-bytes", "SSE_SEND_BUFFER_BYTES", parse_count, "0",
+         "SO_SNDBUF of each client socket; smaller finds clients that stopped reading "
+         "sooner and holds less kernel memory for them (0: the system's default)",
+         metavar="BYTES"),
     Spec("max_payload", "max-payload-bytes", "MAX_PAYLOAD_BYTES", parse_positive_int, "65536",
          "Larger detail and kiosk payloads from Redis are dropped (and counted)",
          metavar="BYTES"),
@@ -316,6 +320,7 @@ class Settings:
     log_format: str = "text"
     max_queue: int = 1 << 20
     max_payload: int = 65536
+    send_buffer: int = 0
     max_streams: int = 20000
     max_streams_per_ip: int = 0
     admin_listen: str = ""

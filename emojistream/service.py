@@ -128,7 +128,8 @@ class Emojistream:
         self._timer(1 / RATE, self.summarizer.tick, clock, "The score summary")
         self._timer(settings.keepalive, self.hub.keepalive, clock, "Keepalive", KEEPALIVE)
 
-        self.status = StatusReport(self.hub, self.feed, node=settings.node_name, clock=clock)
+        self.status = StatusReport(self.hub, self.feed, node=settings.node_name, clock=clock,
+                                   counters=self._counters)
 
         self.admin_reporter: AdminReporter | None = None
         if settings.admin_report:
@@ -164,7 +165,8 @@ class Emojistream:
 
     def _listen(self, reactor: Any, description: str, root: Root) -> _RecordingEndpoint:
         endpoint = _RecordingEndpoint(serverFromString(reactor, description))
-        listener = StreamServerEndpointService(endpoint, QuietSite(root))
+        listener = StreamServerEndpointService(
+            endpoint, QuietSite(root, send_buffer=self.settings.send_buffer))
         # Fail at start-up, not silently, when the port cannot be had.
         listener._raiseSynchronously = True
         listener.setServiceParent(self.web)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IReactorTime
@@ -18,11 +19,13 @@ class HasState(Protocol):
 class StatusReport:
     """Builds this node's status: identity, health, and every open connection."""
 
-    def __init__(self, hub: Hub, feed: HasState, *, node: str, clock: IReactorTime) -> None:
+    def __init__(self, hub: Hub, feed: HasState, *, node: str, clock: IReactorTime,
+                 counters: Callable[[], Mapping[str, float]] = dict) -> None:
         self._hub = hub
         self._feed = feed
         self._node = node
         self._clock = clock
+        self._counters = counters
 
     def document(self) -> dict[str, Any]:
         """The status as a JSON-ready dict; C{status} is "OK" only while subscribed."""
@@ -34,5 +37,6 @@ class StatusReport:
             "reported_at": int(now),
             "redis": redis,
             "pools": self._hub.pool_sizes(),
+            "totals": dict(self._counters()),
             "connections": self._hub.snapshot(now),
         }

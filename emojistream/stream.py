@@ -100,6 +100,11 @@ class Stream:
         return d
 
     @property
+    def backed_up(self) -> bool:
+        """Whether the client's transport is full and this stream is holding back."""
+        return self._paused
+
+    @property
     def queued(self) -> int:
         """Bytes this stream holds back because the client is not reading."""
         return self._backlog_bytes

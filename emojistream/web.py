@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import socket
 from collections.abc import Callable
 from importlib.resources import files
 from io import BytesIO
@@ -314,10 +315,30 @@ class BodilessRequest(Request):
 
 class QuietSite(Site):
     """A Site without the per-request access log (with thousands of long-lived
-    streams it would drown the daemon's own log; C{--verbose} logs streams)."""
+    streams it would drown the daemon's own log; C{--verbose} logs streams), that
+    can shrink each client socket's send buffer."""
 
     requestFactory = BodilessRequest
     displayTracebacks = False
+
+    def __init__(self, resource: IResource, send_buffer: int = 0) -> None:
+        super().__init__(resource)
+        self._send_buffer = send_buffer
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        if self._send_buffer and protocol is not None:
+            make_connection = protocol.makeConnection
+            size = self._send_buffer
+
+            def makeConnection(transport: Any) -> None:
+                handle = getattr(transport, "getHandle", lambda: None)()
+                if handle is not None and handle.family in (socket.AF_INET, socket.AF_INET6):
+                    handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+                make_connection(transport)
+
+            protocol.makeConnection = makeConnection
+        return protocol
 
     def log(self, request: Any) -> None:
         pass

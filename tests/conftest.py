@@ -46,8 +46,14 @@ class Daemon:
     async def stop(self) -> None:
         """Stop the daemon once the server has seen its clients go (so that the drain,
         whose timers may run on a test's Clock, has nothing left to wait for)."""
-        await within(gatherResults([s.when_finished() for s in self.app.hub.streams()]))
-        await self.app.service.stopService()
+        try:
+            await within(gatherResults([s.when_finished() for s in self.app.hub.streams()]),
+                         5)
+        finally:
+            # A test that failed may have left connections open: cut them.
+            for stream in list(self.app.hub.streams()):
+                stream.drop()
+            await self.app.service.stopService()
 
 
 async def start_daemon(env: dict[str, str], options: dict[str, str | None] | None = None,

@@ -142,3 +142,47 @@ def split_response(data: bytes) -> tuple[str, list[tuple[str, str]], bytes]:
     lines = head.decode("latin-1").split("\r\n")
     headers = [tuple(h.split(": ", 1)) for h in lines[1:]]
     return lines[0], headers, rest  # type: ignore[return-value]
+
+
+def slow_connect(port: int, rcvbuf: int = 4096) -> RawConnection:
+    """A TCP connection whose reading is paused from the start: a client that does not
+    read. Its small receive buffer makes the server's side back up sooner.
+    C{transport.resumeProducing()} starts reading."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    conn = RawConnection()
+    from twisted.internet.protocol import Factory
+
+    protocol = reactor.adoptStreamConnection(  # type: ignore[attr-defined]
+        sock.fileno(), socket.AF_INET, Factory.forProtocol(lambda: conn))
+    del protocol
+    sock.close()  # Twisted holds its own duplicate of the descriptor
+    conn.transport.pauseProducing()
+    return conn
+
+
+def dechunk(body: bytes) -> bytes:
+    """The payload of a chunked HTTP/1.1 body (as much of it as is complete)."""
+    out = bytearray()
+    while body:
+        size_line, sep, rest = body.partition(b"\r\n")
+        if not sep:
+            break
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0 or len(rest) < size + 2:
+            break
+        out += rest[:size]
+        body = rest[size + 2:]
+    return bytes(out)
+
+
+def response_events(raw: bytes) -> SpecParser:
+    """Parse the SSE events out of a raw chunked HTTP response."""
+    _, _, body = raw.partition(b"\r\n\r\n")
+    parser = SpecParser()
+    parser.feed(dechunk(body))
+    return parser

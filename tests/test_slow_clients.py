@@ -1,0 +1,180 @@
+"""Clients that stop reading: bounded memory, drop or conflate, nobody else affected."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet.task import Clock
+
+from conftest import running
+from daemonproc import TwistdProcess
+from emojistream.demo import free_port
+from sseclient import Client, response_events, slow_connect
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture
+def daemon_process(redis_server):
+    port = free_port()
+    proc = TwistdProcess("emojistream", "--listen", f"tcp:{port}:interface=127.0.0.1",
+                         "--redis", redis_server.url, "--node", "slow")
+    try:
+        assert proc.port() == port
+        proc.wait_for_line(r"Redis subscriber connection .* is up")
+        yield proc, port
+    finally:
+        proc.terminate()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_detail_client_that_never_reads_is_dropped_and_memory_stays_bounded(
+        daemon_process, publisher):
+    proc, port = daemon_process
+    client = Client(f"http://127.0.0.1:{port}")
+    try:
+        before = rss_mb(proc.proc.pid)
+        slow = slow_connect(port)
+        slow.transport.write(b"GET /subscribe/details/2665 HTTP/1.1\r\nHost: x\r\n\r\n")
+        _, normal = await client.stream("/subscribe/details/2665")
+        # 20 MB of detail traffic: 2,000 messages of 10 kB, numbered.
+        filler = "x" * 10_000
+        total = 2000
+        for seq in range(total):
+            await publisher.publish("stream.tweet_updates.2665",
+                                    json.dumps({"seq": seq, "text": filler}))
+            if seq % 200 == 0:
+                peak = rss_mb(proc.proc.pid)
+        await normal.wait_events(total, seconds=120)
+        after = rss_mb(proc.proc.pid)
+        _, body = await client.text("GET", "/admin/status.json")
+        status = json.loads(body)
+    finally:
+        await client.close()
+    # The reader got every message, in order.
+    assert [json.loads(e.data)["seq"] for e in normal.events] == list(range(total))
+    # The one that did not read was dropped, and counted so.
+    assert status["totals"]["connections.dropped"] == 1
+    assert status["pools"]["detail"] == 1
+    assert max(peak, after) - before < 50, (before, peak, after)
+    slow.transport.resumeProducing()
+    await slow.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_eps_client_that_stops_reading_is_conflated_and_gets_exact_totals(
+        redis_server, publisher):
+    clock = Clock()
+    env = {"REDIS_URL": redis_server.url, "SSE_SEND_BUFFER_BYTES": "4096"}
+    async with running(env, clock=clock) as (d, c):
+        slow = slow_connect(d.port)
+        slow.transport.write(b"GET /subscribe/eps HTTP/1.1\r\nHost: x\r\n"
+                             b"User-Agent: slow\r\n\r\n")
+        _, normal = await c.stream("/subscribe/eps")
+        _, raw = await c.stream("/subscribe/raw")
+        (slow_stream,) = [s for s in d.app.hub.in_namespace("/eps") if s.user_agent == "slow"]
+        ids = [f"{i:04X}" for i in range(0x2600, 0x2600 + 600)]  # big summaries
+        expected: Counter[str] = Counter()
+        ticks = 0
+        backed_up_ticks = 0
+        published = 0
+        while backed_up_ticks < 20:
+            assert ticks < 2000, "the slow eps stream never backed up"
+            for n, emoji_id in enumerate(ids):
+                if (n + ticks) % 3:
+                    continue
+                await publisher.publish("stream.score_updates", emoji_id)
+                expected[emoji_id] += 1
+                published += 1
+            # Every hit has reached the summarizer once the raw stream shows it.
+            await raw.wait_events(published)
+            clock.advance(1 / 60)
+            ticks += 1
+            if slow_stream.backed_up:
+                backed_up_ticks += 1
+        # The normal client got every summary, one per tick.
+        await normal.wait_for(lambda r: sum(
+            sum(json.loads(e.data).values()) for e in r.events) == published)
+        assert len(normal.events) == ticks
+        assert slow_stream.open and d.app.hub.dropped == 0
+        # The slow one resumes reading and drains: exact totals, fewer messages.
+        slow.transport.resumeProducing()
+
+        def slow_total(conn) -> int:
+            return sum(sum(json.loads(e.data).values())
+                       for e in response_events(conn.received).events)
+
+        await slow.wait_for(lambda conn: slow_total(conn) >= published, seconds=60)
+        events = response_events(slow.received).events
+        slow.close()
+    received: Counter[str] = Counter()
+    for event in events:
+        received.update(json.loads(event.data))
+    assert received == expected
+    assert len(events) < ticks
+
+
+@pytest_twisted.ensureDeferred
+async def test_backed_up_streams_do_not_delay_other_clients(redis_server, publisher):
+    env = {"REDIS_URL": redis_server.url, "SSE_MAX_QUEUE_BYTES": "300000"}
+    async with running(env) as (d, c):
+        slow = [slow_connect(d.port) for _ in range(5)]
+        for conn in slow:
+            conn.transport.write(b"GET /subscribe/details HTTP/1.1\r\nHost: x\r\n\r\n")
+        _, normal = await c.stream("/subscribe/details/A")
+        payload = "y" * 5000
+        total = 1000
+        for seq in range(total):
+            await publisher.publish("stream.tweet_updates.A", f"{seq} {payload}")
+        await normal.wait_events(total)
+        assert [int(e.data.split()[0]) for e in normal.events] == list(range(total))
+        assert d.app.hub.dropped == 5
+        for conn in slow:
+            conn.close()
+
+
+class FakeRequest:
+    """Just what a Stream uses of a request, recording writes (pure logic test)."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.producer = None
+        self.channel = None
+        self.transport = None
+
+    def registerProducer(self, producer, streaming) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+def test_conflation_merges_counts_while_paused():
+    from emojistream.stream import SummaryStream
+    from emojistream.summarizer import summary_frame
+
+    request = FakeRequest()
+    stream = SummaryStream(request, namespace="/eps", kind="eps", request_path="/subscribe/eps",
+                           created_at=0, client_ip="x", user_agent="")
+    stream.start()
+    stream.send_summary(summary_frame({"A": 1}), {"A": 1})
+    stream.pauseProducing()
+    stream.send_summary(summary_frame({"A": 2, "B": 1}), {"A": 2, "B": 1})
+    stream.send_summary(summary_frame({"B": 4}), {"B": 4})
+    assert b"".join(request.written) == b'data:{"A":1}\n\n'
+    assert stream.backed_up
+    stream.resumeProducing()
+    assert b"".join(request.written) == b'data:{"A":1}\n\ndata:{"A":2,"B":5}\n\n'
+    assert stream.msgs_sent == 2
