@@ -14,11 +14,13 @@ from collections.abc import Callable
 from importlib.resources import files
 from io import BytesIO
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -295,11 +297,60 @@ class Root(Resource):
     def render(self, request: IRequest) -> Any:
         request.setHeader(*CORS)
         path = request.path
+        try:
+            unquote_to_bytes(path).decode("utf-8")
+        except UnicodeDecodeError:
+            return _text(request, 400, "400 Bad Request: the path is not UTF-8")
         is_admin = path == b"/admin" or path.startswith(b"/admin/")
         target = self._admin if is_admin else self._streams
         if target is None:
             return _text(request, 404, "404 Not Found")
         return target.render(request)
+
+
+def _plain_response(status: bytes) -> bytes:
+    body = status + b"\n"
+    return (b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n" % len(body)
+            + b"Access-Control-Allow-Origin: *\r\n\r\n" + body)
+
+
+class Channel(HTTPChannel):
+    """HTTP/1.x with short text answers for requests too broken to reach a route:
+    400 for a malformed request, 414 for an overlong request line, 431 for
+    overlong or too many headers (Twisted's own answer has no body, or there is
+    none at all)."""
+
+    def connectionMade(self) -> None:
+        self._awaiting_request_line = True
+        super().connectionMade()
+
+    def lineReceived(self, line: bytes) -> None:
+        if line:
+            self._awaiting_request_line = False
+        super().lineReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()
+        self._awaiting_request_line = True
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse(b"414 URI Too Long" if self._awaiting_request_line
+                     else b"431 Request Header Fields Too Large")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's hook for every request it cannot parse (a private name: should it
+        # go away, Twisted's bare "400 Bad Request" is what clients get instead).
+        too_many = (getattr(self, "_receivedHeaderCount", 0) > self.maxHeaders
+                    or getattr(self, "_receivedHeaderSize", 0) > self.totalHeadersSize)
+        self._refuse(b"431 Request Header Fields Too Large" if too_many
+                     else b"400 Bad Request")
+
+    def _refuse(self, status: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        transport.write(_plain_response(status))
+        transport.loseConnection()
 
 
 class BodilessRequest(Request):
@@ -318,6 +369,8 @@ class QuietSite(Site):
     streams it would drown the daemon's own log; C{--verbose} logs streams), that
     can shrink each client socket's send buffer."""
 
+    # Plain HTTP/1.x: no TLS ALPN here that could pick HTTP/2.
+    protocol = Channel  # type: ignore[assignment]
     requestFactory = BodilessRequest
     displayTracebacks = False
 
