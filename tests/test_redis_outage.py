@@ -147,3 +147,40 @@ async def test_unreachable_redis_is_logged_once_not_once_per_retry():
     assert len(mine) == 1, mine
     assert "unreachable" in mine[0]["message"]
     assert not [e for e in events if "Scheduling retry" in e.get("log_format", "")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_killed_under_100_clients_and_back_3_s_later(daemon, client, redis_server):
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    readers = []
+    for i in range(100):
+        path = "/subscribe/details" if i % 2 else "/subscribe/details/2665"
+        readers.append((await client.stream(path))[1])
+    redis_server.kill()  # SIGKILL: no goodbye to anyone
+    await within(daemon.app.feed.when_state("down"))
+    code, body = await status(client)
+    assert code == 200 and body["status"] != "OK" and body["redis"] == "down"
+    # The outage lasts 3 s (part of the scenario, not a wait for something).
+    await deferLater(reactor, 3, lambda: None)
+    code, body = await status(client)
+    assert body["redis"] == "down" and len(body["connections"]) == 100
+    redis_server.start()
+    await within(daemon.app.feed.when_state("up"))
+    pub = await connect(redis_server)
+    try:
+        sent = [f"after {i}" for i in range(10)] + ["last"]
+        for message in sent:
+            await pub.publish("stream.tweet_updates.2665", message)
+    finally:
+        await pub.disconnect()
+    for reader in readers:
+        await reader.wait_events(len(sent))
+    for reader in readers:
+        # Had anything come twice, it would show before "last".
+        assert [e.data for e in reader.events] == sent
+        assert not reader.is_closed
+    code, body = await status(client)
+    assert body["status"] == "OK" and len(body["connections"]) == 100
+    assert daemon.app.hub.closed == 0
