@@ -103,7 +103,8 @@ class Drain(Service):
 
         def close(stream: Any) -> None:
             nonlocal remaining
-            stream.close()
+            # The server is going away: end the connection, not just the response.
+            stream.close(hang_up=True)
             remaining -= 1
             if remaining == 0:
                 done.callback(None)

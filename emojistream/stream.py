@@ -130,13 +130,17 @@ class Stream:
         if self.open and not self._paused:
             self._request.write(frame)
 
-    def close(self) -> None:
-        """End the response from the server side (the client sees the stream end)."""
+    def close(self, hang_up: bool = False) -> None:
+        """End the response from the server side (the client sees the stream end);
+        with C{hang_up}, close the connection too once the end is sent."""
         if self.open:
             self.open = False
             self._release()
             if not self.done.called:
                 self.done.callback(None)
+            transport = getattr(self._request, "transport", None)
+            if hang_up and transport is not None:
+                transport.loseConnection()
 
     def drop(self) -> None:
         """Abort the connection of a client that does not keep up, freeing its buffers."""

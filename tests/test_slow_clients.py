@@ -65,6 +65,7 @@ async def test_a_detail_client_that_never_reads_is_dropped_and_memory_stays_boun
     # The one that did not read was dropped, and counted so.
     assert status["totals"]["connections.dropped"] == 1
     assert status["pools"]["detail"] == 1
+    print(f"slow detail client: RSS {before:.1f} MB before, peak {peak:.1f}, after {after:.1f}")
     assert max(peak, after) - before < 50, (before, peak, after)
     slow.transport.resumeProducing()
     await slow.wait_closed()
