@@ -48,6 +48,9 @@ class AdminReporter:
         protocol = self._connection.protocol
         if protocol is None:
             return None
+        if self.last_report is not None and not self.last_report.called:
+            # Redis is answering slowly: one report in flight at a time, none queued.
+            return None
         try:
             document = json.dumps(self._status())
             d: Deferred[None] = protocol.hset(ADMIN_KEY, self._node, document)

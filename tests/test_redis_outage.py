@@ -184,3 +184,23 @@ async def test_redis_killed_under_100_clients_and_back_3_s_later(daemon, client,
     code, body = await status(client)
     assert body["status"] == "OK" and len(body["connections"]) == 100
     assert daemon.app.hub.closed == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_redis_stalls_nobody(redis_server, publisher):
+    env = {"REDIS_URL": redis_server.url, "SSE_KEEPALIVE_SEC": "0.05", "ADMIN_REPORT": "1"}
+    async with running(env) as (_d, c):
+        _, reader = await c.stream("/subscribe/details/2665")
+        # Redis stops answering commands for 1.5 s...
+        await publisher.execute_command("CLIENT", "PAUSE", "1500")
+        before = len(reader.parser.comments)
+        # ...while the daemon goes on: keepalives flow and status answers.
+        await reader.wait_for(lambda r: len(r.parser.comments) >= before + 5)
+        code, body = await status(c)
+        assert code == 200 and len(body["connections"]) == 1
+        pub = await connect(redis_server)
+        await pub.publish("stream.tweet_updates.2665", "after the stall")
+        await pub.disconnect()
+        await reader.wait_events(1)
+        assert [e.data for e in reader.events] == ["after the stall"]
+        assert not reader.is_closed
