@@ -137,17 +137,6 @@ def parse_graphite_url(text: str) -> GraphiteTarget | None:
     return GraphiteTarget(parts.scheme, parts.hostname, port if port is not None else 2003)
 
 
-def parse_milliseconds(text: str) -> int:
-    """A whole, non-negative number of milliseconds."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a whole number of milliseconds") from None
-    if value < 0:
-        raise ValueError(f"{text!r} must not be negative")
-    return value
-
-
 def parse_count(text: str) -> int:
     """A whole number, zero or more (zero turns a limit off where the help says so)."""
     try:
@@ -238,9 +227,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("force_refresh", "force-refresh", "SSE_FORCE_REFRESH", parse_bool, "false",
          "Legacy forced refresh: retry hints, X-Sse-Cleanup-Requested, closing old streams",
          is_flag=True),
-    Spec("score_retry_ms", "score-retry-ms", "SSE_SCORE_RETRY_MS", parse_milliseconds, "100",
+    Spec("score_retry_ms", "score-retry-ms", "SSE_SCORE_RETRY_MS", parse_count, "100",
          "retry: hint of score streams (eps, raw) in forced-refresh mode", metavar="MS"),
-    Spec("detail_retry_ms", "detail-retry-ms", "SSE_DETAIL_RETRY_MS", parse_milliseconds,
+    Spec("detail_retry_ms", "detail-retry-ms", "SSE_DETAIL_RETRY_MS", parse_count,
          "500", "retry: hint of detail and kiosk streams in forced-refresh mode",
          metavar="MS"),
     Spec("score_max_age", "score-forceclose-sec", "SSE_SCORE_FORCECLOSE_SEC",

@@ -62,15 +62,18 @@ class Router:
         else:
             self.dropped += 1
 
+    def _emoji_id(self, raw: bytes) -> str | None:
+        """C{raw} as an emoji ID, or None (counted as dropped) if it is not one."""
+        emoji_id = raw.decode("ascii", "replace")
+        if ID_PATTERN.fullmatch(emoji_id):
+            return emoji_id
+        self.dropped += 1
+        return None
+
     def score(self, payload: bytes) -> None:
         """One hit: counted for C{/eps}, and sent on C{/raw} when that stream is on."""
-        try:
-            emoji_id = payload.decode("ascii")
-        except UnicodeDecodeError:
-            self.dropped += 1
-            return
-        if not ID_PATTERN.fullmatch(emoji_id):
-            self.dropped += 1
+        emoji_id = self._emoji_id(payload)
+        if emoji_id is None:
             return
         self._summarizer.hit(emoji_id)
         if self._raw_stream:
@@ -78,14 +81,8 @@ class Router:
 
     def detail(self, channel: bytes, payload: bytes) -> None:
         """A detail update, for C{/details/<ID>} and its ancestors, named by its channel."""
-        suffix = channel[len(DETAIL_PREFIX):]
-        try:
-            emoji_id = suffix.decode("ascii")
-        except UnicodeDecodeError:
-            self.dropped += 1
-            return
-        if not ID_PATTERN.fullmatch(emoji_id):
-            self.dropped += 1
+        emoji_id = self._emoji_id(channel[len(DETAIL_PREFIX):])
+        if emoji_id is None:
             return
         self._hub.publish("/details/" + emoji_id, encode_event(valid_utf8(payload), channel))
 

@@ -98,6 +98,13 @@ def _internal_error(request: IRequest, failure: Failure) -> bytes:
     return _text(request, 500, "500 Internal Server Error")
 
 
+def _with_error_handlers(app: Klein) -> Klein:
+    """C{app}, answering routing errors and unexpected failures as short text."""
+    app.handle_errors(HTTPException)(lambda self, request, failure: _http_error(request, failure))
+    app.handle_errors(Exception)(lambda self, request, failure: _internal_error(request, failure))
+    return app
+
+
 _BAD_ID = "400 Bad Request: an ID is 1 to 64 letters, digits, '-' or '_'"
 
 #: Stream kinds whose forced-refresh settings are the score ones; others use detail ones.
@@ -107,7 +114,7 @@ SCORE_KINDS = frozenset({"eps", "raw"})
 class StreamRoutes:
     """The streams and cleanup endpoints: one instance per server, collaborators injected."""
 
-    app = Klein()
+    app = _with_error_handlers(Klein())
     log = Logger()
 
     def __init__(self, hub: Hub, settings: Settings, *, clock: IReactorTime) -> None:
@@ -229,21 +236,11 @@ class StreamRoutes:
             self.log.info("cleanup closed {n} stream(s) of {ip}", n=len(mine), ip=ip)
         return len(mine)
 
-    # -- errors --------------------------------------------------------------
-
-    @app.handle_errors(HTTPException)
-    def http_error(self, request: IRequest, failure: Failure) -> bytes:
-        return _http_error(request, failure)
-
-    @app.handle_errors(Exception)
-    def internal_error(self, request: IRequest, failure: Failure) -> bytes:
-        return _internal_error(request, failure)
-
 
 class AdminRoutes:
     """C{/admin/}: the status page and C{status.json}, optionally behind a bearer token."""
 
-    app = Klein()
+    app = _with_error_handlers(Klein())
 
     def __init__(self, status: Callable[[], dict[str, Any]], token: str = "") -> None:
         self._status = status
@@ -273,14 +270,6 @@ class AdminRoutes:
         # The page itself holds no data; its script sends the token for status.json.
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         return self._page
-
-    @app.handle_errors(HTTPException)
-    def http_error(self, request: IRequest, failure: Failure) -> bytes:
-        return _http_error(request, failure)
-
-    @app.handle_errors(Exception)
-    def internal_error(self, request: IRequest, failure: Failure) -> bytes:
-        return _internal_error(request, failure)
 
 
 class Root(Resource):
