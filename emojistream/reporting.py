@@ -52,7 +52,7 @@ class AdminReporter:
             # Redis is answering slowly: one report in flight at a time, none queued.
             return None
         try:
-            document = json.dumps(self._status())
+            document = json.dumps(self._status(), separators=(",", ":"))
             d: Deferred[None] = protocol.hset(ADMIN_KEY, self._node, document)
         except Exception as e:
             self._failed(Failure(e))

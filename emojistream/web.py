@@ -70,7 +70,8 @@ def _text(request: IRequest, code: int, body: str) -> bytes:
 def _json(request: IRequest, document: object) -> bytes:
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Cache-Control", b"no-cache")
-    return json.dumps(document).encode("utf-8")
+    # Compact, as the contract writes it: {"status":"OK","closed":2}.
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
 
 def _http_error(request: IRequest, failure: Failure) -> bytes:
