@@ -1,0 +1,433 @@
+"""The fan-out benchmark: C{python -m emojistream.bench [--quick] [options]}.
+
+Starts its own Redis and the daemon (C{twistd -n emojistream}) as separate processes,
+or targets a running daemon with C{--url} and C{--redis}. It publishes like the
+upstream feeder (each hit a score update and a ~300-byte detail carrying a sequence
+number and its publish time, IDs from a Zipf distribution), holds N SSE clients in
+separate client processes, and measures over a fixed window after a warm-up: delivered
+messages/s per stream kind, server CPU per delivered message, server RSS, detail
+latency, eps rate and exactness, loss, duplicates and reordering per subscriber.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import re
+import resource
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from bisect import bisect
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import accumulate
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from emojistream.demo import find_redis_server, free_port, load_rankings, redis_server_args
+
+KINDS = ("eps", "raw", "details")
+_SEQ = re.compile(rb'"seq":(\d+),"t":([0-9.]+)')
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def zipf_ids(n: int = 900, s: float = 1.1) -> tuple[list[str], list[float]]:
+    """About 900 unified IDs (the real ones, padded) and their Zipf(s) cumulative weights."""
+    ids = [e.id for e in load_rankings()]
+    ids += [f"E{i:04X}" for i in range(n - len(ids))]
+    weights = [1 / (rank ** s) for rank in range(1, len(ids) + 1)]
+    return ids, list(accumulate(weights))
+
+
+def draw(rng: random.Random, ids: list[str], cumulative: list[float]) -> str:
+    return ids[min(bisect(cumulative, rng.random() * cumulative[-1]), len(ids) - 1)]
+
+
+def resp(*args: bytes) -> bytes:
+    """One Redis command in the wire protocol."""
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+# -- clients (run in their own processes) -----------------------------------------
+
+
+def raise_nofile(wanted: int) -> None:
+    """Raise the soft open-file limit towards C{wanted} (one socket per stream)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+@dataclass
+class Sub:
+    """One SSE connection held by a client process."""
+
+    kind: str
+    emoji_id: str
+    sample: bool
+    sock: socket.socket
+    buffer: bytes = b""
+    tail: bytes = b""
+    messages: int = 0
+    seqs: set[int] = field(default_factory=set)
+    last_seq: int = -1
+    dups: int = 0
+    reorders: int = 0
+    eps_totals: Counter[str] = field(default_factory=Counter)
+
+
+def client_main(host: str, port: int, plan: list[tuple[str, str, bool]], shared: Any,
+                results: Any) -> None:
+    """Open every planned stream, read until told to stop, report per-stream figures."""
+    raise_nofile(len(plan) + 256)
+    sel = selectors.DefaultSelector()
+    subs: list[Sub] = []
+    for kind, emoji_id, sample in plan:
+        path = {"eps": "/subscribe/eps", "raw": "/subscribe/raw"}.get(
+            kind, f"/subscribe/details/{emoji_id}")
+        sock = socket.create_connection((host, port))
+        # HTTP/1.0: the body comes unchunked, so the client parses nothing but SSE.
+        sock.sendall(f"GET {path} HTTP/1.0\r\nUser-Agent: emojistream-bench\r\n\r\n".encode())
+        sock.setblocking(False)
+        sub = Sub(kind, emoji_id, sample, sock)
+        subs.append(sub)
+        sel.register(sock, selectors.EVENT_READ, sub)
+    with shared["connected"].get_lock():
+        shared["connected"].value += len(subs)
+    latencies: list[float] = []
+    delivered = shared["delivered"]
+    while not shared["stop"].value:
+        counts = [0, 0, 0]
+        for key, _ in sel.select(0.05):
+            sub = key.data
+            try:
+                data = sub.sock.recv(262144)
+            except BlockingIOError:
+                continue
+            if not data:
+                sel.unregister(sub.sock)
+                continue
+            # Every message here is one data: line; the tail keeps a split one countable.
+            joined = sub.tail + data
+            n = joined.count(b"\ndata:")
+            sub.tail = joined[-5:]
+            if sub.kind == "details" or sub.sample:
+                data = sub.buffer + data
+                end = data.rfind(b"\n\n")
+                whole, sub.buffer = (data[:end + 2], data[end + 2:]) if end >= 0 else (b"", data)
+                if sub.kind == "details":
+                    now = time.time()
+                    measuring = shared["measuring"].value
+                    for m in _SEQ.finditer(whole):
+                        seq = int(m.group(1))
+                        if seq in sub.seqs:
+                            sub.dups += 1
+                        elif seq < sub.last_seq:
+                            sub.reorders += 1
+                        sub.seqs.add(seq)
+                        sub.last_seq = max(sub.last_seq, seq)
+                        if measuring:
+                            latencies.append(now - float(m.group(2)))
+                elif sub.kind == "eps":
+                    for line in whole.split(b"\n"):
+                        if line.startswith(b"data:"):
+                            sub.eps_totals.update(json.loads(line[5:]))
+            sub.messages += n
+            counts[KINDS.index(sub.kind)] += n
+        if any(counts):
+            with delivered.get_lock():
+                for i, c in enumerate(counts):
+                    delivered[i] += c
+    s0, s1 = shared["seq_range"][0], shared["seq_range"][1]
+    report = []
+    for sub in subs:
+        report.append({
+            "kind": sub.kind, "id": sub.emoji_id, "messages": sub.messages,
+            "in_window": sum(1 for q in sub.seqs if s0 <= q <= s1), "dups": sub.dups,
+            "reorders": sub.reorders, "eps_totals": dict(sub.eps_totals) if sub.sample else None,
+        })
+        sub.sock.close()
+    results.put((report, latencies))
+
+
+# -- the run -----------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process and its waited-for children, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(fields[i]) for i in (11, 12, 13, 14)) / _TICKS
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def wait_port(host: str, port: int, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {host}:{port}")
+
+
+class Publisher:
+    """PUBLISHes hits at a steady rate over one pipelined Redis connection."""
+
+    def __init__(self, host: str, port: int, rng: random.Random) -> None:
+        self.sock = socket.create_connection((host, port))
+        self.sock.setblocking(False)
+        self.rng = rng
+        self.ids, self.cumulative = zipf_ids()
+        self.seq = 0
+        self.log: list[tuple[int, str, float]] = []
+        self.totals: Counter[str] = Counter()
+        self.pad = "x" * 180
+
+    def hit(self) -> None:
+        emoji_id = draw(self.rng, self.ids, self.cumulative)
+        now = time.time()
+        detail = (f'{{"seq":{self.seq},"t":{now:.6f},"id":"{emoji_id}","text":"{self.pad}",'
+                  f'"screen_name":"bench","name":"Bench"}}')
+        out = resp(b"PUBLISH", b"stream.score_updates", emoji_id.encode()) + resp(
+            b"PUBLISH", b"stream.tweet_updates." + emoji_id.encode(), detail.encode())
+        self.sock.setblocking(True)
+        self.sock.sendall(out)
+        self.sock.setblocking(False)
+        try:
+            while self.sock.recv(65536):
+                pass
+        except BlockingIOError:
+            pass
+        self.log.append((self.seq, emoji_id, now))
+        self.totals[emoji_id] += 1
+        self.seq += 1
+
+    def run(self, rate: float, seconds: float) -> None:
+        start = time.monotonic()
+        done = 0
+        while (elapsed := time.monotonic() - start) < seconds:
+            due = int(elapsed * rate) - done
+            for _ in range(due):
+                self.hit()
+            done += due
+            time.sleep(0.001)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        if args.url:
+            url = urlsplit(args.url)
+            host, port = url.hostname or "127.0.0.1", url.port or 80
+            redis = urlsplit(args.redis)
+            redis_host, redis_port = redis.hostname or "127.0.0.1", redis.port or 6379
+            server_pid = args.server_pid
+        else:
+            redis_host, redis_port = "127.0.0.1", free_port()
+            procs.append(subprocess.Popen(redis_server_args(find_redis_server(), redis_port),
+                                          stdout=subprocess.DEVNULL))
+            wait_port(redis_host, redis_port)
+            host, port = "127.0.0.1", free_port()
+            twistd = str(Path(sys.executable).parent / "twistd")
+            procs.append(subprocess.Popen(
+                [twistd, "-n", "--pidfile=", "emojistream", "--listen",
+                 f"tcp:{port}:interface=127.0.0.1", "--redis",
+                 f"redis://{redis_host}:{redis_port}", "--max-streams", str(args.clients + 100),
+                 *args.server_args],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            wait_port(host, port)
+            server_pid = procs[-1].pid
+        time.sleep(0.5)
+        rss_idle = rss_mb(server_pid) if server_pid else None
+
+        mix = dict(zip(KINDS, args.mix, strict=True))
+        ids, cumulative = zipf_ids()
+        plan: list[tuple[str, str, bool]] = []
+        for kind in KINDS:
+            n = round(args.clients * mix[kind] / sum(args.mix))
+            for i in range(n):
+                emoji_id = draw(rng, ids, cumulative) if kind == "details" else ""
+                plan.append((kind, emoji_id, i < args.sample))
+        shared: dict[str, Any] = {"stop": mp.Value("b", 0), "measuring": mp.Value("b", 0),
+                  "connected": mp.Value("i", 0), "delivered": mp.Array("q", 3),
+                  "seq_range": mp.Array("q", [0, -1])}
+        results: Any = mp.Queue()
+        workers = [mp.Process(target=client_main,
+                              args=(host, port, plan[i::args.client_procs], shared, results))
+                   for i in range(args.client_procs)]
+        for w in workers:
+            w.start()
+        deadline = time.monotonic() + 60
+        while shared["connected"].value < len(plan):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"only {shared['connected'].value} of {len(plan)} connected")
+            time.sleep(0.05)
+
+        publisher = Publisher(redis_host, redis_port, rng)
+        publisher.run(args.rate, args.warmup)
+        cpu0 = cpu_seconds(server_pid) if server_pid else None
+        client_cpu0 = sum(cpu_seconds(w.pid) for w in workers if w.pid)
+        delivered0 = list(shared["delivered"])
+        seq0 = publisher.seq
+        shared["measuring"].value = 1
+        t0 = time.monotonic()
+        publisher.run(args.rate, args.window)
+        window = time.monotonic() - t0
+        shared["measuring"].value = 0
+        seq1 = publisher.seq - 1
+        delivered1 = list(shared["delivered"])
+        cpu1 = cpu_seconds(server_pid) if server_pid else None
+        client_cpu1 = sum(cpu_seconds(w.pid) for w in workers if w.pid)
+        rss_end = rss_mb(server_pid) if server_pid else None
+        time.sleep(args.settle)
+        shared["seq_range"][0], shared["seq_range"][1] = seq0, seq1
+        shared["stop"].value = 1
+        reports: list[dict[str, Any]] = []
+        latencies: list[float] = []
+        for _ in workers:
+            report, lat = results.get(timeout=120)
+            reports += report
+            latencies += lat
+        for w in workers:
+            w.join(30)
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    window_ids = Counter(emoji_id for seq, emoji_id, _ in publisher.log if seq0 <= seq <= seq1)
+    per_kind = {k: (delivered1[i] - delivered0[i]) / window for i, k in enumerate(KINDS)}
+    total_rate = sum(per_kind.values())
+    detail_subs = [r for r in reports if r["kind"] == "details"]
+    lost = sum(max(0, window_ids[r["id"]] - r["in_window"]) for r in detail_subs)
+    raw_subs = [r for r in reports if r["kind"] == "raw"]
+    raw_lost = sum(max(0, publisher.seq - r["messages"]) for r in raw_subs)
+    eps_samples = [r for r in reports if r["kind"] == "eps" and r["eps_totals"] is not None]
+    eps_exact = all(Counter(r["eps_totals"]) == publisher.totals for r in eps_samples)
+    n_eps = sum(1 for r in reports if r["kind"] == "eps")
+    server_cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
+    client_cpu = client_cpu1 - client_cpu0
+    return {
+        "workload": {"clients": len(plan), "mix": mix, "rate_hz": args.rate,
+                     "warmup_s": args.warmup, "window_s": round(window, 3),
+                     "client_processes": args.client_procs, "server_args": args.server_args},
+        "connected": len(reports),
+        "delivered_per_s": {k: round(v, 1) for k, v in per_kind.items()},
+        "delivered_per_s_total": round(total_rate, 1),
+        "server_cpu_s": server_cpu,
+        "server_us_per_message": (round(server_cpu / (total_rate * window) * 1e6, 3)
+                                  if server_cpu is not None and total_rate else None),
+        "client_us_per_message": (round(client_cpu / (total_rate * window) * 1e6, 3)
+                                  if total_rate else None),
+        "server_rss_mb": {"idle": rss_idle, "end": rss_end},
+        "rss_kb_per_connection": (round((rss_end - rss_idle) * 1024 / len(plan), 2)
+                                  if rss_idle is not None and rss_end is not None and plan
+                                  else None),
+        "detail_latency_ms": {
+            name: (round(v * 1000, 2) if (v := percentile(latencies, p)) is not None else None)
+            for name, p in (("p50", 50), ("p99", 99), ("max", 100))},
+        "eps_hz_per_client": round(per_kind["eps"] / n_eps, 2) if n_eps else None,
+        "eps_sums_exact": eps_exact, "eps_clients_checked": len(eps_samples),
+        "loss": {"details": lost, "raw": raw_lost},
+        "duplicates": sum(r["dups"] for r in detail_subs),
+        "reordered": sum(r["reorders"] for r in detail_subs),
+        "hits_published": publisher.seq,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = [
+        ("clients connected", f"{result['connected']} / {result['workload']['clients']}"),
+        ("hits/s published", result["workload"]["rate_hz"]),
+        ("delivered/s eps, raw, details", ", ".join(
+            str(result["delivered_per_s"][k]) for k in KINDS)),
+        ("delivered/s total", result["delivered_per_s_total"]),
+        ("server CPU µs per message", result["server_us_per_message"]),
+        ("client CPU µs per message", result["client_us_per_message"]),
+        ("server RSS MB idle → end", f"{result['server_rss_mb']['idle']} → "
+                                     f"{result['server_rss_mb']['end']}"),
+        ("RSS KB per connection", result["rss_kb_per_connection"]),
+        ("detail latency ms p50/p99/max", " / ".join(
+            str(result["detail_latency_ms"][k]) for k in ("p50", "p99", "max"))),
+        ("eps Hz per client", result["eps_hz_per_client"]),
+        ("eps sums exact", f"{result['eps_sums_exact']} ({result['eps_clients_checked']} checked)"),
+        ("lost details, raw", f"{result['loss']['details']}, {result['loss']['raw']}"),
+        ("duplicates, reordered", f"{result['duplicates']}, {result['reordered']}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m emojistream.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--mix", default="30,10,60",
+                        help="percent of clients on eps,raw,details (default 30,10,60)")
+    parser.add_argument("--rate", type=float, default=400, help="hits per second")
+    parser.add_argument("--warmup", type=float, default=5)
+    parser.add_argument("--window", type=float, default=20, help="measured seconds")
+    parser.add_argument("--settle", type=float, default=2,
+                        help="seconds to let deliveries finish before counting loss")
+    parser.add_argument("--client-procs", type=int, default=2)
+    parser.add_argument("--sample", type=int, default=5,
+                        help="eps clients per kind and process whose JSON is fully checked")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--url", help="a running daemon to target instead of starting one")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379",
+                        help="with --url: the Redis that daemon subscribes to")
+    parser.add_argument("--server-pid", type=int, help="with --url: its PID, for CPU and RSS")
+    parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
+                        help="extra twistd emojistream options (last on the line)")
+    parser.add_argument("--json", default="bench-result.json", help="where to write the JSON")
+    parser.add_argument("--quick", action="store_true",
+                        help="a 15-second smoke run: 200 clients, 100 hits/s")
+    args = parser.parse_args(argv)
+    args.mix = [float(x) for x in args.mix.split(",")]
+    if len(args.mix) != 3:
+        parser.error("--mix takes three numbers: eps,raw,details")
+    if args.quick:
+        args.clients, args.rate, args.warmup, args.window, args.settle = 200, 100, 3, 8, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    print(table(result))
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwritten to {args.json}")
+    clean = (result["loss"]["details"] == 0 and result["loss"]["raw"] == 0
+             and result["duplicates"] == 0 and result["eps_sums_exact"])
+    return 0 if clean else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
