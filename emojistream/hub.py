@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from typing import Any, cast
 
-from emojistream.stream import Stream, SummaryStream
+from emojistream.stream import Stream, SummaryStream, chunk
 
 #: Emoji IDs as they appear in detail paths and channel names: 1F1FA-1F1F8, 2665...
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -84,13 +84,16 @@ class Hub:
                 self._lineages[namespace] = chain
         sent = 0
         index = self._index
+        chunked: bytes | None = None
         for name in chain:
             pool = index.get(name)
             if pool:
+                if chunked is None:
+                    chunked = chunk(frame)
                 # A copy: a write may end a stream and so change the pool.
                 targets = tuple(pool)
                 for stream in targets:
-                    stream.send(frame)
+                    stream.send(frame, chunked)
                 sent += len(targets)
         self.delivered += sent
         return sent
@@ -105,8 +108,9 @@ class Hub:
         if not pool:
             return 0
         targets = cast(tuple[SummaryStream, ...], tuple(pool))
+        chunked = chunk(frame)
         for stream in targets:
-            stream.send_summary(frame, counts)
+            stream.send_summary(frame, counts, chunked)
         self.delivered += len(targets)
         return len(targets)
 

@@ -11,7 +11,9 @@ exact totals, in fewer messages.
 
 from __future__ import annotations
 
+import socket
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -25,6 +27,56 @@ from emojistream.summarizer import summary_frame
 TRANSPORT_BUFFER = 65536
 
 
+def chunk(frame: bytes) -> bytes:
+    """C{frame} as one HTTP/1.1 chunk (streams to HTTP/1.1 clients are chunked)."""
+    return b"%x\r\n%s\r\n" % (len(frame), frame)
+
+
+def direct_writer(transport: Any) -> Callable[[bytes], None] | None:
+    """A write function for C{transport} that sends at once on its socket while
+    nothing is queued in the transport, and hands only an unsent remainder to
+    C{transport.write} (which keeps the order and applies backpressure).
+
+    Twisted's own path registers an idle socket with epoll, sends from a reactor
+    callback and unregisters it again: several times the cost for the one small
+    write per message that fan-out is made of. This reads two attributes Twisted
+    keeps private (its write buffer); where they are missing, or the transport is
+    not a plain TCP or UNIX connection (TLS must encrypt), it returns None and the
+    caller uses the transport's public C{write}.
+    """
+    from twisted.internet import tcp
+
+    if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", True):
+        return None
+    if not hasattr(transport, "dataBuffer") or not hasattr(transport, "_tempDataLen"):
+        return None
+    try:
+        sock = transport.getHandle()
+    except AttributeError:
+        return None
+    if not isinstance(sock, socket.socket):
+        return None
+    send = sock.send
+    write = transport.write
+
+    def write_now(data: bytes) -> None:
+        if transport._tempDataLen or transport.dataBuffer or transport.disconnecting:
+            write(data)
+            return
+        try:
+            sent = send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            # Let the transport meet the error itself and close as it does.
+            write(data)
+            return
+        if sent < len(data):
+            write(data[sent:])
+
+    return write_now
+
+
 @implementer(IPushProducer)
 class Stream:
     """A connected EventSource client and the response it is reading.
@@ -36,7 +88,9 @@ class Stream:
     __slots__ = (
         "_backlog",
         "_backlog_bytes",
+        "_chunked",
         "_limit",
+        "_out",
         "_paused",
         "_request",
         "client_ip",
@@ -82,6 +136,8 @@ class Stream:
         #: The forced-refresh close, pending while the stream is open.
         self.expiry: IDelayedCall | None = None
         self._paused = False
+        self._chunked = False
+        self._out: Callable[[bytes], None] = request.write
         self._backlog: deque[bytes] | None = None
         self._backlog_bytes = 0
         # The transport holds up to TRANSPORT_BUFFER before pausing us; we hold the rest.
@@ -90,8 +146,14 @@ class Stream:
     def start(self, first: bytes = b"") -> None:
         """Register as the response's producer and send the status line, headers
         and C{first} (possibly empty) at once, before any event."""
-        self._request.registerProducer(self, True)
-        self._request.write(first)
+        request = self._request
+        request.registerProducer(self, True)
+        request.write(first)
+        # From here on the response body is ours to frame and write.
+        self._chunked = bool(getattr(request, "chunked", False))
+        transport = getattr(getattr(request, "channel", None), "transport", None)
+        if transport is not None:
+            self._out = direct_writer(transport) or transport.write
 
     def when_finished(self) -> Deferred[None]:
         """A Deferred that fires once the response is over, whoever ended it."""
@@ -109,18 +171,28 @@ class Stream:
         """Bytes this stream holds back because the client is not reading."""
         return self._backlog_bytes
 
-    def send(self, frame: bytes) -> None:
-        """Write one encoded message (held back while paused); counted in C{msgs_sent}."""
+    def _wire(self, frame: bytes, chunked: bytes | None = None) -> bytes:
+        """C{frame} as it goes on the wire: one chunk of a chunked response, or as is."""
+        if not self._chunked:
+            return frame
+        return chunked if chunked is not None else chunk(frame)
+
+    def send(self, frame: bytes, chunked: bytes | None = None) -> None:
+        """Write one encoded message (held back while paused); counted in C{msgs_sent}.
+
+        C{chunked} is C{chunk(frame)}, made once by the caller for every stream.
+        """
         if not self.open:
             return
         self.msgs_sent += 1
+        data = self._wire(frame, chunked)
         if not self._paused:
-            self._request.write(frame)
+            self._out(data)
             return
         if self._backlog is None:
             self._backlog = deque()
-        self._backlog.append(frame)
-        self._backlog_bytes += len(frame)
+        self._backlog.append(data)
+        self._backlog_bytes += len(data)
         if self._backlog_bytes > self._limit:
             self.drop()
 
@@ -128,7 +200,7 @@ class Stream:
         """Write bytes that are not a message (keepalive); skipped while backed up,
         since a backed-up connection is not idle."""
         if self.open and not self._paused:
-            self._request.write(frame)
+            self._out(self._wire(frame))
 
     def close(self, hang_up: bool = False) -> None:
         """End the response from the server side (the client sees the stream end);
@@ -181,9 +253,9 @@ class Stream:
     def _flush(self) -> None:
         backlog = self._backlog
         while backlog and not self._paused and self.open:
-            frame = backlog.popleft()
-            self._backlog_bytes -= len(frame)
-            self._request.write(frame)
+            data = backlog.popleft()
+            self._backlog_bytes -= len(data)
+            self._out(data)
 
     def describe(self, now: float) -> dict[str, Any]:
         """This connection as the admin status report lists it."""
@@ -212,13 +284,14 @@ class SummaryStream(Stream):
         super().__init__(request, **kwargs)
         self._pending: dict[str, int] | None = None
 
-    def send_summary(self, frame: bytes, counts: dict[str, int]) -> None:
+    def send_summary(self, frame: bytes, counts: dict[str, int],
+                     chunked: bytes | None = None) -> None:
         """Write the summary, or fold C{counts} into the pending one while paused."""
         if not self.open:
             return
         if not self._paused and self._pending is None:
             self.msgs_sent += 1
-            self._request.write(frame)
+            self._out(self._wire(frame, chunked))
             return
         pending = self._pending
         if pending is None:
@@ -234,4 +307,4 @@ class SummaryStream(Stream):
         if self._pending is not None and not self._paused and self.open:
             pending, self._pending = self._pending, None
             self.msgs_sent += 1
-            self._request.write(summary_frame(pending))
+            self._out(self._wire(summary_frame(pending)))

@@ -13,10 +13,12 @@ class FakeStream:
         self.client_ip = "192.0.2.1"
         self.dropped = False
         self.frames: list[bytes] = []
+        self.chunks: list[bytes | None] = []
         self.msgs_sent = 0
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes, chunked: bytes | None = None) -> None:
         self.frames.append(frame)
+        self.chunks.append(chunked)
 
     def send_control(self, frame: bytes) -> None:
         self.frames.append(frame)
@@ -38,8 +40,9 @@ def test_publish_reaches_the_namespace_and_its_ancestors_only():
     assert hub.publish("/details/2665", frame) == 2
     assert exact.frames == [frame] and parent.frames == [frame]
     assert sibling.frames == [] and prefix.frames == []
-    # The very same bytes object goes to every stream: encoded once.
+    # The very same bytes object goes to every stream: encoded (and chunked) once.
     assert exact.frames[0] is parent.frames[0]
+    assert exact.chunks[0] is parent.chunks[0] == b"10\r\n" + frame + b"\r\n"
     assert hub.delivered == 2
 
 
@@ -63,8 +66,8 @@ def test_a_stream_removed_during_a_broadcast_is_not_written_again():
     victims: list[FakeStream] = []
 
     class Closing(FakeStream):
-        def send(self, frame: bytes) -> None:
-            super().send(frame)
+        def send(self, frame: bytes, chunked: bytes | None = None) -> None:
+            super().send(frame, chunked)
             for v in victims:
                 hub.remove(v)  # type: ignore[arg-type]
 

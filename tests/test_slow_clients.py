@@ -179,3 +179,13 @@ def test_conflation_merges_counts_while_paused():
     stream.resumeProducing()
     assert b"".join(request.written) == b'data:{"A":1}\n\ndata:{"A":2,"B":5}\n\n'
     assert stream.msgs_sent == 2
+
+
+def test_direct_writer_falls_back_where_it_cannot_send_directly():
+    from twisted.internet.testing import StringTransport
+
+    from emojistream.stream import chunk, direct_writer
+
+    # Not a TCP connection (or a TLS one): the caller keeps the transport's write.
+    assert direct_writer(StringTransport()) is None
+    assert chunk(b"data:x\n\n") == b"8\r\ndata:x\n\n\r\n"
