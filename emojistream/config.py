@@ -258,6 +258,9 @@ SPECS: tuple[Spec, ...] = (
          "SO_SNDBUF of each client socket; smaller finds clients that stopped reading "
          "sooner and holds less kernel memory for them (0: the system's default)",
          metavar="BYTES"),
+    Spec("batch_writes", "batch-writes", "SSE_BATCH_WRITES", parse_bool, "false",
+         "Latency budget: send each client's messages in one write per 1/60 s tick "
+         "(less CPU per message, up to a tick more latency)", is_flag=True),
     Spec("max_payload", "max-payload-bytes", "MAX_PAYLOAD_BYTES", parse_positive_int, "65536",
          "Larger detail and kiosk payloads from Redis are dropped (and counted)",
          metavar="BYTES"),
@@ -310,6 +313,7 @@ class Settings:
     max_queue: int = 1 << 20
     max_payload: int = 65536
     send_buffer: int = 0
+    batch_writes: bool = False
     max_streams: int = 20000
     max_streams_per_ip: int = 0
     admin_listen: str = ""

@@ -33,6 +33,7 @@ from emojistream.reporting import (
 from emojistream.router import DETAIL_PATTERN, KIOSK_PATTERN, SCORE_CHANNEL, Router
 from emojistream.sse import KEEPALIVE
 from emojistream.status import StatusReport
+from emojistream.stream import Batcher
 from emojistream.summarizer import RATE, ScoreSummarizer
 from emojistream.web import AdminRoutes, QuietSite, Root, StreamRoutes
 
@@ -125,7 +126,8 @@ class Emojistream:
                               channels=(SCORE_CHANNEL,), patterns=patterns)
         self.feed.setServiceParent(redis_parent)
 
-        self._timer(1 / RATE, self.summarizer.tick, clock, "The score summary")
+        self.batcher = Batcher() if settings.batch_writes else None
+        self._timer(1 / RATE, self._tick, clock, "The score summary")
         self._timer(settings.keepalive, self.hub.keepalive, clock, "Keepalive", KEEPALIVE)
 
         self.status = StatusReport(self.hub, self.feed, node=settings.node_name, clock=clock,
@@ -155,7 +157,8 @@ class Emojistream:
 
         self.web = MultiService()
         self.web.setServiceParent(self.service)
-        streams = StreamRoutes(self.hub, settings, clock=clock).app.resource()
+        streams = StreamRoutes(self.hub, settings, clock=clock,
+                               batcher=self.batcher).app.resource()
         admin = AdminRoutes(self.status.document, settings.admin_token).app.resource()
         self.endpoint = self._listen(reactor, settings.listen,
                                      Root(streams, None if settings.admin_listen else admin))
@@ -178,6 +181,12 @@ class Emojistream:
         timer.clock = clock
         timer.setServiceParent(self.core)
         return timer
+
+    def _tick(self) -> None:
+        """Every 1/60 s: the score summary, then (with a latency budget) the writes."""
+        self.summarizer.tick()
+        if self.batcher is not None:
+            self.batcher.flush()
 
     def _gauges(self) -> dict[str, float]:
         sizes = self.hub.pool_sizes()

@@ -77,6 +77,28 @@ def direct_writer(transport: Any) -> Callable[[bytes], None] | None:
     return write_now
 
 
+class Batcher:
+    """The latency budget: collects what each stream is sent and writes it as one send
+    per tick (C{flush}, driven by a timer), trading up to a tick of latency for far
+    fewer system calls."""
+
+    def __init__(self) -> None:
+        self._dirty: list[Stream] = []
+
+    def add(self, stream: Stream, data: bytes) -> None:
+        """Hold C{data} for C{stream} until the next flush."""
+        batch = stream._batch
+        if not batch:
+            self._dirty.append(stream)
+        batch.append(data)
+
+    def flush(self) -> None:
+        """Write every stream's held data, one write per stream."""
+        dirty, self._dirty = self._dirty, []
+        for stream in dirty:
+            stream.flush_batch()
+
+
 @implementer(IPushProducer)
 class Stream:
     """A connected EventSource client and the response it is reading.
@@ -88,6 +110,8 @@ class Stream:
     __slots__ = (
         "_backlog",
         "_backlog_bytes",
+        "_batch",
+        "_batcher",
         "_chunked",
         "_limit",
         "_out",
@@ -119,8 +143,11 @@ class Stream:
         user_agent: str,
         tag: str | None = None,
         max_queue: int = 1 << 20,
+        batcher: Batcher | None = None,
     ) -> None:
         self._request = request
+        self._batcher = batcher
+        self._batch: list[bytes] = []
         self.namespace = namespace
         self.kind = kind
         self.request_path = request_path
@@ -185,10 +212,18 @@ class Stream:
         if not self.open:
             return
         self.msgs_sent += 1
-        data = self._wire(frame, chunked)
-        if not self._paused:
+        self._emit(self._wire(frame, chunked))
+
+    def _emit(self, data: bytes) -> None:
+        """Write wire bytes now, or at the next batch flush, or hold them while paused."""
+        if self._paused:
+            self._hold(data)
+        elif self._batcher is not None:
+            self._batcher.add(self, data)
+        else:
             self._out(data)
-            return
+
+    def _hold(self, data: bytes) -> None:
         if self._backlog is None:
             self._backlog = deque()
         self._backlog.append(data)
@@ -196,16 +231,31 @@ class Stream:
         if self._backlog_bytes > self._limit:
             self.drop()
 
+    def flush_batch(self) -> None:
+        """Write what the batcher held for this stream, in one write."""
+        batch = self._batch
+        if not batch:
+            return
+        self._batch = []
+        if not self.open:
+            return
+        data = batch[0] if len(batch) == 1 else b"".join(batch)
+        if self._paused:
+            self._hold(data)
+        else:
+            self._out(data)
+
     def send_control(self, frame: bytes) -> None:
         """Write bytes that are not a message (keepalive); skipped while backed up,
         since a backed-up connection is not idle."""
         if self.open and not self._paused:
-            self._out(self._wire(frame))
+            self._emit(self._wire(frame))
 
     def close(self, hang_up: bool = False) -> None:
         """End the response from the server side (the client sees the stream end);
         with C{hang_up}, close the connection too once the end is sent."""
         if self.open:
+            self.flush_batch()
             self.open = False
             self._release()
             if not self.done.called:
@@ -291,7 +341,7 @@ class SummaryStream(Stream):
             return
         if not self._paused and self._pending is None:
             self.msgs_sent += 1
-            self._out(self._wire(frame, chunked))
+            self._emit(self._wire(frame, chunked))
             return
         pending = self._pending
         if pending is None:

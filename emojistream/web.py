@@ -29,7 +29,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from emojistream.config import Settings
 from emojistream.hub import ID_PATTERN, Hub
 from emojistream.sse import encode_retry
-from emojistream.stream import Stream, SummaryStream
+from emojistream.stream import Batcher, Stream, SummaryStream
 
 SSE_HEADERS = (
     (b"Content-Type", b"text/event-stream; charset=utf-8"),
@@ -118,8 +118,10 @@ class StreamRoutes:
     app = _with_error_handlers(Klein())
     log = Logger()
 
-    def __init__(self, hub: Hub, settings: Settings, *, clock: IReactorTime) -> None:
+    def __init__(self, hub: Hub, settings: Settings, *, clock: IReactorTime,
+                 batcher: Batcher | None = None) -> None:
         self._hub = hub
+        self._batcher = batcher
         self._settings = settings
         self._clock = clock
         self._client_ip = forwarded_ip if settings.trust_proxy else peer_ip
@@ -180,6 +182,7 @@ class StreamRoutes:
             user_agent=(request.getHeader(b"user-agent") or b"").decode("utf-8", "replace"),
             tag=tag,
             max_queue=settings.max_queue,
+            batcher=self._batcher,
         )
         self._hub.add(stream)
         request.notifyFinish().addBoth(self._finished, stream)

@@ -189,3 +189,42 @@ def test_direct_writer_falls_back_where_it_cannot_send_directly():
     # Not a TCP connection (or a TLS one): the caller keeps the transport's write.
     assert direct_writer(StringTransport()) is None
     assert chunk(b"data:x\n\n") == b"8\r\ndata:x\n\n\r\n"
+
+
+def test_batching_writes_each_streams_frames_once_per_flush_in_order():
+    from emojistream.stream import Batcher, Stream
+
+    batcher = Batcher()
+    request = FakeRequest()
+    stream = Stream(request, namespace="/raw", kind="raw", request_path="/subscribe/raw",
+                    created_at=0, client_ip="x", user_agent="", batcher=batcher)
+    stream.start(b"retry:1\n\n")
+    for i in range(3):
+        stream.send(b"data:%d\n\n" % i)
+    assert request.written == [b"retry:1\n\n"]
+    batcher.flush()
+    assert request.written == [b"retry:1\n\n", b"data:0\n\ndata:1\n\ndata:2\n\n"]
+    batcher.flush()
+    assert len(request.written) == 2
+    # Closing sends what is held first.
+    stream.send(b"data:last\n\n")
+    stream.close()
+    assert request.written[-1] == b"data:last\n\n" and stream.msgs_sent == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_batched_mode_delivers_everything_in_order(redis_server, publisher):
+    env = {"REDIS_URL": redis_server.url, "SSE_BATCH_WRITES": "yes"}
+    async with running(env) as (d, c):
+        assert d.app.batcher is not None
+        _, detail = await c.stream("/subscribe/details/2665")
+        _, raw = await c.stream("/subscribe/raw")
+        _, eps = await c.stream("/subscribe/eps")
+        for i in range(200):
+            await publisher.publish("stream.tweet_updates.2665", f"m{i}")
+            await publisher.publish("stream.score_updates", "2665")
+        await detail.wait_events(200)
+        await raw.wait_events(200)
+        await eps.wait_for(lambda r: sum(json.loads(e.data)["2665"] for e in r.events) >= 200)
+        assert [e.data for e in detail.events] == [f"m{i}" for i in range(200)]
+        assert sum(json.loads(e.data)["2665"] for e in eps.events) == 200
