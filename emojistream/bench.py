@@ -59,6 +59,18 @@ def resp(*args: bytes) -> bytes:
 # -- clients (run in their own processes) -----------------------------------------
 
 
+def connect_retrying(host: str, port: int, seconds: float = 30) -> socket.socket:
+    """Connect as a client would, trying again while the server's queue is full."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return socket.create_connection((host, port), timeout=10)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def raise_nofile(wanted: int) -> None:
     """Raise the soft open-file limit towards C{wanted} (one socket per stream)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -94,7 +106,7 @@ def client_main(host: str, port: int, plan: list[tuple[str, str, bool]], shared:
     for kind, emoji_id, sample in plan:
         path = {"eps": "/subscribe/eps", "raw": "/subscribe/raw"}.get(
             kind, f"/subscribe/details/{emoji_id}")
-        sock = socket.create_connection((host, port))
+        sock = connect_retrying(host, port)
         # HTTP/1.0: the body comes unchunked, so the client parses nothing but SSE.
         sock.sendall(f"GET {path} HTTP/1.0\r\nUser-Agent: emojistream-bench\r\n\r\n".encode())
         sock.setblocking(False)
@@ -255,7 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             twistd = str(Path(sys.executable).parent / "twistd")
             procs.append(subprocess.Popen(
                 [twistd, "-n", "--pidfile=", "emojistream", "--listen",
-                 f"tcp:{port}:interface=127.0.0.1", "--redis",
+                 f"tcp:{port}:interface=127.0.0.1:backlog=4096", "--redis",
                  f"redis://{redis_host}:{redis_port}", "--max-streams", str(args.clients + 100),
                  *args.server_args],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))

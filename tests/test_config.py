@@ -18,7 +18,7 @@ def options(argv: list[str], env: dict[str, str] | None = None) -> Options:
 
 def test_defaults_without_environment():
     s = resolve({"NODE_NAME": "web.1"}, {})
-    assert s.listen == "tcp:8001"
+    assert s.listen == "tcp:8001:backlog=1024"
     assert s.redis == RedisAddress("localhost", 6379, None, None, 0)
     assert s.raw_stream is True and s.verbose is False and s.demo is False
     assert s.keepalive == 15.0
@@ -31,7 +31,7 @@ def test_environment_is_read_with_the_legacy_names():
            "ENABLE_RAW_STREAM": "No", "VERBOSE": "YES", "RACK_ENV": "production",
            "DYNO": "web.3", "SSE_KEEPALIVE_SEC": "2.5"}
     s = resolve(env, {})
-    assert s.listen == "tcp:9000"
+    assert s.listen == "tcp:9000:backlog=1024"
     assert s.redis == RedisAddress("redis.example", 6380, "pw", None, 2)
     assert s.raw_stream is False and s.verbose is True
     assert s.node_name == "twisted-production-web.3"
