@@ -34,7 +34,7 @@ from emojistream.router import DETAIL_PATTERN, KIOSK_PATTERN, SCORE_CHANNEL, Rou
 from emojistream.sse import KEEPALIVE
 from emojistream.status import StatusReport
 from emojistream.stream import Batcher
-from emojistream.summarizer import RATE, ScoreSummarizer
+from emojistream.summarizer import RATE, ScoreSummarizer, Ticker
 from emojistream.web import AdminRoutes, QuietSite, Root, StreamRoutes
 
 
@@ -127,7 +127,7 @@ class Emojistream:
         self.feed.setServiceParent(redis_parent)
 
         self.batcher = Batcher() if settings.batch_writes else None
-        self._timer(1 / RATE, self._tick, clock, "The score summary")
+        Ticker(1 / RATE, self._tick, clock).setServiceParent(self.core)
         self._timer(settings.keepalive, self.hub.keepalive, clock, "Keepalive", KEEPALIVE)
 
         self.status = StatusReport(self.hub, self.feed, node=settings.node_name, clock=clock,

@@ -90,3 +90,39 @@ def test_a_failing_timer_call_is_logged_and_the_timer_keeps_running():
     assert timer.running
     failures = [e for e in events if "log_failure" in e]
     assert len(failures) == 2 and failures[0]["what"] == "The score summary"
+
+
+def test_ticker_keeps_its_rate_and_catches_up_instead_of_skipping():
+    from emojistream.summarizer import Ticker
+
+    clock = Clock()
+    calls: list[float] = []
+    ticker = Ticker(0.125, lambda: calls.append(clock.seconds()), clock)
+    ticker.startService()
+    clock.pump([0.0625] * 8)  # 0.5 s, on time
+    assert calls == [0.125, 0.25, 0.375, 0.5]
+    # The process is busy until 0.9375: the 0.625 tick runs late. A LoopingCall would
+    # then wait for the 1.0 slot; the ticker ticks again at once, then on schedule.
+    clock.advance(0.4375)
+    assert calls[4:] == [0.9375, 0.9375]
+    clock.advance(0.125)
+    assert calls[6:] == [1.0625]
+    ticker.stopService()
+    clock.advance(1)
+    assert len(calls) == 7
+
+
+def test_a_failing_tick_is_logged_and_ticking_goes_on():
+    from emojistream.summarizer import Ticker
+
+    clock = Clock()
+    calls = []
+
+    def fail() -> None:
+        calls.append(1)
+        raise RuntimeError("boom")
+
+    ticker = Ticker(0.1, fail, clock)
+    ticker.startService()
+    clock.pump([0.1] * 3)
+    assert len(calls) == 3 and ticker.running
