@@ -194,6 +194,20 @@ def percentile(values: list[float], p: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
+def server_status(host: str, port: int) -> dict[str, Any]:
+    """The daemon's /admin/status.json (empty if it cannot be read)."""
+    try:
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(b"GET /admin/status.json HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(1 << 20):
+                data += chunk
+        parsed: dict[str, Any] = json.loads(data.partition(b"\r\n\r\n")[2])
+        return parsed
+    except (OSError, ValueError):
+        return {}
+
+
 def wait_port(host: str, port: int, seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -315,7 +329,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cpu1 = cpu_seconds(server_pid) if server_pid else None
         client_cpu1 = sum(cpu_seconds(w.pid) for w in workers if w.pid)
         rss_end = rss_mb(server_pid) if server_pid else None
-        time.sleep(args.settle)
+        # Let the backlog drain (a burst can leave seconds of it): wait until nothing
+        # has been delivered for --settle seconds, at most --drain-max.
+        quiet_since, last = time.monotonic(), sum(shared["delivered"])
+        drain_end = time.monotonic() + args.drain_max
+        while time.monotonic() - quiet_since < args.settle and time.monotonic() < drain_end:
+            time.sleep(0.1)
+            now_delivered = sum(shared["delivered"])
+            if now_delivered != last:
+                quiet_since, last = time.monotonic(), now_delivered
+        status = server_status(host, port)
         shared["seq_range"][0], shared["seq_range"][1] = seq0, seq1
         shared["stop"].value = 1
         reports: list[dict[str, Any]] = []
@@ -371,6 +394,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "duplicates": sum(r["dups"] for r in detail_subs),
         "reordered": sum(r["reorders"] for r in detail_subs),
         "hits_published": publisher.seq,
+        "server_dropped_connections": status.get("totals", {}).get("connections.dropped"),
     }
 
 
@@ -392,6 +416,7 @@ def table(result: dict[str, Any]) -> str:
         ("eps sums exact", f"{result['eps_sums_exact']} ({result['eps_clients_checked']} checked)"),
         ("lost details, raw", f"{result['loss']['details']}, {result['loss']['raw']}"),
         ("duplicates, reordered", f"{result['duplicates']}, {result['reordered']}"),
+        ("connections the server dropped", result["server_dropped_connections"]),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
@@ -407,7 +432,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=5)
     parser.add_argument("--window", type=float, default=20, help="measured seconds")
     parser.add_argument("--settle", type=float, default=2,
-                        help="seconds to let deliveries finish before counting loss")
+                        help="seconds without deliveries that mean the backlog has drained")
+    parser.add_argument("--drain-max", type=float, default=120,
+                        help="longest wait for the backlog to drain before counting loss")
     parser.add_argument("--client-procs", type=int, default=2)
     parser.add_argument("--sample", type=int, default=5,
                         help="eps clients per kind and process whose JSON is fully checked")
@@ -437,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwritten to {args.json}")
     clean = (result["loss"]["details"] == 0 and result["loss"]["raw"] == 0
-             and result["duplicates"] == 0 and result["eps_sums_exact"])
+             and result["duplicates"] == 0 and result["eps_sums_exact"]
+             and not result["server_dropped_connections"])
     return 0 if clean else 1
 
 

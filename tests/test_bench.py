@@ -30,3 +30,4 @@ def test_quick_benchmark_reports_everything_and_loses_nothing(tmp_path):
     assert report["loss"] == {"details": 0, "raw": 0}
     assert report["duplicates"] == 0 and report["reordered"] == 0
     assert report["hits_published"] > 0
+    assert report["server_dropped_connections"] == 0
