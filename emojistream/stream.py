@@ -255,7 +255,10 @@ class Stream:
         """End the response from the server side (the client sees the stream end);
         with C{hang_up}, close the connection too once the end is sent."""
         if self.open:
+            # What is held back goes out before the end of the response: the
+            # transport buffers it (at most max_queue) and sends it as the client reads.
             self.flush_batch()
+            self._flush(force=True)
             self.open = False
             self._release()
             if not self.done.called:
@@ -269,8 +272,7 @@ class Stream:
         if self.open:
             self.open = False
             self.dropped = True
-            self._backlog = None
-            self._backlog_bytes = 0
+            self._discard()
             transport = getattr(self._request, "transport", None)
             if transport is not None:
                 transport.abortConnection()
@@ -278,9 +280,12 @@ class Stream:
     def lost(self) -> None:
         """Note that the response is over, whoever ended it."""
         self.open = False
+        self._discard()
+        self._release()
+
+    def _discard(self) -> None:
         self._backlog = None
         self._backlog_bytes = 0
-        self._release()
 
     def _release(self) -> None:
         """Stop being the response's producer (it must not end with one registered)."""
@@ -300,9 +305,10 @@ class Stream:
     def stopProducing(self) -> None:
         self.open = False
 
-    def _flush(self) -> None:
+    def _flush(self, force: bool = False) -> None:
+        """Write what is held back while the client takes it (all of it if C{force})."""
         backlog = self._backlog
-        while backlog and not self._paused and self.open:
+        while backlog and (force or not self._paused) and self.open:
             data = backlog.popleft()
             self._backlog_bytes -= len(data)
             self._out(data)
@@ -352,9 +358,9 @@ class SummaryStream(Stream):
         if not self._paused:
             self._flush()
 
-    def _flush(self) -> None:
-        super()._flush()
-        if self._pending is not None and not self._paused and self.open:
+    def _flush(self, force: bool = False) -> None:
+        super()._flush(force)
+        if self._pending is not None and (force or not self._paused) and self.open:
             pending, self._pending = self._pending, None
             self.msgs_sent += 1
             self._out(self._wire(summary_frame(pending)))

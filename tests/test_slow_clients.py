@@ -228,3 +228,29 @@ async def test_batched_mode_delivers_everything_in_order(redis_server, publisher
         await eps.wait_for(lambda r: sum(json.loads(e.data)["2665"] for e in r.events) >= 200)
         assert [e.data for e in detail.events] == [f"m{i}" for i in range(200)]
         assert sum(json.loads(e.data)["2665"] for e in eps.events) == 200
+
+
+def test_a_server_side_close_still_sends_what_a_backed_up_stream_holds():
+    from emojistream.stream import Stream, SummaryStream
+    from emojistream.summarizer import summary_frame
+
+    request = FakeRequest()
+    stream = Stream(request, namespace="/raw", kind="raw", request_path="/subscribe/raw",
+                    created_at=0, client_ip="x", user_agent="")
+    stream.start()
+    stream.pauseProducing()
+    stream.send(b"data:1\n\n")
+    stream.send(b"data:2\n\n")
+    assert b"".join(request.written) == b""
+    stream.close()
+    assert b"".join(request.written) == b"data:1\n\ndata:2\n\n"
+
+    request = FakeRequest()
+    eps = SummaryStream(request, namespace="/eps", kind="eps", request_path="/subscribe/eps",
+                        created_at=0, client_ip="x", user_agent="")
+    eps.start()
+    eps.pauseProducing()
+    eps.send_summary(summary_frame({"A": 1}), {"A": 1})
+    eps.send_summary(summary_frame({"A": 2}), {"A": 2})
+    eps.close()
+    assert b"".join(request.written) == b'data:{"A":3}\n\n'
