@@ -17,7 +17,6 @@ import multiprocessing as mp
 import os
 import random
 import re
-import resource
 import selectors
 import signal
 import socket
@@ -33,6 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from emojistream.demo import find_redis_server, free_port, load_rankings, redis_server_args
+from emojistream.lifecycle import raise_fd_limit
 
 KINDS = ("eps", "raw", "details")
 _SEQ = re.compile(rb'"seq":(\d+),"t":([0-9.]+)')
@@ -71,14 +71,6 @@ def connect_retrying(host: str, port: int, seconds: float = 30) -> socket.socket
             time.sleep(0.01)
 
 
-def raise_nofile(wanted: int) -> None:
-    """Raise the soft open-file limit towards C{wanted} (one socket per stream)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if target > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
-
 @dataclass
 class Sub:
     """One SSE connection held by a client process."""
@@ -100,7 +92,7 @@ class Sub:
 def client_main(host: str, port: int, plan: list[tuple[str, str, bool]], shared: Any,
                 results: Any) -> None:
     """Open every planned stream, read until told to stop, report per-stream figures."""
-    raise_nofile(len(plan) + 256)
+    raise_fd_limit(len(plan) + 256)
     sel = selectors.DefaultSelector()
     subs: list[Sub] = []
     for kind, emoji_id, sample in plan:

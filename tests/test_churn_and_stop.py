@@ -11,9 +11,9 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults
 
 from daemonproc import TwistdProcess
+from emojistream.bench import rss_mb
 from emojistream.demo import free_port
 from sseclient import Client, raw_connect, response_events, within
-from test_slow_clients import rss_mb
 
 
 def start(redis_server, *extra: str) -> tuple[TwistdProcess, int]:

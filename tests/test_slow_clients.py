@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -12,15 +11,9 @@ from twisted.internet.task import Clock
 
 from conftest import running
 from daemonproc import TwistdProcess
+from emojistream.bench import rss_mb
 from emojistream.demo import free_port
 from sseclient import Client, response_events, slow_connect
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 @pytest.fixture
