@@ -105,8 +105,32 @@ def client_main(host: str, port: int, plan: list[tuple[str, str, bool]], shared:
         sub = Sub(kind, emoji_id, sample, sock)
         subs.append(sub)
         sel.register(sock, selectors.EVENT_READ, sub)
-    with shared["connected"].get_lock():
-        shared["connected"].value += len(subs)
+    # A stream counts as connected once its headers arrive: the daemon sends them
+    # after the stream joined its namespace, so from then on nothing published is
+    # missed (the publisher starts when every stream is connected).
+    waiting = {sub.sock: sub for sub in subs}
+    while waiting and not shared["stop"].value:
+        for key, _ in sel.select(0.05):
+            sub = key.data
+            if sub.sock not in waiting:
+                continue
+            try:
+                data = sub.sock.recv(65536)
+            except BlockingIOError:
+                continue
+            if not data:
+                raise SystemExit(f"the daemon closed a {sub.kind} stream before its headers")
+            sub.buffer += data
+            head, sep, _ = sub.buffer.partition(b"\r\n\r\n")
+            if sep:
+                if not head.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")):
+                    raise SystemExit(f"the daemon refused a stream: {head.splitlines()[0]!r}")
+                # What follows the headers predates our publisher (a retry hint at most).
+                sub.buffer = b""
+                sub.tail = b"\n"
+                del waiting[sub.sock]
+                with shared["connected"].get_lock():
+                    shared["connected"].value += 1
     latencies: list[float] = []
     delivered = shared["delivered"]
     while not shared["stop"].value:
@@ -166,10 +190,16 @@ def client_main(host: str, port: int, plan: list[tuple[str, str, bool]], shared:
 # -- the run -----------------------------------------------------------------------
 
 
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the process and its waited-for children."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    user, system, child_user, child_system = (int(fields[i]) for i in (11, 12, 13, 14))
+    return (user + child_user) / _TICKS, (system + child_system) / _TICKS
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of the process and its waited-for children, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(fields[i]) for i in (11, 12, 13, 14)) / _TICKS
+    return sum(cpu_split(pid))
 
 
 def rss_mb(pid: int) -> float:
@@ -307,7 +337,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         publisher = Publisher(redis_host, redis_port, rng)
         publisher.run(args.rate, args.warmup)
-        cpu0 = cpu_seconds(server_pid) if server_pid else None
+        cpu0 = cpu_split(server_pid) if server_pid else None
         client_cpu0 = sum(cpu_seconds(w.pid) for w in workers if w.pid)
         delivered0 = list(shared["delivered"])
         seq0 = publisher.seq
@@ -318,7 +348,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shared["measuring"].value = 0
         seq1 = publisher.seq - 1
         delivered1 = list(shared["delivered"])
-        cpu1 = cpu_seconds(server_pid) if server_pid else None
+        cpu1 = cpu_split(server_pid) if server_pid else None
         client_cpu1 = sum(cpu_seconds(w.pid) for w in workers if w.pid)
         rss_end = rss_mb(server_pid) if server_pid else None
         # Let the backlog drain (a burst can leave seconds of it): wait until nothing
@@ -359,7 +389,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     eps_samples = [r for r in reports if r["kind"] == "eps" and r["eps_totals"] is not None]
     eps_exact = all(Counter(r["eps_totals"]) == publisher.totals for r in eps_samples)
     n_eps = sum(1 for r in reports if r["kind"] == "eps")
-    server_cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
+    server_split = ((cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
+                    if cpu0 is not None and cpu1 is not None else None)
+    server_cpu = sum(server_split) if server_split is not None else None
+    deliveries = total_rate * window
     client_cpu = client_cpu1 - client_cpu0
     return {
         "workload": {"clients": len(plan), "mix": mix, "rate_hz": args.rate,
@@ -369,10 +402,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "delivered_per_s": {k: round(v, 1) for k, v in per_kind.items()},
         "delivered_per_s_total": round(total_rate, 1),
         "server_cpu_s": server_cpu,
-        "server_us_per_message": (round(server_cpu / (total_rate * window) * 1e6, 3)
-                                  if server_cpu is not None and total_rate else None),
-        "client_us_per_message": (round(client_cpu / (total_rate * window) * 1e6, 3)
-                                  if total_rate else None),
+        "server_us_per_message": (round(server_cpu / deliveries * 1e6, 3)
+                                  if server_cpu is not None and deliveries else None),
+        "server_us_per_message_user_system": (
+            [round(t / deliveries * 1e6, 3) for t in server_split]
+            if server_split is not None and deliveries else None),
+        "client_us_per_message": (round(client_cpu / deliveries * 1e6, 3)
+                                  if deliveries else None),
         "server_rss_mb": {"idle": rss_idle, "end": rss_end},
         "rss_kb_per_connection": (round((rss_end - rss_idle) * 1024 / len(plan), 2)
                                   if rss_idle is not None and rss_end is not None and plan
@@ -398,6 +434,8 @@ def table(result: dict[str, Any]) -> str:
             str(result["delivered_per_s"][k]) for k in KINDS)),
         ("delivered/s total", result["delivered_per_s_total"]),
         ("server CPU µs per message", result["server_us_per_message"]),
+        ("  of which user, system", ", ".join(
+            str(t) for t in result["server_us_per_message_user_system"] or ("-", "-"))),
         ("client CPU µs per message", result["client_us_per_message"]),
         ("server RSS MB idle → end", f"{result['server_rss_mb']['idle']} → "
                                      f"{result['server_rss_mb']['end']}"),

@@ -22,10 +22,27 @@ class CommandProtocol(txredisapi.RedisProtocol):  # type: ignore[misc]
     """txredisapi's command protocol (hiredis parser)."""
 
 
+def _nothing() -> None:
+    pass
+
+
 class SubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
-    """txredisapi's subscriber, passing each message on as (channel, payload)."""
+    """txredisapi's subscriber, passing each message on as (channel, payload).
+
+    C{read_started} and C{read_done} bracket the messages of each read from the
+    socket, so that what one read brings can be written out together.
+    """
 
     on_message: Callable[[bytes, bytes], None] = staticmethod(lambda channel, payload: None)
+    read_started: Callable[[], None] = staticmethod(_nothing)
+    read_done: Callable[[], None] = staticmethod(_nothing)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.read_started()
+        try:
+            super().dataReceived(data)
+        finally:
+            self.read_done()
 
     def messageReceived(self, pattern: bytes | None, channel: bytes, message: bytes) -> None:
         self.on_message(channel, message)

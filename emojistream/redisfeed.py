@@ -15,7 +15,8 @@ class RedisFeed(RedisConnection):
     """Subscribes to C{channels} and C{patterns} on every (re)connection.
 
     Each message goes to C{on_message(channel, payload)} as bytes, exactly as
-    published. A new connection subscribes once, so nothing arrives twice.
+    published; C{read_started} and C{read_done} bracket the messages of each read.
+    A new connection subscribes once, so nothing arrives twice.
     """
 
     def __init__(
@@ -26,6 +27,8 @@ class RedisFeed(RedisConnection):
         reactor: Any,
         channels: tuple[bytes, ...],
         patterns: tuple[bytes, ...],
+        read_started: Callable[[], None] | None = None,
+        read_done: Callable[[], None] | None = None,
         **kwargs: Any,
     ) -> None:
         self._channels = channels
@@ -33,6 +36,10 @@ class RedisFeed(RedisConnection):
 
         def configure(protocol: SubscriberProtocol) -> None:
             protocol.on_message = on_message
+            if read_started is not None:
+                protocol.read_started = read_started
+            if read_done is not None:
+                protocol.read_done = read_done
 
         super().__init__(
             address, reactor=reactor, purpose="subscriber", protocol_class=SubscriberProtocol,

@@ -121,12 +121,16 @@ class Emojistream:
             self.feeder = Feeder(redis_address, reactor=reactor, rate=settings.demo_rate)
             self.feeder.setServiceParent(redis_parent)
 
+        # What one read from Redis brings leaves in one write per client at its end;
+        # with the latency budget, everything waits for the tick.
+        self.batcher = Batcher(hold_all=settings.batch_writes)
         patterns = (DETAIL_PATTERN, KIOSK_PATTERN) if settings.kiosk_stream else (DETAIL_PATTERN,)
         self.feed = RedisFeed(redis_address, self.router.message, reactor=reactor,
-                              channels=(SCORE_CHANNEL,), patterns=patterns)
+                              channels=(SCORE_CHANNEL,), patterns=patterns,
+                              read_started=self.batcher.begin_round,
+                              read_done=self.batcher.end_round)
         self.feed.setServiceParent(redis_parent)
 
-        self.batcher = Batcher() if settings.batch_writes else None
         Ticker(1 / RATE, self._tick, clock).setServiceParent(self.core)
         self._timer(settings.keepalive, self.hub.keepalive, clock, "Keepalive", KEEPALIVE)
 
@@ -185,7 +189,7 @@ class Emojistream:
     def _tick(self) -> None:
         """Every 1/60 s: the score summary, then (with a latency budget) the writes."""
         self.summarizer.tick()
-        if self.batcher is not None:
+        if self.batcher.hold_all:
             self.batcher.flush()
 
     def _gauges(self) -> dict[str, float]:

@@ -78,11 +78,20 @@ def direct_writer(transport: Any) -> Callable[[bytes], None] | None:
 
 
 class Batcher:
-    """The latency budget: collects what each stream is sent and writes it as one send
-    per tick (C{flush}, driven by a timer), trading up to a tick of latency for far
-    fewer system calls."""
+    """Collects what streams are sent and writes each stream's share as one write.
 
-    def __init__(self) -> None:
+    Always on for reads from Redis (a I{round}): within one read, a stream's first
+    message goes out at once and any later ones wait for the end of the read, so a
+    read that brings a backlog of N messages costs each client one or two sends, not
+    N. With C{hold_all} (the latency budget, C{--batch-writes}) every write waits for
+    the next C{flush}, driven by the 1/60 s tick.
+    """
+
+    def __init__(self, hold_all: bool = False) -> None:
+        self.hold_all = hold_all
+        #: Odd while a round is in progress; a stream that has written in this
+        #: round holds its value.
+        self.round = 0
         self._dirty: list[Stream] = []
 
     def add(self, stream: Stream, data: bytes) -> None:
@@ -91,6 +100,17 @@ class Batcher:
         if not batch:
             self._dirty.append(stream)
         batch.append(data)
+
+    def begin_round(self) -> None:
+        """A read from Redis starts: streams' second and later writes are held."""
+        self.round = (self.round | 1) + 2
+
+    def end_round(self) -> None:
+        """The read is handled: write what it held (unless the tick does)."""
+        if self.round & 1:
+            self.round += 1
+        if not self.hold_all:
+            self.flush()
 
     def flush(self) -> None:
         """Write every stream's held data, one write per stream."""
@@ -117,6 +137,7 @@ class Stream:
         "_out",
         "_paused",
         "_request",
+        "_round",
         "client_ip",
         "created_at",
         "done",
@@ -148,6 +169,7 @@ class Stream:
         self._request = request
         self._batcher = batcher
         self._batch: list[bytes] = []
+        self._round = 0
         self.namespace = namespace
         self.kind = kind
         self.request_path = request_path
@@ -212,16 +234,31 @@ class Stream:
         if not self.open:
             return
         self.msgs_sent += 1
-        self._emit(self._wire(frame, chunked))
+        if self._chunked:
+            frame = chunked if chunked is not None else chunk(frame)
+        self._emit(frame)
 
     def _emit(self, data: bytes) -> None:
-        """Write wire bytes now, or at the next batch flush, or hold them while paused."""
+        """Write wire bytes now, or at the batcher's flush, or hold them while paused."""
         if self._paused:
-            self._hold(data)
-        elif self._batcher is not None:
-            self._batcher.add(self, data)
-        else:
-            self._out(data)
+            if self._batch:
+                # Behind what the batcher holds: its flush passes it all on in order.
+                self._batch.append(data)
+            else:
+                self._hold(data)
+            return
+        batcher = self._batcher
+        if batcher is not None:
+            if batcher.hold_all:
+                batcher.add(self, data)
+                return
+            current = batcher.round
+            if current & 1:
+                if self._round == current:
+                    batcher.add(self, data)
+                    return
+                self._round = current
+        self._out(data)
 
     def _hold(self, data: bytes) -> None:
         if self._backlog is None:

@@ -187,7 +187,7 @@ def test_direct_writer_falls_back_where_it_cannot_send_directly():
 def test_batching_writes_each_streams_frames_once_per_flush_in_order():
     from emojistream.stream import Batcher, Stream
 
-    batcher = Batcher()
+    batcher = Batcher(hold_all=True)
     request = FakeRequest()
     stream = Stream(request, namespace="/raw", kind="raw", request_path="/subscribe/raw",
                     created_at=0, client_ip="x", user_agent="", batcher=batcher)
@@ -205,11 +205,58 @@ def test_batching_writes_each_streams_frames_once_per_flush_in_order():
     assert request.written[-1] == b"data:last\n\n" and stream.msgs_sent == 4
 
 
+def test_within_one_read_a_streams_later_messages_leave_together_at_its_end():
+    from emojistream.stream import Batcher, Stream
+
+    batcher = Batcher()
+    request = FakeRequest()
+    stream = Stream(request, namespace="/raw", kind="raw", request_path="/subscribe/raw",
+                    created_at=0, client_ip="x", user_agent="", batcher=batcher)
+    stream.start()
+    # Outside a read every message goes at once.
+    stream.send(b"data:0\n\n")
+    assert request.written[-1] == b"data:0\n\n"
+    for _ in range(2):
+        batcher.begin_round()
+        stream.send(b"data:1\n\n")
+        # The first of a read goes at once: no latency when a read brings one message.
+        assert request.written[-1] == b"data:1\n\n"
+        stream.send(b"data:2\n\n")
+        stream.send(b"data:3\n\n")
+        assert request.written[-1] == b"data:1\n\n"
+        batcher.end_round()
+        assert request.written[-1] == b"data:2\n\ndata:3\n\n"
+    stream.send(b"data:4\n\n")
+    assert request.written[-1] == b"data:4\n\n"
+    assert b"".join(request.written) == (
+        b"data:0\n\n" + b"data:1\n\ndata:2\n\ndata:3\n\n" * 2 + b"data:4\n\n")
+    assert stream.msgs_sent == 8
+
+
+def test_a_stream_paused_within_a_read_keeps_its_order():
+    from emojistream.stream import Batcher, Stream
+
+    batcher = Batcher()
+    request = FakeRequest()
+    stream = Stream(request, namespace="/raw", kind="raw", request_path="/subscribe/raw",
+                    created_at=0, client_ip="x", user_agent="", batcher=batcher)
+    stream.start()
+    batcher.begin_round()
+    stream.send(b"data:1\n\n")
+    stream.send(b"data:2\n\n")
+    stream.pauseProducing()
+    stream.send(b"data:3\n\n")
+    batcher.end_round()
+    assert b"".join(request.written) == b"data:1\n\n"
+    stream.resumeProducing()
+    assert b"".join(request.written) == b"data:1\n\ndata:2\n\ndata:3\n\n"
+
+
 @pytest_twisted.ensureDeferred
 async def test_batched_mode_delivers_everything_in_order(redis_server, publisher):
     env = {"REDIS_URL": redis_server.url, "SSE_BATCH_WRITES": "yes"}
     async with running(env) as (d, c):
-        assert d.app.batcher is not None
+        assert d.app.batcher.hold_all
         _, detail = await c.stream("/subscribe/details/2665")
         _, raw = await c.stream("/subscribe/raw")
         _, eps = await c.stream("/subscribe/eps")
