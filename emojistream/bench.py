@@ -18,6 +18,7 @@ import os
 import random
 import re
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -132,6 +133,8 @@ def client_main(host: str, port: int, plan: list[tuple[str, str, bool]], shared:
                 with shared["connected"].get_lock():
                     shared["connected"].value += 1
     latencies: list[float] = []
+    # (publish time, latency) of detail messages published after the window.
+    after: list[tuple[float, float]] = []
     delivered = shared["delivered"]
     while not shared["stop"].value:
         counts = [0, 0, 0]
@@ -164,7 +167,11 @@ def client_main(host: str, port: int, plan: list[tuple[str, str, bool]], shared:
                         sub.seqs.add(seq)
                         sub.last_seq = max(sub.last_seq, seq)
                         if measuring:
-                            latencies.append(now - float(m.group(2)))
+                            published = float(m.group(2))
+                            if measuring == 1:
+                                latencies.append(now - published)
+                            else:
+                                after.append((published, now - published))
                 elif sub.kind == "eps":
                     for line in whole.split(b"\n"):
                         if line.startswith(b"data:"):
@@ -184,7 +191,7 @@ def client_main(host: str, port: int, plan: list[tuple[str, str, bool]], shared:
             "reorders": sub.reorders, "eps_totals": dict(sub.eps_totals) if sub.sample else None,
         })
         sub.sock.close()
-    results.put((report, latencies))
+    results.put((report, latencies, after))
 
 
 # -- the run -----------------------------------------------------------------------
@@ -341,16 +348,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         client_cpu0 = sum(cpu_seconds(w.pid) for w in workers if w.pid)
         delivered0 = list(shared["delivered"])
         seq0 = publisher.seq
+        profiler = None
+        if args.py_spy and server_pid:
+            profiler = subprocess.Popen(
+                [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
+                 "record", "--pid", str(server_pid), "--duration",
+                 str(int(args.window)), "--rate", "250", "--format", "raw", "--nonblocking",
+                 "--output", args.py_spy], stdout=subprocess.DEVNULL)
         shared["measuring"].value = 1
         t0 = time.monotonic()
         publisher.run(args.rate, args.window)
         window = time.monotonic() - t0
-        shared["measuring"].value = 0
+        window_end = time.time()
+        shared["measuring"].value = 2 if args.after else 0
         seq1 = publisher.seq - 1
         delivered1 = list(shared["delivered"])
         cpu1 = cpu_split(server_pid) if server_pid else None
         client_cpu1 = sum(cpu_seconds(w.pid) for w in workers if w.pid)
         rss_end = rss_mb(server_pid) if server_pid else None
+        if args.after:
+            # The recovery phase: back to the normal rate, latency by publish time.
+            publisher.run(args.after_rate, args.after)
+            shared["measuring"].value = 0
+        if profiler is not None:
+            profiler.wait(60)
         # Let the backlog drain (a burst can leave seconds of it): wait until nothing
         # has been delivered for --settle seconds, at most --drain-max.
         quiet_since, last = time.monotonic(), sum(shared["delivered"])
@@ -365,10 +386,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shared["stop"].value = 1
         reports: list[dict[str, Any]] = []
         latencies: list[float] = []
+        after: list[tuple[float, float]] = []
         for _ in workers:
-            report, lat = results.get(timeout=120)
+            report, lat, lat_after = results.get(timeout=120)
             reports += report
             latencies += lat
+            after += lat_after
         for w in workers:
             w.join(30)
     finally:
@@ -421,8 +444,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "loss": {"details": lost, "raw": raw_lost},
         "duplicates": sum(r["dups"] for r in detail_subs),
         "reordered": sum(r["reorders"] for r in detail_subs),
+        "after_window": recovery(after, window_end, args.after) if args.after else None,
         "hits_published": publisher.seq,
         "server_dropped_connections": status.get("totals", {}).get("connections.dropped"),
+    }
+
+
+def recovery(after: list[tuple[float, float]], end: float, seconds: float) -> dict[str, Any]:
+    """Detail latency after the window, by when each message was published: the p99
+    of each half second, and of everything published from 2 s after the window on."""
+    buckets: dict[int, list[float]] = {}
+    late = []
+    for published, latency in after:
+        buckets.setdefault(int((published - end) * 2), []).append(latency)
+        if published - end >= 2:
+            late.append(latency)
+
+    def p99_ms(values: list[float]) -> float | None:
+        v = percentile(values, 99)
+        return round(v * 1000, 2) if v is not None else None
+
+    return {
+        "seconds": seconds,
+        "p99_ms_per_half_second": [p99_ms(buckets.get(i, [])) for i in range(int(seconds * 2))],
+        "p99_ms_from_2s": p99_ms(late),
     }
 
 
@@ -448,6 +493,12 @@ def table(result: dict[str, Any]) -> str:
         ("duplicates, reordered", f"{result['duplicates']}, {result['reordered']}"),
         ("connections the server dropped", result["server_dropped_connections"]),
     ]
+    if (after := result["after_window"]) is not None:
+        rows += [
+            ("detail p99 ms per 0.5 s after", " ".join(
+                str(v) for v in after["p99_ms_per_half_second"])),
+            ("detail p99 ms from 2 s after", after["p99_ms_from_2s"]),
+        ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -461,6 +512,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=400, help="hits per second")
     parser.add_argument("--warmup", type=float, default=5)
     parser.add_argument("--window", type=float, default=20, help="measured seconds")
+    parser.add_argument("--after", type=float, default=0,
+                        help="seconds to go on publishing at --after-rate once the window "
+                             "ends, measuring how detail latency recovers (a burst's tail)")
+    parser.add_argument("--after-rate", type=float, default=400)
     parser.add_argument("--settle", type=float, default=2,
                         help="seconds without deliveries that mean the backlog has drained")
     parser.add_argument("--drain-max", type=float, default=120,
@@ -475,6 +530,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--server-pid", type=int, help="with --url: its PID, for CPU and RSS")
     parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
                         help="extra twistd emojistream options (last on the line)")
+    parser.add_argument("--py-spy", metavar="FILE",
+                        help="record a py-spy profile of the server over the window "
+                             "(raw collapsed stacks; needs py-spy installed)")
     parser.add_argument("--json", default="bench-result.json", help="where to write the JSON")
     parser.add_argument("--quick", action="store_true",
                         help="a 15-second smoke run: 200 clients, 100 hits/s")

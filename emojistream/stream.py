@@ -123,8 +123,9 @@ class Batcher:
 class Stream:
     """A connected EventSource client and the response it is reading.
 
-    The web route hands L{done} to Klein as the response; firing it ends the
-    response, and Klein cancels it when the client goes away first.
+    The stream ends its response itself (L{close}); the web route tells Klein the
+    response is under way (C{NOT_DONE_YET}), so no per-request Deferred chain stays
+    alive as long as the connection does.
     """
 
     __slots__ = (
@@ -140,7 +141,6 @@ class Stream:
         "_round",
         "client_ip",
         "created_at",
-        "done",
         "dropped",
         "expiry",
         "kind",
@@ -181,7 +181,6 @@ class Stream:
         self.open = True
         #: True once the server dropped this client for not keeping up.
         self.dropped = False
-        self.done: Deferred[None] = Deferred()
         #: The forced-refresh close, pending while the stream is open.
         self.expiry: IDelayedCall | None = None
         self._paused = False
@@ -298,8 +297,7 @@ class Stream:
             self._flush(force=True)
             self.open = False
             self._release()
-            if not self.done.called:
-                self.done.callback(None)
+            self._request.finish()
             transport = getattr(self._request, "transport", None)
             if hang_up and transport is not None:
                 transport.loseConnection()

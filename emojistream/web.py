@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from emojistream.config import Settings
@@ -37,6 +37,18 @@ SSE_HEADERS = (
     (b"Connection", b"keep-alive"),
 )
 CORS = (b"Access-Control-Allow-Origin", b"*")
+
+class _Streaming(Resource):
+    """What a stream route answers once its stream has started: rendered by Klein
+    as C{NOT_DONE_YET}, so the response stays open until the stream ends it."""
+
+    isLeaf = True
+
+    def render(self, request: IRequest) -> Any:
+        return NOT_DONE_YET
+
+
+STREAMING = _Streaming()
 
 #: Seconds a client turned away for load is asked to wait.
 RETRY_AFTER = b"10"
@@ -197,7 +209,7 @@ class StreamRoutes:
         if settings.verbose:
             self.log.info("connect {path} from {ip}", path=stream.request_path,
                           ip=stream.client_ip)
-        return stream.done
+        return STREAMING
 
     def _stream_headers(self, request: Request) -> None:
         for name, value in SSE_HEADERS:

@@ -154,6 +154,9 @@ class FakeRequest:
     def write(self, data: bytes) -> None:
         self.written.append(data)
 
+    def finish(self) -> None:
+        self.written.append(b"<end>")
+
 
 def test_conflation_merges_counts_while_paused():
     from emojistream.stream import SummaryStream
@@ -202,7 +205,7 @@ def test_batching_writes_each_streams_frames_once_per_flush_in_order():
     # Closing sends what is held first.
     stream.send(b"data:last\n\n")
     stream.close()
-    assert request.written[-1] == b"data:last\n\n" and stream.msgs_sent == 4
+    assert request.written[-2:] == [b"data:last\n\n", b"<end>"] and stream.msgs_sent == 4
 
 
 def test_within_one_read_a_streams_later_messages_leave_together_at_its_end():
@@ -283,7 +286,7 @@ def test_a_server_side_close_still_sends_what_a_backed_up_stream_holds():
     stream.send(b"data:2\n\n")
     assert b"".join(request.written) == b""
     stream.close()
-    assert b"".join(request.written) == b"data:1\n\ndata:2\n\n"
+    assert b"".join(request.written) == b"data:1\n\ndata:2\n\n<end>"
 
     request = FakeRequest()
     eps = SummaryStream(request, namespace="/eps", kind="eps", request_path="/subscribe/eps",
@@ -293,4 +296,4 @@ def test_a_server_side_close_still_sends_what_a_backed_up_stream_holds():
     eps.send_summary(summary_frame({"A": 1}), {"A": 1})
     eps.send_summary(summary_frame({"A": 2}), {"A": 2})
     eps.close()
-    assert b"".join(request.written) == b'data:{"A":3}\n\n'
+    assert b"".join(request.written) == b'data:{"A":3}\n\n<end>'
