@@ -18,6 +18,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -197,6 +198,9 @@ class Stream:
         request = self._request
         request.registerProducer(self, True)
         request.write(first)
+        # They are on the wire and nothing reads them again; each client's copy of
+        # the response headers would cost about a kilobyte for the life of the stream.
+        request.responseHeaders = Headers()
         # From here on the response body is ours to frame and write.
         self._chunked = bool(getattr(request, "chunked", False))
         transport = getattr(getattr(request, "channel", None), "transport", None)
