@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterator
 from typing import Any, cast
 
+from twisted.internet.interfaces import IReactorTime
+
 from emojistream.stream import Stream, SummaryStream, chunk
 
 #: Emoji IDs as they appear in detail paths and channel names: 1F1FA-1F1F8, 2665...
@@ -34,9 +36,18 @@ def lineage(namespace: str) -> list[str]:
 
 
 class Hub:
-    """Every open stream, by namespace, and the counters reports read."""
+    """Every open stream, by namespace, and the counters reports read.
 
-    def __init__(self) -> None:
+    With a C{reactor}, a score summary goes out in slices of C{summary_slice} streams,
+    one per reactor turn: thousands of /eps clients would otherwise hold the reactor
+    for tens of milliseconds per tick while detail updates wait behind them.
+    """
+
+    def __init__(self, reactor: IReactorTime | None = None, summary_slice: int = 256) -> None:
+        self._reactor = reactor
+        self._summary_slice = summary_slice
+        #: True while a summary is still going out slice by slice.
+        self.summary_pending = False
         self._index: dict[str, dict[Stream, None]] = {}
         self._lineages: dict[str, list[str]] = {}
         self._pool_sizes: dict[str, int] = dict.fromkeys(POOLS, 0)
@@ -108,11 +119,19 @@ class Hub:
         if not pool:
             return 0
         targets = cast(tuple[SummaryStream, ...], tuple(pool))
-        chunked = chunk(frame)
-        for stream in targets:
-            stream.send_summary(frame, counts, chunked)
         self.delivered += len(targets)
+        self._send_summary(targets, 0, frame, counts, chunk(frame))
         return len(targets)
+
+    def _send_summary(self, targets: tuple[SummaryStream, ...], start: int, frame: bytes,
+                      counts: dict[str, int], chunked: bytes) -> None:
+        end = len(targets) if self._reactor is None else start + self._summary_slice
+        for stream in targets[start:end]:
+            stream.send_summary(frame, counts, chunked)
+        self.summary_pending = end < len(targets)
+        if self.summary_pending:
+            assert self._reactor is not None
+            self._reactor.callLater(0, self._send_summary, targets, end, frame, counts, chunked)
 
     def from_ip(self, client_ip: str) -> int:
         """How many open streams C{client_ip} holds."""

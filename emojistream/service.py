@@ -100,7 +100,7 @@ class Emojistream:
         self.service = OrderedStop()
         self.core = MultiService()
         self.core.setServiceParent(self.service)
-        self.hub = Hub()
+        self.hub = Hub(reactor)
         self.summarizer = ScoreSummarizer(
             lambda counts, frame: self.hub.publish_summary("/eps", frame, counts)
         )
@@ -187,8 +187,12 @@ class Emojistream:
         return timer
 
     def _tick(self) -> None:
-        """Every 1/60 s: the score summary, then (with a latency budget) the writes."""
-        self.summarizer.tick()
+        """Every 1/60 s: the score summary, then (with a latency budget) the writes.
+
+        While the last summary is still going out, hits keep counting towards the next.
+        """
+        if not self.hub.summary_pending:
+            self.summarizer.tick()
         if self.batcher.hold_all:
             self.batcher.flush()
 

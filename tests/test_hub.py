@@ -80,3 +80,51 @@ def test_a_stream_removed_during_a_broadcast_is_not_written_again():
     hub.publish("/raw", b"data:b\n\n")
     assert first.frames == [b"data:a\n\n"]
     assert second.frames == [b"data:a\n\n", b"data:b\n\n"]
+
+
+class FakeSummaryStream(FakeStream):
+    def send_summary(self, frame: bytes, counts: dict[str, int],
+                     chunked: bytes | None = None) -> None:
+        self.frames.append(frame)
+
+
+class Turns:
+    """A reactor's callLater(0), one turn at a time."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def callLater(self, delay: float, f, *args) -> None:
+        assert delay == 0
+        self.calls.append((f, args))
+
+    def turn(self) -> None:
+        calls, self.calls = self.calls, []
+        for f, args in calls:
+            f(*args)
+
+
+def test_a_summary_goes_out_in_slices_one_per_reactor_turn():
+    reactor = Turns()
+    hub = Hub(reactor, summary_slice=3)  # type: ignore[arg-type]
+    streams = [FakeSummaryStream("/eps", "eps") for _ in range(7)]
+    for s in streams:
+        hub.add(s)  # type: ignore[arg-type]
+    assert hub.publish_summary("/eps", b"data:{}\n\n", {"A": 1}) == 7
+    assert [len(s.frames) for s in streams] == [1, 1, 1, 0, 0, 0, 0]
+    assert hub.summary_pending
+    reactor.turn()
+    assert [len(s.frames) for s in streams] == [1, 1, 1, 1, 1, 1, 0]
+    assert hub.summary_pending
+    reactor.turn()
+    assert [len(s.frames) for s in streams] == [1] * 7
+    assert not hub.summary_pending and reactor.calls == []
+
+
+def test_without_a_reactor_a_summary_goes_out_at_once():
+    hub = Hub()
+    streams = [FakeSummaryStream("/eps", "eps") for _ in range(1000)]
+    for s in streams:
+        hub.add(s)  # type: ignore[arg-type]
+    hub.publish_summary("/eps", b"data:{}\n\n", {"A": 1})
+    assert all(s.frames == [b"data:{}\n\n"] for s in streams) and not hub.summary_pending

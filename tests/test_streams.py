@@ -130,6 +130,28 @@ async def test_eps_sums_are_exact_across_ticks_and_never_empty(client, publisher
 
 
 @pytest_twisted.ensureDeferred
+async def test_eps_sums_stay_exact_when_summaries_go_out_in_slices(daemon, client, publisher):
+    # Three streams per reactor turn: each summary takes several turns, ticks that
+    # come while one is still going out leave their hits to the next.
+    daemon.app.hub._summary_slice = 3
+    readers = [(await client.stream("/subscribe/eps"))[1] for _ in range(10)]
+    expected: Counter[str] = Counter()
+    ids = ["2665", "1F602", "2764"]
+    for i in range(600):
+        expected[ids[i % 3]] += 1
+        await publisher.publish("stream.score_updates", ids[i % 3])
+    await publisher.publish("stream.score_updates", "END")
+    for reader in readers:
+        await reader.wait_for(lambda r: any("END" in json.loads(e.data) for e in r.events))
+        total: Counter[str] = Counter()
+        for event in reader.events:
+            total.update(json.loads(event.data))
+        del total["END"]
+        assert total == expected
+    assert not daemon.app.hub.summary_pending
+
+
+@pytest_twisted.ensureDeferred
 async def test_raw_stream_sends_one_message_per_hit_in_order(client, publisher):
     _, raw = await client.stream("/subscribe/raw")
     ids = ["2665", "1F602", "2764", "2665", "1F1FA-1F1F8"]
