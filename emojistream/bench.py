@@ -17,7 +17,7 @@ import multiprocessing as mp
 import os
 import random
 import re
-import selectors
+import select
 import shutil
 import signal
 import socket
@@ -94,7 +94,8 @@ def client_main(host: str, port: int, plan: list[tuple[str, str, bool]], shared:
                 results: Any) -> None:
     """Open every planned stream, read until told to stop, report per-stream figures."""
     raise_fd_limit(len(plan) + 256)
-    sel = selectors.DefaultSelector()
+    poller = select.epoll()
+    by_fd: dict[int, Sub] = {}
     subs: list[Sub] = []
     for kind, emoji_id, sample in plan:
         path = {"eps": "/subscribe/eps", "raw": "/subscribe/raw"}.get(
@@ -105,14 +106,15 @@ def client_main(host: str, port: int, plan: list[tuple[str, str, bool]], shared:
         sock.setblocking(False)
         sub = Sub(kind, emoji_id, sample, sock)
         subs.append(sub)
-        sel.register(sock, selectors.EVENT_READ, sub)
+        by_fd[sock.fileno()] = sub
+        poller.register(sock.fileno(), select.EPOLLIN)
     # A stream counts as connected once its headers arrive: the daemon sends them
     # after the stream joined its namespace, so from then on nothing published is
     # missed (the publisher starts when every stream is connected).
     waiting = {sub.sock: sub for sub in subs}
     while waiting and not shared["stop"].value:
-        for key, _ in sel.select(0.05):
-            sub = key.data
+        for fd, _ in poller.poll(0.05):
+            sub = by_fd[fd]
             if sub.sock not in waiting:
                 continue
             try:
@@ -136,48 +138,69 @@ def client_main(host: str, port: int, plan: list[tuple[str, str, bool]], shared:
     # (publish time, latency) of detail messages published after the window.
     after: list[tuple[float, float]] = []
     delivered = shared["delivered"]
+    # Streams that are only counted are read into one reused buffer, behind the
+    # last five bytes of their previous read (so that a split "\ndata:" counts).
+    buffer = bytearray(1 << 18)
+    view = memoryview(buffer)
+    kind_index = {kind: i for i, kind in enumerate(KINDS)}
     while not shared["stop"].value:
         counts = [0, 0, 0]
-        for key, _ in sel.select(0.05):
-            sub = key.data
+        for fd, _ in poller.poll(0.05):
+            sub = by_fd[fd]
+            if not (sub.kind == "details" or sub.sample):
+                tail = sub.tail
+                start = len(tail)
+                buffer[:start] = tail
+                try:
+                    got = sub.sock.recv_into(view[start:])
+                except BlockingIOError:
+                    continue
+                if not got:
+                    poller.unregister(fd)
+                    continue
+                end = start + got
+                n = buffer.count(b"\ndata:", 0, end)
+                sub.tail = bytes(buffer[max(0, end - 5):end])
+                sub.messages += n
+                counts[kind_index[sub.kind]] += n
+                continue
             try:
                 data = sub.sock.recv(262144)
             except BlockingIOError:
                 continue
             if not data:
-                sel.unregister(sub.sock)
+                poller.unregister(fd)
                 continue
             # Every message here is one data: line; the tail keeps a split one countable.
             joined = sub.tail + data
             n = joined.count(b"\ndata:")
             sub.tail = joined[-5:]
-            if sub.kind == "details" or sub.sample:
-                data = sub.buffer + data
-                end = data.rfind(b"\n\n")
-                whole, sub.buffer = (data[:end + 2], data[end + 2:]) if end >= 0 else (b"", data)
-                if sub.kind == "details":
-                    now = time.time()
-                    measuring = shared["measuring"].value
-                    for m in _SEQ.finditer(whole):
-                        seq = int(m.group(1))
-                        if seq in sub.seqs:
-                            sub.dups += 1
-                        elif seq < sub.last_seq:
-                            sub.reorders += 1
-                        sub.seqs.add(seq)
-                        sub.last_seq = max(sub.last_seq, seq)
-                        if measuring:
-                            published = float(m.group(2))
-                            if measuring == 1:
-                                latencies.append(now - published)
-                            else:
-                                after.append((published, now - published))
-                elif sub.kind == "eps":
-                    for line in whole.split(b"\n"):
-                        if line.startswith(b"data:"):
-                            sub.eps_totals.update(json.loads(line[5:]))
+            data = sub.buffer + data
+            end = data.rfind(b"\n\n")
+            whole, sub.buffer = (data[:end + 2], data[end + 2:]) if end >= 0 else (b"", data)
+            if sub.kind == "details":
+                now = time.time()
+                measuring = shared["measuring"].value
+                for m in _SEQ.finditer(whole):
+                    seq = int(m.group(1))
+                    if seq in sub.seqs:
+                        sub.dups += 1
+                    elif seq < sub.last_seq:
+                        sub.reorders += 1
+                    sub.seqs.add(seq)
+                    sub.last_seq = max(sub.last_seq, seq)
+                    if measuring:
+                        published = float(m.group(2))
+                        if measuring == 1:
+                            latencies.append(now - published)
+                        else:
+                            after.append((published, now - published))
+            elif sub.kind == "eps":
+                for line in whole.split(b"\n"):
+                    if line.startswith(b"data:"):
+                        sub.eps_totals.update(json.loads(line[5:]))
             sub.messages += n
-            counts[KINDS.index(sub.kind)] += n
+            counts[kind_index[sub.kind]] += n
         if any(counts):
             with delivered.get_lock():
                 for i, c in enumerate(counts):
@@ -191,6 +214,7 @@ def client_main(host: str, port: int, plan: list[tuple[str, str, bool]], shared:
             "reorders": sub.reorders, "eps_totals": dict(sub.eps_totals) if sub.sample else None,
         })
         sub.sock.close()
+    poller.close()
     results.put((report, latencies, after))
 
 
@@ -202,6 +226,12 @@ def cpu_split(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     user, system, child_user, child_system = (int(fields[i]) for i in (11, 12, 13, 14))
     return (user + child_user) / _TICKS, (system + child_system) / _TICKS
+
+
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to others while this machine wanted it (all CPUs)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[8]) / _TICKS if len(fields) > 8 else 0.0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -346,6 +376,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         publisher.run(args.rate, args.warmup)
         cpu0 = cpu_split(server_pid) if server_pid else None
         client_cpu0 = sum(cpu_seconds(w.pid) for w in workers if w.pid)
+        steal0 = steal_seconds()
         delivered0 = list(shared["delivered"])
         seq0 = publisher.seq
         profiler = None
@@ -365,6 +396,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         delivered1 = list(shared["delivered"])
         cpu1 = cpu_split(server_pid) if server_pid else None
         client_cpu1 = sum(cpu_seconds(w.pid) for w in workers if w.pid)
+        steal1 = steal_seconds()
         rss_end = rss_mb(server_pid) if server_pid else None
         if args.after:
             # The recovery phase: back to the normal rate, latency by publish time.
@@ -432,6 +464,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if server_split is not None and deliveries else None),
         "client_us_per_message": (round(client_cpu / deliveries * 1e6, 3)
                                   if deliveries else None),
+        "steal_cpu_percent": round((steal1 - steal0) / window * 100, 1),
         "server_rss_mb": {"idle": rss_idle, "end": rss_end},
         "rss_kb_per_connection": (round((rss_end - rss_idle) * 1024 / len(plan), 2)
                                   if rss_idle is not None and rss_end is not None and plan
@@ -482,6 +515,7 @@ def table(result: dict[str, Any]) -> str:
         ("  of which user, system", ", ".join(
             str(t) for t in result["server_us_per_message_user_system"] or ("-", "-"))),
         ("client CPU µs per message", result["client_us_per_message"]),
+        ("CPU stolen by the host %", result["steal_cpu_percent"]),
         ("server RSS MB idle → end", f"{result['server_rss_mb']['idle']} → "
                                      f"{result['server_rss_mb']['end']}"),
         ("RSS KB per connection", result["rss_kb_per_connection"]),

@@ -10,7 +10,7 @@ connections are found through the index, never by scanning every connection.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from twisted.internet.interfaces import IReactorTime
@@ -46,6 +46,8 @@ class Hub:
     def __init__(self, reactor: IReactorTime | None = None, summary_slice: int = 256) -> None:
         self._reactor = reactor
         self._summary_slice = summary_slice
+        #: Called when a summary that went out in slices is all out.
+        self.summary_done: Callable[[], object] = lambda: None
         #: True while a summary is still going out slice by slice.
         self.summary_pending = False
         self._index: dict[str, dict[Stream, None]] = {}
@@ -128,10 +130,13 @@ class Hub:
         end = len(targets) if self._reactor is None else start + self._summary_slice
         for stream in targets[start:end]:
             stream.send_summary(frame, counts, chunked)
-        self.summary_pending = end < len(targets)
-        if self.summary_pending:
+        if end < len(targets):
+            self.summary_pending = True
             assert self._reactor is not None
             self._reactor.callLater(0, self._send_summary, targets, end, frame, counts, chunked)
+        elif self.summary_pending:
+            self.summary_pending = False
+            self.summary_done()
 
     def from_ip(self, client_ip: str) -> int:
         """How many open streams C{client_ip} holds."""

@@ -101,6 +101,8 @@ class Emojistream:
         self.core = MultiService()
         self.core.setServiceParent(self.service)
         self.hub = Hub(reactor)
+        self.hub.summary_done = self._summary_done
+        self._tick_owed = False
         self.summarizer = ScoreSummarizer(
             lambda counts, frame: self.hub.publish_summary("/eps", frame, counts)
         )
@@ -189,12 +191,20 @@ class Emojistream:
     def _tick(self) -> None:
         """Every 1/60 s: the score summary, then (with a latency budget) the writes.
 
-        While the last summary is still going out, hits keep counting towards the next.
+        While the last summary is still going out, hits keep counting towards the next,
+        which goes as soon as that one is out.
         """
-        if not self.hub.summary_pending:
+        if self.hub.summary_pending:
+            self._tick_owed = True
+        else:
             self.summarizer.tick()
         if self.batcher.hold_all:
             self.batcher.flush()
+
+    def _summary_done(self) -> None:
+        if self._tick_owed:
+            self._tick_owed = False
+            self.summarizer.tick()
 
     def _gauges(self) -> dict[str, float]:
         sizes = self.hub.pool_sizes()

@@ -107,6 +107,8 @@ class Turns:
 def test_a_summary_goes_out_in_slices_one_per_reactor_turn():
     reactor = Turns()
     hub = Hub(reactor, summary_slice=3)  # type: ignore[arg-type]
+    done: list[bool] = []
+    hub.summary_done = lambda: done.append(True)
     streams = [FakeSummaryStream("/eps", "eps") for _ in range(7)]
     for s in streams:
         hub.add(s)  # type: ignore[arg-type]
@@ -118,7 +120,7 @@ def test_a_summary_goes_out_in_slices_one_per_reactor_turn():
     assert hub.summary_pending
     reactor.turn()
     assert [len(s.frames) for s in streams] == [1] * 7
-    assert not hub.summary_pending and reactor.calls == []
+    assert not hub.summary_pending and reactor.calls == [] and done == [True]
 
 
 def test_without_a_reactor_a_summary_goes_out_at_once():
