@@ -12,6 +12,7 @@ latency, eps rate and exactness, loss, duplicates and reordering per subscriber.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -568,6 +569,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="record a py-spy profile of the server over the window "
                              "(raw collapsed stacks; needs py-spy installed)")
     parser.add_argument("--json", default="bench-result.json", help="where to write the JSON")
+    parser.add_argument("--send-floor", action="store_true",
+                        help="instead of the daemon, measure what a bare Python send loop "
+                             "pays per message over --clients loopback connections")
+    parser.add_argument("--floor-rate", type=float, default=70000,
+                        help="with --send-floor: messages per second (default 70,000, "
+                             "about workload 1's deliveries)")
     parser.add_argument("--quick", action="store_true",
                         help="a 15-second smoke run: 200 clients, 100 hits/s")
     args = parser.parse_args(argv)
@@ -579,8 +586,86 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# -- the floor: what one process pays per TCP send here, doing nothing else -----------
+
+
+def floor_reader(port: int, n: int, stop: Any) -> None:
+    """Hold C{n} connections and read whatever arrives, like the benchmark's clients."""
+    raise_fd_limit(n + 256)
+    poller = select.epoll()
+    socks = []
+    for _ in range(n):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setblocking(False)
+        poller.register(sock.fileno(), select.EPOLLIN)
+        socks.append(sock)
+    by_fd = {sock.fileno(): sock for sock in socks}
+    buffer = bytearray(1 << 18)
+    while not stop.value:
+        for fd, _ in poller.poll(0.05):
+            with contextlib.suppress(BlockingIOError):
+                by_fd[fd].recv_into(buffer)
+
+
+def send_floor(clients: int, rate: float, seconds: float, nodelay: bool,
+               procs: int) -> dict[str, float]:
+    """Send a 100-byte message at a time, round robin over C{clients} loopback
+    connections at C{rate} messages/s, from a bare Python loop (no reactor, no HTTP);
+    the server CPU per send is the least any server on this machine can pay."""
+    raise_fd_limit(clients + 256)
+    listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    port = listener.getsockname()[1]
+    stop = mp.Value("b", 0)
+    readers = [mp.Process(target=floor_reader, args=(port, clients // procs, stop))
+               for _ in range(procs)]
+    for r in readers:
+        r.start()
+    conns = [listener.accept()[0] for _ in range((clients // procs) * procs)]
+    for conn in conns:
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(nodelay))
+    sends = [conn.send for conn in conns]
+    message = b"data:" + b"x" * 93 + b"\n\n"
+    start, before, done = time.monotonic(), os.times(), 0
+    while (elapsed := time.monotonic() - start) < seconds:
+        for i in range(done, int(elapsed * rate)):
+            # Not contextlib.suppress: this loop is what is measured, kept bare.
+            try:  # noqa: SIM105
+                sends[i % len(sends)](message)
+            except BlockingIOError:
+                pass
+        done = max(done, int(elapsed * rate))
+        time.sleep(0.0025)
+    after = os.times()
+    stop.value = 1
+    for r in readers:
+        r.join(30)
+    for conn in conns:
+        conn.close()
+    listener.close()
+    return {"sends": done, "user_us": round((after.user - before.user) / done * 1e6, 3),
+            "system_us": round((after.system - before.system) / done * 1e6, 3)}
+
+
+def floor_main(args: argparse.Namespace) -> int:
+    rate = args.floor_rate
+    print(f"{args.clients} connections, {rate:g} sends/s, {args.window:g} s, "
+          f"{args.client_procs} reader processes")
+    results = {}
+    for nodelay in (True, False):
+        r = send_floor(args.clients, rate, args.window, nodelay, args.client_procs)
+        name = "TCP_NODELAY on (as twisted.web sets it)" if nodelay else "TCP_NODELAY off"
+        results[name] = r
+        print(f"{name:<42} µs per send: user {r['user_us']}, system {r['system_us']}, "
+              f"total {round(r['user_us'] + r['system_us'], 3)}")
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.send_floor:
+        return floor_main(args)
     result = run(args)
     print(table(result))
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
