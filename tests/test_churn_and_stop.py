@@ -104,3 +104,28 @@ async def test_sigterm_drains_200_clients_with_retry_hints_and_exits_0(redis_ser
         assert conn.received.endswith(b"0\r\n\r\n")
     assert min(hints) >= 1000 and max(hints) <= 4000 and len(set(hints)) > 50
     assert "Traceback" not in proc.log()
+
+
+def test_startup_objects_are_frozen_out_of_garbage_collections():
+    import gc
+    import weakref
+
+    from emojistream.lifecycle import freeze_startup_objects
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    gc.unfreeze()
+    garbage = weakref.ref(Cycle())  # start-up garbage: to be collected, not frozen
+    alive = Cycle()
+    tracked_before = len(gc.get_objects())
+    try:
+        freeze_startup_objects()
+        assert garbage() is None
+        assert gc.get_freeze_count() > 0
+        # What is alive now is out of every collection's way.
+        assert not any(o is alive for o in gc.get_objects())
+        assert len(gc.get_objects()) < tracked_before / 10
+    finally:
+        gc.unfreeze()
