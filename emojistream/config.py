@@ -218,7 +218,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("raw_stream", "raw-stream", "ENABLE_RAW_STREAM", parse_bool, "true",
          "Serve /subscribe/raw, one message per score hit", is_flag=True),
     Spec("keepalive", "keepalive", "SSE_KEEPALIVE_SEC", parse_positive_float, "15",
-         "Seconds between ':' keepalive comments on every stream", metavar="SECONDS"),
+         "Seconds between ':' keepalive comments on streams idle that long", metavar="SECONDS"),
     Spec("verbose", "verbose", "VERBOSE", parse_bool, "false",
          "Log every stream connect and disconnect", is_flag=True),
     Spec("env", "env", "RACK_ENV", parse_env_name, "development",

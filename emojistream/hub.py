@@ -143,10 +143,11 @@ class Hub:
         return self._per_ip.get(client_ip, 0)
 
     def keepalive(self, frame: bytes) -> None:
-        """Write a keepalive comment to every open stream."""
+        """Write a keepalive comment to every open stream that was sent nothing since
+        the last keepalive."""
         for pool in tuple(self._index.values()):
             for stream in tuple(pool):
-                stream.send_control(frame)
+                stream.keepalive(frame)
 
     def streams(self) -> Iterator[Stream]:
         """Every open stream, in no particular order."""

@@ -135,6 +135,7 @@ class Stream:
         "_batch",
         "_batcher",
         "_chunked",
+        "_idle_mark",
         "_limit",
         "_out",
         "_paused",
@@ -179,6 +180,8 @@ class Stream:
         self.user_agent = user_agent
         self.tag = tag
         self.msgs_sent = 0
+        # msgs_sent at the last keepalive tick: unchanged means idle since then.
+        self._idle_mark = 0
         self.open = True
         #: True once the server dropped this client for not keeping up.
         self.dropped = False
@@ -284,6 +287,13 @@ class Stream:
             self._hold(data)
         else:
             self._out(data)
+
+    def keepalive(self, frame: bytes) -> None:
+        """Write the keepalive comment C{frame} if no message went out since the last
+        call: a stream that carries messages is not idle and needs none."""
+        if self.msgs_sent == self._idle_mark:
+            self.send_control(frame)
+        self._idle_mark = self.msgs_sent
 
     def send_control(self, frame: bytes) -> None:
         """Write bytes that are not a message (keepalive); skipped while backed up,

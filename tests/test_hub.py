@@ -23,6 +23,9 @@ class FakeStream:
     def send_control(self, frame: bytes) -> None:
         self.frames.append(frame)
 
+    def keepalive(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
 
 def test_lineage_stops_at_slash_boundaries():
     assert lineage("/details/2665") == ["/details/2665", "/details"]

@@ -297,3 +297,18 @@ def test_a_server_side_close_still_sends_what_a_backed_up_stream_holds():
     eps.send_summary(summary_frame({"A": 2}), {"A": 2})
     eps.close()
     assert b"".join(request.written) == b'data:{"A":3}\n\n<end>'
+
+
+def test_keepalives_go_only_to_streams_that_were_sent_nothing_since_the_last():
+    from emojistream.sse import KEEPALIVE
+    from emojistream.stream import Stream
+
+    request = FakeRequest()
+    stream = Stream(request, namespace="/raw", kind="raw", request_path="/subscribe/raw",
+                    created_at=0, client_ip="x", user_agent="")
+    stream.start()
+    stream.keepalive(KEEPALIVE)  # idle since it opened
+    stream.send(b"data:1\n\n")
+    stream.keepalive(KEEPALIVE)  # carried a message: not idle
+    stream.keepalive(KEEPALIVE)  # idle again
+    assert b"".join(request.written) == KEEPALIVE + b"data:1\n\n" + KEEPALIVE
