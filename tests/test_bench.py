@@ -13,7 +13,8 @@ from conftest import repo_env
 def test_quick_benchmark_reports_everything_and_loses_nothing(tmp_path):
     out = tmp_path / "result.json"
     result = subprocess.run(
-        [sys.executable, "-m", "emojistream.bench", "--quick", "--json", str(out)],
+        [sys.executable, "-m", "emojistream.bench", "--quick", "--after", "2",
+         "--json", str(out)],
         capture_output=True, text=True, env=repo_env(), cwd=tmp_path, timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -23,6 +24,8 @@ def test_quick_benchmark_reports_everything_and_loses_nothing(tmp_path):
     for kind in ("eps", "raw", "details"):
         assert report["delivered_per_s"][kind] > 0
     assert report["server_us_per_message"] > 0 and report["client_us_per_message"] > 0
+    user, system = report["server_us_per_message_user_system"]
+    assert user >= 0 and system >= 0 and report["steal_cpu_percent"] >= 0
     assert report["server_rss_mb"]["idle"] > 0 and report["rss_kb_per_connection"] is not None
     assert set(report["detail_latency_ms"]) == {"p50", "p99", "max"}
     assert report["detail_latency_ms"]["p50"] is not None
@@ -31,3 +34,22 @@ def test_quick_benchmark_reports_everything_and_loses_nothing(tmp_path):
     assert report["duplicates"] == 0 and report["reordered"] == 0
     assert report["hits_published"] > 0
     assert report["server_dropped_connections"] == 0
+    # The recovery phase after the window: latency by half second of publish time.
+    after = report["after_window"]
+    assert after["seconds"] == 2 and len(after["p99_ms_per_half_second"]) == 4
+    assert after["p99_ms_from_2s"] is None or after["p99_ms_from_2s"] > 0
+
+
+def test_send_floor_reports_the_cost_of_a_bare_send_with_and_without_nodelay(tmp_path):
+    out = tmp_path / "floor.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "emojistream.bench", "--send-floor", "--clients", "40",
+         "--window", "1", "--floor-rate", "4000", "--json", str(out)],
+        capture_output=True, text=True, env=repo_env(), cwd=tmp_path, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert len(report) == 2
+    for figures in report.values():
+        assert figures["sends"] > 1000
+        assert figures["user_us"] + figures["system_us"] > 0

@@ -1,0 +1,27 @@
+"""Logs every generation-1 and -2 garbage collection in a twistd process, with its
+duration, to /tmp/gc-<pid>.log. Put this directory on PYTHONPATH of a benchmark run
+(the daemon inherits it):
+
+    PYTHONPATH=.:docs/profiles/gc_pauses python -m emojistream.bench
+
+Each line: generation, duration, objects collected.
+"""
+
+import gc
+import os
+import sys
+import time
+
+if "twistd" in sys.argv[0]:
+    _started = [0.0]
+    _log = open(f"/tmp/gc-{os.getpid()}.log", "w")  # noqa: SIM115 (open for the process)
+
+    def _record(phase: str, info: dict) -> None:
+        if phase == "start":
+            _started[0] = time.perf_counter()
+        elif info["generation"] >= 1:
+            took = (time.perf_counter() - _started[0]) * 1000
+            _log.write(f"{info['generation']} {took:.2f}ms {info['collected']}\n")
+            _log.flush()
+
+    gc.callbacks.append(_record)
