@@ -158,6 +158,14 @@ class FakeRequest:
         self.written.append(b"<end>")
 
 
+def raw_stream(request: FakeRequest, batcher=None):
+    """A /raw stream on C{request}, as the web route would make it."""
+    from emojistream.stream import Stream
+
+    return Stream(request, namespace="/raw", kind="raw", request_path="/subscribe/raw",
+                  created_at=0, client_ip="x", user_agent="", batcher=batcher)
+
+
 def test_conflation_merges_counts_while_paused():
     from emojistream.stream import SummaryStream
     from emojistream.summarizer import summary_frame
@@ -188,12 +196,11 @@ def test_direct_writer_falls_back_where_it_cannot_send_directly():
 
 
 def test_batching_writes_each_streams_frames_once_per_flush_in_order():
-    from emojistream.stream import Batcher, Stream
+    from emojistream.stream import Batcher
 
     batcher = Batcher(hold_all=True)
     request = FakeRequest()
-    stream = Stream(request, namespace="/raw", kind="raw", request_path="/subscribe/raw",
-                    created_at=0, client_ip="x", user_agent="", batcher=batcher)
+    stream = raw_stream(request, batcher)
     stream.start(b"retry:1\n\n")
     for i in range(3):
         stream.send(b"data:%d\n\n" % i)
@@ -209,12 +216,11 @@ def test_batching_writes_each_streams_frames_once_per_flush_in_order():
 
 
 def test_within_one_read_a_streams_later_messages_leave_together_at_its_end():
-    from emojistream.stream import Batcher, Stream
+    from emojistream.stream import Batcher
 
     batcher = Batcher()
     request = FakeRequest()
-    stream = Stream(request, namespace="/raw", kind="raw", request_path="/subscribe/raw",
-                    created_at=0, client_ip="x", user_agent="", batcher=batcher)
+    stream = raw_stream(request, batcher)
     stream.start()
     # Outside a read every message goes at once.
     stream.send(b"data:0\n\n")
@@ -237,12 +243,11 @@ def test_within_one_read_a_streams_later_messages_leave_together_at_its_end():
 
 
 def test_a_stream_paused_within_a_read_keeps_its_order():
-    from emojistream.stream import Batcher, Stream
+    from emojistream.stream import Batcher
 
     batcher = Batcher()
     request = FakeRequest()
-    stream = Stream(request, namespace="/raw", kind="raw", request_path="/subscribe/raw",
-                    created_at=0, client_ip="x", user_agent="", batcher=batcher)
+    stream = raw_stream(request, batcher)
     stream.start()
     batcher.begin_round()
     stream.send(b"data:1\n\n")
@@ -274,12 +279,11 @@ async def test_batched_mode_delivers_everything_in_order(redis_server, publisher
 
 
 def test_a_server_side_close_still_sends_what_a_backed_up_stream_holds():
-    from emojistream.stream import Stream, SummaryStream
+    from emojistream.stream import SummaryStream
     from emojistream.summarizer import summary_frame
 
     request = FakeRequest()
-    stream = Stream(request, namespace="/raw", kind="raw", request_path="/subscribe/raw",
-                    created_at=0, client_ip="x", user_agent="")
+    stream = raw_stream(request)
     stream.start()
     stream.pauseProducing()
     stream.send(b"data:1\n\n")
@@ -301,11 +305,9 @@ def test_a_server_side_close_still_sends_what_a_backed_up_stream_holds():
 
 def test_keepalives_go_only_to_streams_that_were_sent_nothing_since_the_last():
     from emojistream.sse import KEEPALIVE
-    from emojistream.stream import Stream
 
     request = FakeRequest()
-    stream = Stream(request, namespace="/raw", kind="raw", request_path="/subscribe/raw",
-                    created_at=0, client_ip="x", user_agent="")
+    stream = raw_stream(request)
     stream.start()
     stream.keepalive(KEEPALIVE)  # idle since it opened
     stream.send(b"data:1\n\n")
