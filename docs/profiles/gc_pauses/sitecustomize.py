@@ -4,7 +4,7 @@ duration, to /tmp/gc-<pid>.log. Put this directory on PYTHONPATH of a benchmark 
 
     PYTHONPATH=.:docs/profiles/gc_pauses python -m emojistream.bench
 
-Each line: generation, duration, objects collected.
+Each line: seconds since the process started, generation, duration, objects collected.
 """
 
 import gc
@@ -13,6 +13,7 @@ import sys
 import time
 
 if "twistd" in sys.argv[0]:
+    _born = time.perf_counter()
     _started = [0.0]
     _log = open(f"/tmp/gc-{os.getpid()}.log", "w")  # noqa: SIM115 (open for the process)
 
@@ -21,7 +22,8 @@ if "twistd" in sys.argv[0]:
             _started[0] = time.perf_counter()
         elif info["generation"] >= 1:
             took = (time.perf_counter() - _started[0]) * 1000
-            _log.write(f"{info['generation']} {took:.2f}ms {info['collected']}\n")
+            _log.write(f"{_started[0] - _born:.1f}s {info['generation']} {took:.2f}ms "
+                       f"{info['collected']}\n")
             _log.flush()
 
     gc.callbacks.append(_record)
