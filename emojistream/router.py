@@ -29,7 +29,13 @@ def valid_utf8(payload: bytes) -> bytes:
 
 
 class Router:
-    """Turns (channel, payload) from Redis into hub broadcasts and summarizer hits."""
+    """Turns (channel, payload) from Redis into hub broadcasts and summarizer hits.
+
+    Within one read from Redis (between L{read_started} and L{read_done}) the /raw
+    broadcasts, which go to every raw client, wait until the read's detail updates,
+    which go to a few clients each, are out: a detail update does not queue behind
+    a fan-out to hundreds. Each stream still gets its messages in order.
+    """
 
     log = Logger()
 
@@ -46,6 +52,18 @@ class Router:
         self.dropped = 0
         #: Of those, the ones dropped for a payload over C{max_payload} bytes.
         self.oversized = 0
+        # /raw frames of the read in progress; None outside a read.
+        self._raw_later: list[bytes] | None = None
+
+    def read_started(self) -> None:
+        """Messages of one read from Redis follow."""
+        self._raw_later = []
+
+    def read_done(self) -> None:
+        """The read's messages are handled: now its /raw broadcasts, in order."""
+        frames, self._raw_later = self._raw_later, None
+        for frame in frames or ():
+            self._hub.publish("/raw", frame)
 
     def message(self, channel: bytes, payload: bytes) -> None:
         """Handle one pub/sub message."""
@@ -77,7 +95,10 @@ class Router:
             return
         self._summarizer.hit(emoji_id)
         if self._raw_stream:
-            self._hub.publish("/raw", encode_event(payload))
+            if self._raw_later is not None:
+                self._raw_later.append(encode_event(payload))
+            else:
+                self._hub.publish("/raw", encode_event(payload))
 
     def detail(self, channel: bytes, payload: bytes) -> None:
         """A detail update, for C{/details/<ID>} and its ancestors, named by its channel."""

@@ -129,8 +129,7 @@ class Emojistream:
         patterns = (DETAIL_PATTERN, KIOSK_PATTERN) if settings.kiosk_stream else (DETAIL_PATTERN,)
         self.feed = RedisFeed(redis_address, self.router.message, reactor=reactor,
                               channels=(SCORE_CHANNEL,), patterns=patterns,
-                              read_started=self.batcher.begin_round,
-                              read_done=self.batcher.end_round)
+                              read_started=self._read_started, read_done=self._read_done)
         self.feed.setServiceParent(redis_parent)
 
         Ticker(1 / RATE, self._tick, clock).setServiceParent(self.core)
@@ -200,6 +199,17 @@ class Emojistream:
             self.summarizer.tick()
         if self.batcher.hold_all:
             self.batcher.flush()
+
+    def _read_started(self) -> None:
+        self.router.read_started()
+        self.batcher.begin_round()
+
+    def _read_done(self) -> None:
+        """A read from Redis is handled: its /raw broadcasts, then what it held back."""
+        try:
+            self.router.read_done()
+        finally:
+            self.batcher.end_round()
 
     def _summary_done(self) -> None:
         if self._tick_owed:
