@@ -1,21 +1,25 @@
 """An outgoing connection kept up for good: reconnect with backoff, log state changes.
 
 Twisted's C{ClientService} does the (re)connecting; this adds a capped, jittered
-backoff, an optional C{prepare} step on each new connection (log in, subscribe), a
-C{state} that status reports show, and a log line per change of state rather than
-one per retry. Redis connections and the carbon (graphite) connection use it.
+backoff that keeps growing while connections fail or close right after opening, an
+optional C{prepare} step on each new connection (log in, subscribe) that must finish
+within a deadline, TCP keepalive, a C{state} that status reports show, and a log line
+per change of state rather than one per retry. Redis connections and the carbon
+(graphite) connection use it.
 """
 
 from __future__ import annotations
 
 import random
+import socket
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IProtocol,
     IProtocolFactory,
     IStreamClientEndpoint,
@@ -27,6 +31,11 @@ from zope.interface import implementer
 
 INITIAL_DELAY = 0.1
 MAX_DELAY = 5.0
+#: Seconds a new connection has to finish C{prepare} (log in, subscribe).
+PREPARE_TIMEOUT = 5.0
+#: Seconds a connection must stay up before a loss counts as news again, rather than
+#: as one more round of a peer that accepts and then closes at once.
+STABLE_AFTER = 10.0
 
 
 def backoff(attempt: int, *, initial: float = INITIAL_DELAY, cap: float = MAX_DELAY,
@@ -35,6 +44,23 @@ def backoff(attempt: int, *, initial: float = INITIAL_DELAY, cap: float = MAX_DE
     each drawn from the upper half of that, so a fleet does not retry in step."""
     ceiling = min(cap, initial * 2.0 ** min(attempt - 1, 64))
     return ceiling * (0.5 + 0.5 * rand())
+
+
+def enable_tcp_keepalive(transport: Any, idle: int = 10, interval: int = 5,
+                         count: int = 3) -> None:
+    """Have the kernel probe an idle connection, so a peer that vanished without a
+    word (a dead NAT entry, a pulled cable) ends the connection within about
+    C{idle + interval * count} seconds instead of never."""
+    handle = getattr(transport, "getHandle", lambda: None)()
+    if not isinstance(handle, socket.socket) or handle.family not in (
+            socket.AF_INET, socket.AF_INET6):
+        return
+    handle.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval),
+                        ("TCP_KEEPCNT", count)):
+        option = getattr(socket, name, None)
+        if option is not None:
+            handle.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 @implementer(IStreamClientEndpoint)
@@ -68,13 +94,19 @@ class _QuietClientService(ClientService):
 
 
 class _NotifyingFactory(Factory):
-    """Builds the owner's protocols and tells it when one's connection ends."""
+    """Builds the owner's protocols, remembers the latest, and tells the owner when
+    one's connection ends.
+
+    C{ClientService} hands C{prepareConnection} a proxy of the protocol, not the
+    protocol: L{latest} is the protocol itself, the one whose loss is reported.
+    """
 
     noisy = False
 
     def __init__(self, build: Callable[[], Protocol], on_lost: Callable[[Any], None]) -> None:
         self._build = build
         self._on_lost = on_lost
+        self.latest: Protocol | None = None
 
     def buildProtocol(self, addr: Any) -> Protocol:
         protocol = self._build()
@@ -89,15 +121,26 @@ class _NotifyingFactory(Factory):
                 on_lost(protocol)
 
         protocol.connectionLost = connection_lost  # type: ignore[method-assign]
+        self.latest = protocol
         return protocol
 
 
 class KeptConnection(Service):
     """Keeps one connection to C{endpoint} up while running.
 
+    A new connection is C{up} once C{prepare} has finished on it; a C{prepare} that
+    fails or takes longer than C{prepare_timeout} closes the connection and the next
+    attempt follows the backoff. The backoff starts again from its shortest delay
+    only once a connection has stayed up for C{stable_after} seconds, so a peer that
+    accepts and closes at once is retried ever more slowly, not ten times a second.
+
+    Logged, once per change: the connection up, its loss (or failure to connect or
+    log in), and a peer that keeps closing connections right after accepting them.
+
     @ivar state: C{"connecting"} until the first attempt ends, then C{"up"} while
         connected and prepared, C{"down"} while not, C{"stopped"} once stopped.
     @ivar protocol: the connected protocol while C{state} is C{"up"}, else None.
+    @ivar losses: connections lost after they were up, since start.
     """
 
     log = Logger()
@@ -111,17 +154,31 @@ class KeptConnection(Service):
         name: str,
         prepare: Callable[[Any], Any] = lambda protocol: None,
         retry_policy: Callable[[int], float] = backoff,
+        prepare_timeout: float = PREPARE_TIMEOUT,
+        stable_after: float = STABLE_AFTER,
     ) -> None:
         #: What this connection is, for log lines ("Redis subscriber connection to ...").
         self.description = name
         self.state = "connecting"
         self.protocol: Any = None
+        self.losses = 0
+        self._clock = clock
         self._prepare = prepare
+        self._prepare_timeout = prepare_timeout
+        self._stable_after = stable_after
+        self._retry_policy = retry_policy
+        self._failures = 0
+        # The connection being prepared or up (None between connections).
+        self._current: Any = None
+        self._up_since: float | None = None
+        self._flapping = False
+        self._loss_reason = ""
+        self._stable: IDelayedCall | None = None
         self._waiting: list[tuple[str, Deferred[None]]] = []
+        self._factory = _NotifyingFactory(build, self._lost)
         self._client = _QuietClientService(
-            _ObservedEndpoint(endpoint, self._failed),
-            _NotifyingFactory(build, self._lost),
-            retryPolicy=retry_policy, clock=clock, prepareConnection=self._ready,
+            _ObservedEndpoint(endpoint, self._failed), self._factory,
+            retryPolicy=self._delay, clock=clock, prepareConnection=self._ready,
         )
 
     def startService(self) -> None:
@@ -131,6 +188,7 @@ class KeptConnection(Service):
     def stopService(self) -> Deferred[None]:
         super().stopService()
         self.protocol = None
+        self._cancel_stable()
         self._set_state("stopped")
         d: Deferred[None] = self._client.stopService()
         return d
@@ -155,20 +213,66 @@ class KeptConnection(Service):
         for d in ready:
             d.callback(None)
 
-    @inlineCallbacks
-    def _ready(self, protocol: Any) -> Any:
-        try:
-            yield self._prepare(protocol)
-        except Exception as e:
-            self._down(f"{self.description} was refused: {e}")
-            protocol.transport.loseConnection()
-            raise
-        if self.state == "stopped":
-            return
-        self.protocol = protocol
-        if self.state != "up":
-            self.log.info("{what} is up", what=self.description)
+    def _delay(self, attempt: int) -> float:
+        # ClientService counts attempts since its last successful connect, and a
+        # connect that is closed at once is a success to it: count here instead.
+        self._failures += 1
+        return self._retry_policy(self._failures)
+
+    def _ready(self, connected: Any) -> Deferred[None]:
+        """C{ClientService}'s prepareConnection: run C{prepare} within the deadline.
+
+        Never fails: a failed C{prepare} closes the connection, and C{ClientService}
+        then retries as for any lost connection (a failure here would leave it with
+        a connection it does not know how to lose).
+        """
+        protocol = self._factory.latest
+        self._current = protocol
+        transport: Any = protocol.transport if protocol is not None else None
+        enable_tcp_keepalive(transport)
+        deadline = self._clock.callLater(self._prepare_timeout, self._too_slow, protocol)
+
+        def done(_: object) -> None:
+            if deadline.active():
+                deadline.cancel()
+            if self.state == "stopped" or self._current is not protocol:
+                return
+            self.protocol = protocol
+            self._up_since = self._clock.seconds()
+            self._stable = self._clock.callLater(self._stable_after, self._now_stable)
+            if self.state != "up" and not self._flapping:
+                self.log.info("{what} is up", what=self.description)
             self._set_state("up")
+
+        def failed(reason: Failure) -> None:
+            if deadline.active():
+                deadline.cancel()
+            if self._current is protocol:
+                why = reason.getErrorMessage().rstrip(".")
+                self._down(f"{self.description} was refused: {why}")
+                if transport is not None:
+                    transport.abortConnection()
+
+        d: Deferred[None] = maybeDeferred(self._prepare, protocol)
+        return d.addCallbacks(done, failed)
+
+    def _too_slow(self, protocol: Any) -> None:
+        if self._current is protocol and protocol.transport is not None:
+            self._down(f"{self.description} did not answer within "
+                       f"{self._prepare_timeout:g} s")
+            protocol.transport.abortConnection()
+
+    def _now_stable(self) -> None:
+        self._stable = None
+        self._failures = 0
+        if self._flapping:
+            self._flapping = False
+            self.log.info("{what} is up and stays up", what=self.description)
+
+    def _cancel_stable(self) -> None:
+        if self._stable is not None and self._stable.active():
+            self._stable.cancel()
+        self._stable = None
 
     def _down(self, message: str) -> None:
         if self.state not in ("down", "stopped"):
@@ -181,6 +285,34 @@ class KeptConnection(Service):
         self._down(f"{self.description} is unreachable: {why}")
 
     def _lost(self, protocol: Any) -> None:
-        if protocol is self.protocol:
-            self.protocol = None
-            self._down(f"{self.description} was lost")
+        if protocol is not self._current:
+            return
+        self._current = None
+        if protocol is not self.protocol:
+            # Lost while logging in: _ready's failure, or _too_slow, said why.
+            self._down(f"{self.description} was lost while connecting")
+            return
+        self.protocol = None
+        self.losses += 1
+        self._cancel_stable()
+        up_for = self._clock.seconds() - (self._up_since or 0.0)
+        if self.state == "stopped":
+            return
+        reason, self._loss_reason = self._loss_reason, ""
+        if up_for < self._stable_after and self._failures:
+            # Lost again before any connection since the last loss lasted.
+            if not self._flapping:
+                self._flapping = True
+                self.log.warn("{what} was closed {s:.1f} s after it opened; retrying "
+                              "with backoff up to {cap:g} s, quietly until a connection "
+                              "stays up {stable:g} s", what=self.description, s=up_for,
+                              cap=MAX_DELAY, stable=self._stable_after)
+            self._set_state("down")
+            return
+        self._down(f"{self.description} was lost{reason}")
+
+    def hang_up(self, protocol: Any, why: str) -> None:
+        """Abort C{protocol}'s connection (found dead: C{why}); a new one follows."""
+        if protocol is self.protocol and protocol.transport is not None:
+            self._loss_reason = f": {why}"
+            protocol.transport.abortConnection()

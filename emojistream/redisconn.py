@@ -11,15 +11,26 @@ from collections.abc import Callable
 from typing import Any
 
 import txredisapi
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IDelayedCall
 
 from emojistream.config import RedisAddress
 from emojistream.connection import KeptConnection, backoff
 
+#: Seconds of silence after which a Redis connection is sent a PING; as long again
+#: without an answer and the connection is taken for dead and replaced.
+HEARTBEAT = 3.0
+
 
 class CommandProtocol(txredisapi.RedisProtocol):  # type: ignore[misc]
-    """txredisapi's command protocol (hiredis parser)."""
+    """txredisapi's command protocol (hiredis parser), counting its reads."""
+
+    reads = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.reads += 1
+        super().dataReceived(data)
 
 
 def _nothing() -> None:
@@ -37,7 +48,10 @@ class SubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
     read_started: Callable[[], None] = staticmethod(_nothing)
     read_done: Callable[[], None] = staticmethod(_nothing)
 
+    reads = 0
+
     def dataReceived(self, data: bytes) -> None:
+        self.reads += 1
         self.read_started()
         try:
             super().dataReceived(data)
@@ -50,7 +64,14 @@ class SubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
 
 class RedisConnection(KeptConnection):
     """One Redis connection kept up: logs in (AUTH, SELECT) on every (re)connect,
-    then runs C{prepare} (the subscriber subscribes there)."""
+    then runs C{prepare} (the subscriber subscribes there).
+
+    A connection that has been silent for C{heartbeat} seconds is sent a PING; if
+    nothing comes back within C{heartbeat} seconds more, it is replaced. A subscriber
+    hears nothing while nothing is published, so silence alone proves nothing, but a
+    peer that stopped answering (a wedged proxy, a dead NAT entry) would otherwise
+    leave the daemon subscribed to nothing for good.
+    """
 
     def __init__(
         self,
@@ -63,8 +84,14 @@ class RedisConnection(KeptConnection):
         prepare: Callable[[Any], Any] = lambda protocol: None,
         select_db: bool = True,
         retry_policy: Callable[[int], float] = backoff,
+        heartbeat: float = HEARTBEAT,
     ) -> None:
         self.address = address
+        self._heartbeat = heartbeat
+        self._beating: IDelayedCall | None = None
+        self._beat_protocol: Any = None
+        self._beat_reads = -1
+        self._pinged = False
         self._select_db = select_db
         self._prepare_more = prepare
 
@@ -78,6 +105,30 @@ class RedisConnection(KeptConnection):
             clock=reactor, name=f"Redis {purpose} connection to {address}",
             prepare=self._login, retry_policy=retry_policy,
         )
+
+    def startService(self) -> None:
+        super().startService()
+        self._beating = self._clock.callLater(self._heartbeat, self._beat)
+
+    def stopService(self) -> Deferred[None]:
+        if self._beating is not None and self._beating.active():
+            self._beating.cancel()
+        self._beating = None
+        return super().stopService()
+
+    def _beat(self) -> None:
+        protocol = self.protocol
+        if protocol is not self._beat_protocol or protocol is None \
+                or protocol.reads != self._beat_reads:
+            self._beat_protocol = protocol
+            self._beat_reads = -1 if protocol is None else protocol.reads
+            self._pinged = False
+        elif self._pinged:
+            self.hang_up(protocol, f"no answer to a PING within {self._heartbeat:g} s")
+        else:
+            self._pinged = True
+            protocol.execute_command("PING").addErrback(lambda failure: None)
+        self._beating = self._clock.callLater(self._heartbeat, self._beat)
 
     @inlineCallbacks
     def _login(self, protocol: Any) -> Any:

@@ -229,6 +229,7 @@ class Emojistream:
             "messages.delivered": self.hub.delivered,
             "connections.closed": self.hub.closed,
             "connections.dropped": self.hub.dropped,
+            "redis.subscriber_losses": self.feed.losses,
         }
 
     def when_listening(self) -> Deferred[IListeningPort]:

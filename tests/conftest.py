@@ -128,3 +128,36 @@ def repo_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
+
+
+class LogCapture:
+    """Every log event emitted while installed (twisted.logger's global publisher)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def ours(self) -> list[str]:
+        """The daemon's own log lines, formatted."""
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.events
+                if str(e.get("log_namespace", "")).startswith("emojistream")]
+
+    def failures(self) -> list[dict[str, Any]]:
+        """Events that carry a traceback."""
+        return [e for e in self.events if "log_failure" in e]
+
+
+@pytest.fixture
+def logs() -> Iterator[LogCapture]:
+    from twisted.logger import globalLogPublisher
+
+    capture = LogCapture()
+    globalLogPublisher.addObserver(capture)
+    try:
+        yield capture
+    finally:
+        globalLogPublisher.removeObserver(capture)

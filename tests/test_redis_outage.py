@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import pytest_twisted
 import txredisapi
 
@@ -204,3 +205,121 @@ async def test_a_slow_redis_stalls_nobody(redis_server, publisher):
         await reader.wait_events(1)
         assert [e.data for e in reader.events] == ["after the stall"]
         assert not reader.is_closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_subscriber_killed_by_redis_is_logged_once_counted_and_replaced(
+        daemon, client, redis_server, publisher, logs):
+    feed = daemon.app.feed
+    _, reader = await client.stream("/subscribe/details/2665")
+    await publisher.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    await within(feed.when_state("down"))
+    code, body = await status(client)
+    assert code == 200
+    assert body["status"] != "OK" and body["redis"] == "down"
+    await within(feed.when_state("up"))
+    assert feed.losses == 1
+    lost = [line for line in logs.ours() if "was lost" in line]
+    assert len(lost) == 1 and "subscriber" in lost[0]
+    await publisher.publish("stream.tweet_updates.2665", "after")
+    await reader.wait_events(1)
+    _code, body = await status(client)
+    assert body["status"] == "OK" and body["totals"]["redis.subscriber_losses"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_subscriber_dropped_at_the_pubsub_buffer_limit_is_noticed(
+        daemon, client, redis_server, publisher, logs):
+    feed = daemon.app.feed
+    # Any pending output makes Redis drop a subscriber: what a burst does to one
+    # whose client falls behind at the default 32 MB.
+    await publisher.execute_command("CONFIG", "SET", "client-output-buffer-limit",
+                                    "pubsub 1 1 0")
+    await publisher.publish("stream.tweet_updates.2665", "x" * 200_000)
+    await within(feed.when_state("down"))
+    await publisher.execute_command("CONFIG", "SET", "client-output-buffer-limit",
+                                    "pubsub 32mb 8mb 60")
+    await within(feed.when_state("up"))
+    assert feed.losses >= 1
+    assert [line for line in logs.ours() if "was lost" in line]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stuck_redis_peer_is_detected_and_left_for_a_working_one(
+        redis_server, publisher, logs):
+    """The path to Redis wedges (data no longer passes, new connections are accepted
+    and never answered), then recovers: status leaves OK within 15 s, the daemon is
+    subscribed and OK within 15 s of the recovery, and the loss is one log line."""
+    import time
+
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    from tcpproxy import StuckableProxy
+
+    proxy = StuckableProxy(redis_server.port)
+    port = await proxy.start()
+    try:
+        env = {"REDIS_URL": f"redis://127.0.0.1:{port}"}
+        async with running(env) as (d, c):
+            feed = d.app.feed
+            _, reader = await c.stream("/subscribe/details/2665")
+            proxy.wedge()
+            wedged = time.monotonic()
+            await within(feed.when_state("down"), 15)
+            assert time.monotonic() - wedged < 15
+            _code, body = await status(c)
+            assert body["status"] != "OK"
+            # The peer stays wedged a while: reconnections meet it and time out.
+            await deferLater(reactor, 6, lambda: None)
+            proxy.recover()
+            recovered = time.monotonic()
+            await within(feed.when_state("up"), 15)
+            assert time.monotonic() - recovered < 15
+            _code, body = await status(c)
+            assert body["status"] == "OK"
+            await publisher.publish("stream.tweet_updates.2665", "after")
+            await reader.wait_events(1)
+            assert [e.data for e in reader.events] == ["after"]
+    finally:
+        await proxy.stop()
+    warnings = [line for line in logs.ours() if "retrying" in line]
+    assert len(warnings) == 1, warnings
+    assert "PING" in warnings[0]
+    assert not logs.failures()
+
+
+
+def test_a_wrong_password_for_15_s_logs_a_line_per_connection_and_no_traceback(
+        redis_server_with_password):
+    """The daemon as operators run it, with the admin report's second connection."""
+    import time
+
+    from daemonproc import TwistdProcess
+
+    url = f"redis://:wrong@127.0.0.1:{redis_server_with_password.port}"
+    proc = TwistdProcess("emojistream", "--listen", "tcp:0:interface=127.0.0.1",
+                         "--redis", url, "--admin-report")
+    try:
+        proc.port()
+        started = len(proc.lines)
+        # The scenario: 15 s of refused logins (a retry every 5 s at most).
+        time.sleep(15)
+    finally:
+        assert proc.terminate() == 0
+    during = proc.lines[started:]
+    refused = [line for line in during if "was refused" in line]
+    assert len(refused) == 2, proc.log()  # one per connection: subscriber, admin report
+    assert all("WRONGPASS" in line for line in refused)
+    assert "Traceback" not in proc.log() and "NoTransition" not in proc.log()
+    assert len(during) <= 10, proc.log()
+
+
+@pytest.fixture
+def redis_server_with_password():
+    server = RedisProcess(extra_args=("--requirepass", "right"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
