@@ -254,6 +254,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("graphite", "graphite", "GRAPHITE_URL", parse_graphite_url, "",
          "Carbon target for metrics every 10 s, tcp://host:2003 or udp://host:2003 "
          "(default: off)", metavar="URL"),
+    Spec("graphite_interval", "graphite-interval", "GRAPHITE_INTERVAL_SEC",
+         parse_positive_float, "10", "Seconds between carbon reports", metavar="SECONDS"),
     Spec("graphite_prefix", "graphite-prefix", "HOSTEDGRAPHITE_APIKEY", parse_metric_key, "",
          "Key put in front of every carbon metric path (hosted graphite's API key)",
          metavar="KEY"),
@@ -314,6 +316,7 @@ class Settings:
     trust_proxy: bool = False
     admin_report: bool = False
     graphite: GraphiteTarget | None = None
+    graphite_interval: float = 10.0
     graphite_prefix: str = ""
     log_format: str = "text"
     max_queue: int = 1 << 20

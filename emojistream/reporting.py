@@ -11,16 +11,17 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from emojistream.config import GraphiteTarget
 from emojistream.connection import KeptConnection
 
 ADMIN_KEY = "admin_stream_status"
 ADMIN_INTERVAL = 5.0
-CARBON_INTERVAL = 10.0
 
 
 class AdminReporter:
@@ -124,19 +125,68 @@ def carbon_prefix(api_key: str, node: str) -> str:
     return f"{api_key}.{path}" if api_key else path
 
 
+@implementer(IPushProducer)
+class _CarbonProtocol(Protocol):
+    """A carbon connection that knows when its peer stops taking data: it is its
+    transport's producer, paused once the transport's buffer is full."""
+
+    def __init__(self) -> None:
+        self.paused = False
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
 class TcpCarbon(KeptConnection):
-    """One carbon TCP connection, kept up; lines sent while it is down are dropped."""
+    """One carbon TCP connection, kept up. A report made while it is down, or while
+    the relay is not reading what it was sent, is dropped and counted: what waits
+    for a relay is bounded by the transport's buffer, and stopping never waits for
+    a relay to read."""
+
+    log = Logger()
 
     def __init__(self, target: GraphiteTarget, *, reactor: Any) -> None:
         super().__init__(
-            HostnameEndpoint(reactor, target.host, target.port, timeout=5), Protocol,
+            HostnameEndpoint(reactor, target.host, target.port, timeout=5), _CarbonProtocol,
             clock=reactor, name=f"Carbon connection to {target}",
         )
+        #: Reports dropped since start (relay down or not reading).
+        self.dropped = 0
+        self._stalled = False
 
     def send(self, data: bytes) -> None:
-        """Write C{data} if connected; a report made during an outage is lost."""
-        if self.protocol is not None:
-            self.protocol.transport.write(data)
+        """Write C{data} if the relay is connected and taking data, else drop it."""
+        protocol = self.protocol
+        if protocol is None:
+            self.dropped += 1
+            return
+        if protocol.paused:
+            self.dropped += 1
+            if not self._stalled:
+                self._stalled = True
+                self.log.warn("{what} is not reading; dropping reports until it does",
+                              what=self.description)
+            return
+        if self._stalled:
+            self._stalled = False
+            self.log.info("{what} is reading again", what=self.description)
+        protocol.transport.write(data)
+
+    def stopService(self) -> Deferred[None]:
+        protocol = self.protocol
+        if protocol is not None:
+            # A relay that stopped reading would hold a clean close up forever.
+            protocol.transport.abortConnection()
+        return super().stopService()
 
 
 class UdpCarbon(Service):

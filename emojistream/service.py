@@ -23,7 +23,6 @@ from emojistream.redisconn import RedisConnection
 from emojistream.redisfeed import RedisFeed
 from emojistream.reporting import (
     ADMIN_INTERVAL,
-    CARBON_INTERVAL,
     AdminReporter,
     CarbonReporter,
     TcpCarbon,
@@ -156,7 +155,7 @@ class Emojistream:
                                                        settings.node_name),
                 clock=clock, gauges=self._gauges, counters=self._counters,
             )
-            self._timer(CARBON_INTERVAL, reporter.report, clock, "Carbon report")
+            self._timer(settings.graphite_interval, reporter.report, clock, "Carbon report")
 
         Drain(self.hub, clock=clock, period=settings.drain).setServiceParent(self.service)
 
@@ -230,6 +229,8 @@ class Emojistream:
             "connections.closed": self.hub.closed,
             "connections.dropped": self.hub.dropped,
             "redis.subscriber_losses": self.feed.losses,
+            **({"carbon.dropped_reports": self.carbon.dropped}
+               if isinstance(self.carbon, TcpCarbon) else {}),
         }
 
     def when_listening(self) -> Deferred[IListeningPort]:

@@ -4,18 +4,19 @@ read by real TCP and UDP sockets)."""
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import globalLogPublisher
 
 from conftest import running
-from emojistream.config import resolve
-from emojistream.reporting import ADMIN_INTERVAL, CARBON_INTERVAL, carbon_lines
+from emojistream.config import Settings, resolve
+from emojistream.reporting import ADMIN_INTERVAL, carbon_lines
 from sseclient import within
 
 
@@ -137,6 +138,7 @@ class CarbonDatagrams(DatagramProtocol):
 
 
 METRICS = 10
+CARBON_INTERVAL = Settings().graphite_interval
 
 
 @pytest.mark.parametrize("transport", ["tcp", "udp"])
@@ -173,11 +175,15 @@ async def test_carbon_lines_reach_a_real_socket(transport, redis_server, publish
             await sink.wait(start + 10, METRICS)
             clock.advance(CARBON_INTERVAL)
             await sink.wait(start + 20, METRICS)
+            if transport == "tcp":
+                assert len(sink.at(start + 10)) == METRICS + 1
     finally:
         await port.stopListening()
     prefix = "k3y.emojistream.twisted-production-web_1."
     first = sink.at(start + 10)
     assert all(path.startswith(prefix) for path in first)
+    # Over TCP, reports the relay did not take are counted too.
+    first.pop(prefix + "carbon.dropped_reports", None)
     assert {path.removeprefix(prefix): v for path, v in first.items()} == {
         "stream.eps.clients": 2, "stream.raw.clients": 1, "stream.detail.clients": 1,
         "messages.received": 4, "messages.dropped": 0, "messages.oversized": 0,
@@ -231,3 +237,79 @@ async def test_carbon_tcp_connection_comes_back_after_the_server_restarts(redis_
         await port.stopListening()
     assert sink.at(start + 20) == {}
     assert len(servers) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_carbon_peer_that_accepts_and_closes_is_retried_with_growing_backoff(
+        redis_server, logs):
+    accepted: list[float] = []
+
+    class Hangup(Protocol):
+        def connectionMade(self) -> None:
+            accepted.append(reactor.seconds())
+            self.transport.loseConnection()
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Hangup), interface="127.0.0.1")
+    env = {"REDIS_URL": redis_server.url,
+           "GRAPHITE_URL": f"tcp://127.0.0.1:{port.getHost().port}"}
+    try:
+        async with running(env):
+            # The scenario: 3 s of a relay that hangs up on every connection.
+            await deferLater(reactor, 3, lambda: None)
+    finally:
+        await port.stopListening()
+    # Backoff doubling from 0.1 s: about 6 connections in 3 s (it was ~40).
+    assert 2 <= len(accepted) <= 8, accepted
+    gaps = [b - a for a, b in pairwise(accepted)]
+    assert gaps[-1] > gaps[0]
+    carbon = [line for line in logs.ours() if "Carbon connection" in line]
+    assert len(carbon) <= 4, carbon
+    assert len([line for line in carbon if "after it opened" in line]) == 1
+    assert not logs.failures()
+
+
+def test_a_carbon_relay_that_stops_reading_costs_no_memory_and_does_not_hold_up_stop(
+        redis_server):
+    """A relay that accepts and never reads, 20 reports a second of 220 KB each: the
+    daemon's memory stays flat and SIGTERM still exits within the drain + 2 s."""
+    import socket
+    import time
+
+    from daemonproc import TwistdProcess
+
+    relay = socket.socket()
+    relay.bind(("127.0.0.1", 0))
+    relay.listen(8)  # never accepted, never read
+    try:
+        proc = TwistdProcess(
+            "emojistream", "--listen", "tcp:0:interface=127.0.0.1", "--redis",
+            redis_server.url, "--graphite", f"tcp://127.0.0.1:{relay.getsockname()[1]}",
+            "--graphite-interval", "0.05", "--graphite-prefix", "k" * 20_000,
+            "--drain-sec", "1")
+        try:
+            proc.port()
+            # The kernel's buffers take the first few MB; then the relay is full.
+            time.sleep(3)
+            before = rss_kb(proc.proc.pid)
+            time.sleep(10)  # 200 more reports, 44 MB that must not pile up
+            after = rss_kb(proc.proc.pid)
+            stopping = time.monotonic()
+        finally:
+            code = proc.terminate()
+        took = time.monotonic() - stopping
+    finally:
+        relay.close()
+    assert code == 0
+    assert after - before < 3 * 1024, (before, after)
+    assert took < 1 + 2, took
+    assert "is not reading; dropping reports" in proc.log()
+    assert "Traceback" not in proc.log()
+
+
+def rss_kb(pid: int) -> int:
+    """Resident memory of process C{pid} in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
