@@ -134,7 +134,8 @@ class _CarbonProtocol(Protocol):
         self.paused = False
 
     def connectionMade(self) -> None:
-        self.transport.registerProducer(self, True)
+        transport: Any = self.transport
+        transport.registerProducer(self, True)
 
     def pauseProducing(self) -> None:
         self.paused = True
