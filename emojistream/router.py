@@ -108,8 +108,10 @@ class Router:
         self._hub.publish("/details/" + emoji_id, encode_event(valid_utf8(payload), channel))
 
     def kiosk(self, channel: bytes, payload: bytes) -> None:
-        """A kiosk interaction, for C{/kiosk_interaction}, named by its channel."""
+        """A kiosk interaction, for C{/kiosk_interaction}, named by its channel (made
+        valid UTF-8 like the payload: the stream is declared UTF-8)."""
         if b"\n" in channel or b"\r" in channel:
             self.dropped += 1
             return
-        self._hub.publish("/kiosk_interaction", encode_event(valid_utf8(payload), channel))
+        self._hub.publish("/kiosk_interaction",
+                          encode_event(valid_utf8(payload), valid_utf8(channel)))

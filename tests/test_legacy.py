@@ -163,10 +163,15 @@ async def test_kiosk_stream_when_enabled(redis_server, publisher):
         _, kiosk = await c.stream("/subscribe/kiosk_interaction")
         await publisher.publish("stream.interaction.foo", '{"x":1}')
         await publisher.publish("stream.interaction.bar.baz", "two\nlines")
-        await kiosk.wait_events(2)
+        # A channel name that is not UTF-8 is repaired like a payload.
+        await publisher.publish(b"stream.interaction.caf\xc3\xa9\xff", "named oddly")
+        await kiosk.wait_events(3)
         assert [(e.type, e.data) for e in kiosk.events] == [
-            ("stream.interaction.foo", '{"x":1}'), ("stream.interaction.bar.baz", "two\nlines")]
+            ("stream.interaction.foo", '{"x":1}'), ("stream.interaction.bar.baz", "two\nlines"),
+            ("stream.interaction.caf\u00e9\ufffd", "named oddly")]
         assert bytes(kiosk.raw).startswith(b'event:stream.interaction.foo\ndata:{"x":1}\n\n')
+        # What went out is valid UTF-8, as the Content-Type promises.
+        bytes(kiosk.raw).decode("utf-8")
         patterns = await publisher.execute_command("PUBSUB", "NUMPAT")
         assert patterns == 2
 
