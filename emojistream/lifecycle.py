@@ -102,6 +102,8 @@ class Drain(Service):
         self._clock = clock
         self._period = period
         self._rand = rand
+        #: True once the drain has begun: new streams are told to go elsewhere.
+        self.draining = False
 
     def retry_hint(self) -> int:
         """Milliseconds a drained client waits before reconnecting: 1 to 4 s."""
@@ -109,6 +111,7 @@ class Drain(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        self.draining = True
         streams = list(self._hub.streams())
         if not streams:
             return succeed(None)

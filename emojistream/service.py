@@ -157,12 +157,13 @@ class Emojistream:
             )
             self._timer(settings.graphite_interval, reporter.report, clock, "Carbon report")
 
-        Drain(self.hub, clock=clock, period=settings.drain).setServiceParent(self.service)
+        self.drain = Drain(self.hub, clock=clock, period=settings.drain)
+        self.drain.setServiceParent(self.service)
 
         self.web = MultiService()
         self.web.setServiceParent(self.service)
-        streams = StreamRoutes(self.hub, settings, clock=clock,
-                               batcher=self.batcher).app.resource()
+        streams = StreamRoutes(self.hub, settings, clock=clock, batcher=self.batcher,
+                               drain=self.drain).app.resource()
         admin = AdminRoutes(self.status.document, settings.admin_token).app.resource()
         self.endpoint = self._listen(reactor, settings.listen,
                                      Root(streams, None if settings.admin_listen else admin))

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 import socket
 from collections.abc import Callable
 from importlib.resources import files
 from io import BytesIO
 from typing import Any
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
@@ -24,10 +25,12 @@ from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.routing import RequestRedirect
 
 from emojistream.config import Settings
 from emojistream.hub import ID_PATTERN, Hub
+from emojistream.lifecycle import Drain
 from emojistream.sse import encode_retry
 from emojistream.stream import Batcher, Stream, SummaryStream
 
@@ -73,6 +76,10 @@ def forwarded_ip(request: Request) -> str:
     return peer_ip(request)
 
 
+def _hang_up(result: object, transport: Any) -> None:
+    transport.loseConnection()
+
+
 def _text(request: IRequest, code: int, body: str) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
@@ -94,11 +101,13 @@ def _http_error(request: IRequest, failure: Failure) -> bytes:
     if isinstance(error, MethodNotAllowed) and error.valid_methods:
         methods = sorted(m for m in error.valid_methods if m != "OPTIONS")
         request.setHeader(b"Allow", ", ".join(methods).encode())
-    elif not isinstance(error, NotFound):
-        # Redirects (/admin -> /admin/) keep their Location.
-        for name, value in error.get_response().headers:
-            if name.lower() != "content-type":
-                request.setHeader(name.encode(), value.encode())
+    elif isinstance(error, RequestRedirect):
+        # /admin -> /admin/: only the Location (werkzeug's other headers describe its
+        # own HTML body, Content-Length included), and relative, so that it holds
+        # behind a proxy and whatever Host the client sent.
+        target = urlsplit(error.new_url)
+        location = target.path + (f"?{target.query}" if target.query else "")
+        request.setHeader(b"Location", location.encode("utf-8"))
     return _text(request, code, f"{code} {error.name}")
 
 
@@ -131,8 +140,9 @@ class StreamRoutes:
     log = Logger()
 
     def __init__(self, hub: Hub, settings: Settings, *, clock: IReactorTime,
-                 batcher: Batcher | None = None) -> None:
+                 batcher: Batcher | None = None, drain: Drain | None = None) -> None:
         self._hub = hub
+        self._drain = drain
         self._batcher = batcher
         self._settings = settings
         self._clock = clock
@@ -172,6 +182,13 @@ class StreamRoutes:
         if request.method == b"HEAD":
             self._stream_headers(request)
             return b""
+        if self._drain is not None and self._drain.draining:
+            # Shutting down: the client is to come back in a while, to another node
+            # (on an open keep-alive connection; listening has already stopped).
+            self._stream_headers(request)
+            request.setHeader(b"Connection", b"close")
+            request.notifyFinish().addBoth(_hang_up, request.channel.transport)
+            return encode_retry(self._drain.retry_hint())
         # Limits come before any per-stream state exists.
         if len(self._hub) >= settings.max_streams:
             request.setHeader(b"Retry-After", RETRY_AFTER)
@@ -214,6 +231,9 @@ class StreamRoutes:
     def _stream_headers(self, request: Request) -> None:
         for name, value in SSE_HEADERS:
             request.setHeader(name, value)
+        if not getattr(request.channel, "persistent", True):
+            # HTTP/1.0, or "Connection: close": the connection ends with the response.
+            request.setHeader(b"Connection", b"close")
         if self._settings.force_refresh:
             request.setHeader(b"X-Sse-Cleanup-Requested", b"true")
 
@@ -288,6 +308,35 @@ class AdminRoutes:
         return self._page
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_HOST = re.compile(rb"[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]*")
+_TOKEN = rb"[A-Za-z0-9!#$%&'*+.^_`|~-]+"
+_TOKEN_LIST = re.compile(_TOKEN + rb"(?:[ \t]*,[ \t]*" + _TOKEN + rb")*")
+
+#: What a cross-origin page may send, for preflights that do not say.
+_ALLOWED_HEADERS = b"Authorization, Content-Type, Last-Event-ID, Cache-Control"
+#: Seconds a browser may cache a preflight's answer.
+PREFLIGHT_MAX_AGE = b"86400"
+
+
+def _valid_host(host: bytes | None) -> bool:
+    """A Host header is absent (HTTP/1.0) or a host[:port] (RFC 3986 reg-name or IP)."""
+    return host is None or bool(_HOST.fullmatch(host.strip()))
+
+
+def _preflight(request: IRequest) -> bytes:
+    """A CORS preflight: any origin may GET, HEAD and POST here with the headers it
+    asks for (nothing here depends on cookies, so nothing is exposed by allowing it)."""
+    request.setResponseCode(204)
+    request.setHeader(b"Access-Control-Allow-Methods", b"GET, HEAD, POST, OPTIONS")
+    wanted = (request.getHeader(b"access-control-request-headers") or b"").strip()
+    request.setHeader(b"Access-Control-Allow-Headers",
+                      wanted if _TOKEN_LIST.fullmatch(wanted) else _ALLOWED_HEADERS)
+    request.setHeader(b"Access-Control-Max-Age", PREFLIGHT_MAX_AGE)
+    request.setHeader(b"Content-Length", b"0")
+    return b""
+
+
 class Root(Resource):
     """Every request's entry: sets the CORS header, then hands the whole request to
     the admin routes (paths under /admin) or the stream routes."""
@@ -303,9 +352,15 @@ class Root(Resource):
         request.setHeader(*CORS)
         path = request.path
         try:
-            unquote_to_bytes(path).decode("utf-8")
+            decoded = unquote_to_bytes(path).decode("utf-8")
         except UnicodeDecodeError:
             return _text(request, 400, "400 Bad Request: the path is not UTF-8")
+        if _CONTROL.search(decoded):
+            return _text(request, 400, "400 Bad Request: the path holds control characters")
+        if not _valid_host(request.getHeader(b"host")):
+            return _text(request, 400, "400 Bad Request: the Host header is not valid")
+        if request.method == b"OPTIONS":
+            return _preflight(request)
         is_admin = path == b"/admin" or path.startswith(b"/admin/")
         target = self._admin if is_admin else self._streams
         if target is None:
@@ -364,6 +419,17 @@ class BodilessRequest(Request):
 
     def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        # RFC 9112 3.2.2: a server MUST accept the absolute form
+        # (GET http://host/path HTTP/1.1), whose authority replaces the Host header.
+        scheme, sep, rest = path.partition(b"://")
+        if sep and scheme.lower() in (b"http", b"https") and b"/" not in scheme:
+            authority, slash, tail = rest.partition(b"/")
+            authority, query_sep, query = authority.partition(b"?")
+            path = slash + tail if slash else b"/" + query_sep + query
+            self.requestHeaders.setRawHeaders(b"Host", [authority.rpartition(b"@")[2]])
+        super().requestReceived(command, path, version)
 
     def handleContentChunk(self, data: bytes) -> None:
         pass

@@ -147,8 +147,8 @@ class LogCapture:
                 if str(e.get("log_namespace", "")).startswith("emojistream")]
 
     def failures(self) -> list[dict[str, Any]]:
-        """Events that carry a traceback."""
-        return [e for e in self.events if "log_failure" in e]
+        """Events that carry a traceback (new-style, or logged through twisted.python.log)."""
+        return [e for e in self.events if "log_failure" in e or e.get("isError")]
 
 
 @pytest.fixture

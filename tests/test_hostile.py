@@ -40,6 +40,14 @@ HTTP_CASES = [
     ("garbage body on cleanup", b"POST /subscribe/cleanup/scores HTTP/1.1\r\n"
      b"Content-Length: 5\r\nContent-Type: application/json\r\n" + CLOSE + b"\r\n\x00\xff{\"a",
      200),
+    ("non-UTF-8 Host", b"GET /subscribe/eps HTTP/1.1\r\nHost: \xff\xfe\r\n" + CLOSE
+     + b"\r\n", 400),
+    ("Host with a space", b"GET /admin/status.json HTTP/1.1\r\nHost: a b\r\n" + CLOSE
+     + b"\r\n", 400),
+    ("encoded CRLF after an ID", b"GET /subscribe/details/2665%0d%0a HTTP/1.1\r\n" + CLOSE
+     + b"\r\n", 400),
+    ("encoded LF in a cleanup ID", b"POST /subscribe/cleanup/details/26%0a65 HTTP/1.1\r\n"
+     + CLOSE + b"\r\n", 400),
     ("big body on cleanup", b"POST /subscribe/cleanup/details/2665 HTTP/1.1\r\n"
      b"Content-Length: 2000000\r\n" + CLOSE + b"\r\n" + b"z" * 2_000_000, 200),
 ]
@@ -112,3 +120,14 @@ async def test_odd_redis_messages_are_delivered_safely_or_dropped_and_counted(
     assert [e.data for e in raw.events] == ["2665"]
     assert router.received == 11
     assert router.dropped == 7 and router.oversized == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_2000_pipelined_requests_with_a_bad_host_log_nothing(daemon, logs):
+    request = b"GET /subscribe/eps HTTP/1.1\r\nHost: \xff\r\n\r\n"
+    conn = await raw_connect(daemon.port)
+    conn.transport.write(request * 1999 + request.replace(b"\r\n\r\n",
+                                                          b"\r\n" + CLOSE + b"\r\n"))
+    raw = await conn.wait_closed()
+    assert bytes(raw.received).count(b"HTTP/1.1 400 ") == 2000
+    assert not logs.failures() and not logs.ours()

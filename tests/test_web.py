@@ -7,7 +7,7 @@ import time
 
 import pytest_twisted
 
-from sseclient import raw_connect, split_response
+from sseclient import dechunk, raw_connect, response_events, split_response, within
 
 
 async def get(client, method, path, **kw):
@@ -93,3 +93,134 @@ async def test_admin_redirects_to_the_page_which_reads_status_json(client, daemo
     assert code == 200
     assert headers["content-type"] == ["text/html; charset=utf-8"]
     assert b"status.json" in body
+
+
+async def _exchange(port: int, data: bytes, until) -> bytes:
+    conn = await raw_connect(port)
+    conn.transport.write(data)
+    received = await conn.wait_bytes(until)
+    conn.close()
+    return received
+
+
+def _responses(raw: bytes) -> list[tuple[str, dict[str, str], bytes]]:
+    """Split pipelined responses, each with a Content-Length or chunked."""
+    out = []
+    while raw:
+        status, headers, rest = split_response(raw)
+        found = {name.lower(): value for name, value in headers}
+        if found.get("transfer-encoding") == "chunked":
+            length = rest.index(b"0\r\n\r\n") + 5
+            out.append((status, found, dechunk(rest[:length])))
+        else:
+            length = int(found["content-length"])
+            out.append((status, found, rest[:length]))
+        raw = rest[length:]
+    return out
+
+
+@pytest_twisted.ensureDeferred
+async def test_redirects_carry_their_own_length_so_keep_alive_clients_go_on(daemon):
+    two = (b"GET /admin HTTP/1.1\r\nHost: x\r\n\r\n"
+           b"GET /admin/status.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    raw = await _exchange(daemon.port, two, lambda data: False)
+    (status, headers, body), (second, _, document) = _responses(raw)
+    assert status.startswith("HTTP/1.1 308 ")
+    assert body == b"308 Permanent Redirect\n"
+    assert int(headers.get("content-length", len(body))) == len(body)
+    assert headers["location"] == "/admin/"
+    assert headers["access-control-allow-origin"] == "*"
+    assert second.startswith("HTTP/1.1 200 ") and json.loads(document)["status"] == "OK"
+
+
+@pytest_twisted.ensureDeferred
+async def test_cors_preflights_are_answered_204(daemon):
+    for path, method, headers in (
+            ("/subscribe/cleanup/scores", "POST", "content-type"),
+            ("/subscribe/cleanup/details/2665", "POST", "Content-Type, X-Custom"),
+            ("/admin/status.json", "GET", "authorization"),
+            ("/subscribe/eps", "GET", "last-event-id")):
+        request = (f"OPTIONS {path} HTTP/1.1\r\nHost: x\r\nOrigin: http://elsewhere.test\r\n"
+                   f"Access-Control-Request-Method: {method}\r\n"
+                   f"Access-Control-Request-Headers: {headers}\r\n"
+                   "Connection: close\r\n\r\n").encode()
+        raw = await _exchange(daemon.port, request, lambda data: False)
+        status, found, body = split_response(raw)
+        found = {name.lower(): value for name, value in found}
+        assert status.startswith("HTTP/1.1 204 "), (path, raw)
+        assert found["access-control-allow-origin"] == "*"
+        assert method in found["access-control-allow-methods"].split(", ")
+        assert found["access-control-allow-headers"] == headers
+        assert int(found["access-control-max-age"]) > 0
+        assert body == b""
+    # Nothing a client writes can end up as a header line of its own.
+    request = (b"OPTIONS /admin/status.json HTTP/1.1\r\nHost: x\r\n"
+               b"Access-Control-Request-Headers: a:b\r\nConnection: close\r\n\r\n")
+    _, found, _ = split_response(await _exchange(daemon.port, request, lambda data: False))
+    assert dict(found)["Access-Control-Allow-Headers"] == (
+        "Authorization, Content-Type, Last-Event-ID, Cache-Control")
+
+
+@pytest_twisted.ensureDeferred
+async def test_absolute_form_request_targets_are_served(daemon, publisher):
+    request = (f"GET http://127.0.0.1:{daemon.port}/subscribe/details/2665 HTTP/1.1\r\n"
+               "Host: ignored.example\r\n\r\n").encode()
+    conn = await raw_connect(daemon.port)
+    conn.transport.write(request)
+    await conn.wait_bytes(lambda data: b"\r\n\r\n" in data)
+    assert conn.received.startswith(b"HTTP/1.1 200 ")
+    await publisher.publish("stream.tweet_updates.2665", "absolute")
+    await conn.wait_bytes(lambda data: b"data:absolute" in data)
+    conn.close()
+    request = (f"GET HTTP://localhost:{daemon.port}/admin/status.json?x=1 HTTP/1.1\r\n"
+               "Connection: close\r\n\r\n").encode()
+    status, _, body = _responses(await _exchange(daemon.port, request, lambda data: False))[0]
+    assert status.startswith("HTTP/1.1 200 ") and json.loads(body)["status"] == "OK"
+
+
+@pytest_twisted.ensureDeferred
+async def test_streams_say_connection_close_when_the_connection_will_close(daemon):
+    for request, expected in (
+            (b"GET /subscribe/eps HTTP/1.1\r\nHost: x\r\n\r\n", "keep-alive"),
+            (b"GET /subscribe/eps HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+             "close"),
+            (b"GET /subscribe/eps HTTP/1.0\r\n\r\n", "close"),
+            (b"HEAD /subscribe/eps HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", "close")):
+        raw = await _exchange(daemon.port, request, lambda data: b"\r\n\r\n" in data)
+        _, headers, _ = split_response(raw)
+        assert dict(headers)["Connection"] == expected, request
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_asked_for_during_the_drain_is_told_to_come_back_later(
+        redis_server):
+    from conftest import start_daemon
+
+    d = await start_daemon({"REDIS_URL": redis_server.url, "SSE_DRAIN_SEC": "2"})
+    await within(d.app.feed.when_subscribed())
+    # A keep-alive connection that has had one answer already.
+    conn = await raw_connect(d.port)
+    conn.transport.write(b"GET /admin/status.json HTTP/1.1\r\nHost: x\r\n\r\n")
+    await conn.wait_bytes(lambda data: data.endswith(b"}") or b"0\r\n\r\n" in data)
+    _, early = await _open(d.port, "/subscribe/eps")
+    stopping = d.app.service.stopService()
+    # The drain has begun once the open stream is told when to come back.
+    await early.wait_bytes(lambda data: b"retry:" in data)
+    before = len(conn.received)
+    conn.transport.write(b"GET /subscribe/raw HTTP/1.1\r\nHost: x\r\n\r\n")
+    await conn.wait_closed()
+    answer = conn.received[before:]
+    status, headers, _body = split_response(answer)
+    assert status.startswith("HTTP/1.1 200 ")
+    assert dict(headers)["Connection"] == "close"
+    (retry,) = response_events(answer).retries
+    assert 1000 <= retry <= 4000
+    early.close()
+    await within(stopping)
+
+
+async def _open(port: int, path: str):
+    conn = await raw_connect(port)
+    conn.transport.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await conn.wait_bytes(lambda data: b"\r\n\r\n" in data)
+    return None, conn
