@@ -123,3 +123,49 @@ async def test_admin_page_shows_the_status_with_a_token(browser, redis_server):
         assert browser.find_element("id", "node").text == "twisted-development-page.1"
         rows = browser.find_element("id", "connections").text
         assert "/subscribe/details/2665" in rows and "agent-in-table" in rows
+
+
+PREFLIGHT_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>waiting</title>
+</head><body><script>
+const q = new URLSearchParams(location.search);
+const base = q.get("base");
+async function run() {
+  const out = {};
+  try {
+    const cleanup = await fetch(base + "/subscribe/cleanup/details/2665", {
+      method: "POST", headers: {"Content-Type": "application/json"}, body: "{}"});
+    out.cleanup = [cleanup.status, await cleanup.json()];
+  } catch (e) { out.cleanup = String(e); }
+  try {
+    const status = await fetch(base + "/admin/status.json", {
+      headers: {"Authorization": "Bearer " + q.get("token")}});
+    out.status = [status.status, (await status.json()).node];
+  } catch (e) { out.status = String(e); }
+  window.result = out;
+  document.title = "done";
+}
+run();
+</script></body></html>"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_page_on_another_origin_posts_json_and_sends_a_bearer_token(
+        browser, redis_server):
+    """Both requests need a CORS preflight, which the browser sends first."""
+    token = "browser-token-0123456789"
+    resource = Data(PREFLIGHT_PAGE.encode(), "text/html; charset=utf-8")
+    resource.isLeaf = True
+    page = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+    try:
+        async with running({"REDIS_URL": redis_server.url, "ADMIN_TOKEN": token,
+                            "NODE_NAME": "cors.1"}) as (d, c):
+            await c.stream("/subscribe/details/2665")
+            url = (f"http://127.0.0.1:{page.getHost().port}/"
+                   f"?base=http://127.0.0.1:{d.port}&token={token}")
+            await threads.deferToThread(browser.get, url)
+            await wait_until(browser, lambda drv: drv.title == "done")
+            result = browser.execute_script("return window.result")
+    finally:
+        await page.stopListening()
+    assert result["cleanup"] == [200, {"status": "OK", "closed": 1}]
+    assert result["status"] == [200, "twisted-development-cors.1"]
