@@ -7,7 +7,7 @@ from twisted.application.service import Application
 from twisted.internet import reactor
 
 from emojistream.config import ConfigError, resolve
-from emojistream.lifecycle import prepare_process
+from emojistream.lifecycle import ExitOnStartupError, prepare_process
 from emojistream.service import Emojistream
 
 try:
@@ -17,4 +17,6 @@ except ConfigError as e:
 
 prepare_process(reactor, settings.max_streams)
 application = Application("emojistream")
-Emojistream(settings, reactor).service.setServiceParent(application)
+root = ExitOnStartupError()
+root.setServiceParent(application)
+Emojistream(settings, reactor).service.setServiceParent(root)

@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 
 _TRUE = {"true", "t", "yes", "y", "1"}
-_FALSE = {"false", "f", "no", "n", "0", ""}
+_FALSE = {"false", "f", "no", "n", "0"}
 
 
 def parse_bool(text: str) -> bool:
@@ -137,6 +137,70 @@ def parse_graphite_url(text: str) -> GraphiteTarget | None:
     return GraphiteTarget(parts.scheme, parts.hostname, port if port is not None else 2003)
 
 
+def parse_endpoint(text: str) -> str:
+    """A server endpoint string (C{tcp:8001}, C{ssl:...}, C{systemd:...}), checked as
+    far as it can be before listening: its syntax, port range, files and, for
+    C{systemd:}, that systemd passed the socket."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    description = text.strip()
+    try:
+        endpoint = serverFromString(reactor, description)
+    except Exception as e:
+        if description.lower().startswith("systemd:") and isinstance(e, IndexError | KeyError):
+            raise ValueError(
+                f"{description!r}: systemd passed no such socket. Twisted adopts a socket "
+                "only with LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES set: run it from a "
+                "socket unit, or under systemd-socket-activate with --fdname=NAME") from None
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+        raise ValueError(f"{description!r} is not a usable endpoint: {why}{where}") from None
+    if description.lower().startswith("unix:"):
+        _check_unix_path(description)
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int):
+        if not 0 <= port <= 65535:
+            raise ValueError(f"{description!r}: port {port} is not between 0 and 65535")
+        if port:
+            _check_port_free(description, getattr(endpoint, "_interface", ""), port)
+    return description
+
+
+def _check_port_free(description: str, interface: str, port: int) -> None:
+    """Bind the port for a moment, so that one in use (or an address this host does
+    not have) stops the start now, with one line."""
+    import errno
+
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((interface, port))
+        except (socket.gaierror, UnicodeError) as e:
+            raise ValueError(f"{description!r}: no such interface {interface!r} "
+                             f"({e})") from None
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+                raise ValueError(f"{description!r}: cannot listen: {e.strerror}") from None
+
+
+def _check_unix_path(description: str) -> None:
+    """A UNIX socket's directory must exist (Twisted would say so only at start)."""
+    import os
+
+    path = description.split(":", 1)[1].split(":", 1)[0]
+    if path and not path.startswith("address=") and "=" not in path:
+        directory = os.path.dirname(path) or "."
+        if not os.path.isdir(directory):
+            raise ValueError(f"{description!r}: there is no directory {directory!r}")
+
+
+def parse_optional_endpoint(text: str) -> str:
+    """An endpoint string, or empty for none."""
+    return parse_endpoint(text) if text.strip() else ""
+
+
 def parse_count(text: str) -> int:
     """A whole number, zero or more (zero turns a limit off where the help says so)."""
     try:
@@ -183,6 +247,23 @@ def parse_env_name(text: str) -> str:
     return text
 
 
+#: Streams held at most unless told otherwise.
+MAX_STREAMS = 20000
+#: Descriptors kept for everything but streams: Redis, carbon, listeners, logs, and
+#: connections that have not yet become streams.
+FD_RESERVE = 1024
+
+
+def default_max_streams() -> int:
+    """L{MAX_STREAMS}, or as many streams as the hard open-file limit allows if fewer."""
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return MAX_STREAMS
+    return max(1, min(MAX_STREAMS, hard - FD_RESERVE))
+
+
 @dataclass(frozen=True)
 class Spec:
     """One setting: its environment variable, its option and how to read it."""
@@ -208,7 +289,7 @@ def _listen_default(env: Mapping[str, str]) -> str:
 
 
 SPECS: tuple[Spec, ...] = (
-    Spec("listen", "listen", None, str, None,
+    Spec("listen", "listen", None, parse_endpoint, None,
          "Endpoint to serve HTTP on, e.g. tcp:8001:backlog=1024, "
          "tcp:8001:interface=127.0.0.1 or systemd:domain=INET:index=0 "
          "(default: tcp:$PORT:backlog=1024, else tcp:8001:backlog=1024)",
@@ -272,11 +353,12 @@ SPECS: tuple[Spec, ...] = (
     Spec("max_payload", "max-payload-bytes", "MAX_PAYLOAD_BYTES", parse_positive_int, "65536",
          "Larger detail and kiosk payloads from Redis are dropped (and counted)",
          metavar="BYTES"),
-    Spec("max_streams", "max-streams", "MAX_STREAMS", parse_positive_int, "20000",
-         "Open streams at most; more get 503 with Retry-After", metavar="N"),
+    Spec("max_streams", "max-streams", "MAX_STREAMS", parse_positive_int, None,
+         "Open streams at most; more get 503 with Retry-After (default: 20000, or what "
+         "the open-file limit allows if that is less)", metavar="N"),
     Spec("max_streams_per_ip", "max-streams-per-ip", "MAX_STREAMS_PER_IP", parse_count, "0",
          "Open streams per client IP at most, more get 429 (0: no limit)", metavar="N"),
-    Spec("admin_listen", "admin-listen", "ADMIN_LISTEN", str, "",
+    Spec("admin_listen", "admin-listen", "ADMIN_LISTEN", parse_optional_endpoint, "",
          "Serve /admin/ on this endpoint only (e.g. tcp:8002:interface=127.0.0.1) "
          "instead of the main one", metavar="ENDPOINT"),
     Spec("admin_token", "admin-token", "ADMIN_TOKEN", parse_token, "",
@@ -323,7 +405,7 @@ class Settings:
     max_payload: int = 65536
     send_buffer: int = 0
     batch_writes: bool = False
-    max_streams: int = 20000
+    max_streams: int = MAX_STREAMS
     max_streams_per_ip: int = 0
     admin_listen: str = ""
     admin_token: str = ""
@@ -360,6 +442,9 @@ def resolve(env: Mapping[str, str], options: Mapping[str, str | None]) -> Settin
             elif spec.key == "node":
                 given = _default_node(env)
                 source = "NODE_NAME"
+            elif spec.key == "max_streams":
+                given = str(default_max_streams())
+                source = "the open-file limit"
             elif spec.key == "admin_report":
                 # Decided below, once the environment name is known.
                 continue

@@ -14,6 +14,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.logger import Logger
 
+from emojistream.config import FD_RESERVE
 from emojistream.hub import Hub
 from emojistream.sse import encode_retry
 
@@ -21,8 +22,8 @@ log = Logger()
 
 
 def raise_fd_limit(wanted: int) -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE towards C{wanted} (each stream is a socket);
-    returns the (soft, hard) limits now in force."""
+    """Raise the soft RLIMIT_NOFILE towards C{wanted} descriptors; returns the
+    (soft, hard) limits now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if target > soft:
@@ -31,10 +32,19 @@ def raise_fd_limit(wanted: int) -> tuple[int, int]:
             soft = target
         except (ValueError, OSError) as e:
             log.warn("Could not raise the open-file limit to {n}: {e}", n=target, e=e)
-    if soft < wanted:
-        log.warn("Open-file limit is {soft}: fewer than {n} streams can be held",
-                 soft=soft, n=wanted)
     return soft, hard
+
+
+def fit_fd_limit(max_streams: int) -> None:
+    """Raise the open-file limit to hold C{max_streams} streams (each is a socket) and
+    the descriptors everything else needs; warn if it cannot be."""
+    wanted = max_streams + FD_RESERVE
+    soft, _hard = raise_fd_limit(wanted)
+    if soft < wanted:
+        log.warn("Open-file limit is {soft}: --max-streams {n} needs {wanted} descriptors, "
+                 "so at most {fit} streams can be held (raise LimitNOFILE / ulimit -n, "
+                 "or lower --max-streams)", soft=soft, n=max_streams, wanted=wanted,
+                 fit=max(0, soft - FD_RESERVE))
 
 
 def stop_cleanly_on_signals(reactor: Any) -> None:
@@ -72,9 +82,24 @@ def freeze_startup_objects() -> None:
 
 def prepare_process(reactor: Any, max_streams: int) -> None:
     """What a daemon process (twistd plugin or .tac) needs beyond its service tree."""
-    raise_fd_limit(max_streams + 1024)
+    fit_fd_limit(max_streams)
     stop_cleanly_on_signals(reactor)
     reactor.callWhenRunning(freeze_startup_objects)
+
+
+class StartupError(Exception):
+    """The daemon cannot start for a reason the operator can fix (one line)."""
+
+
+class ExitOnStartupError(MultiService):
+    """The root service under twistd: a start-up failure the operator can fix (a
+    port in use, say) ends the process with its one-line message, not a traceback."""
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except StartupError as e:
+            raise SystemExit(f"emojistream: {e}") from None
 
 
 class OrderedStop(MultiService):

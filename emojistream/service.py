@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from emojistream.config import Settings
 from emojistream.demo import EmbeddedRedis, Feeder, find_redis_server, free_port
 from emojistream.hub import POOLS, Hub
-from emojistream.lifecycle import Drain, OrderedStop
+from emojistream.lifecycle import Drain, OrderedStop, StartupError
 from emojistream.redisconn import RedisConnection
 from emojistream.redisfeed import RedisFeed
 from emojistream.reporting import (
@@ -38,7 +38,9 @@ from emojistream.web import AdminRoutes, QuietSite, Root, StreamRoutes
 
 
 class _RecordingEndpoint:
-    """A server endpoint that remembers the port it ends up listening on."""
+    """A server endpoint that remembers (and logs) the port it ends up listening on."""
+
+    log = Logger()
 
     def __init__(self, endpoint: IStreamServerEndpoint) -> None:
         self._endpoint = endpoint
@@ -50,6 +52,10 @@ class _RecordingEndpoint:
 
         def listening(port: IListeningPort) -> IListeningPort:
             self.port = port
+            address: Any = port.getHost()
+            where = (f"{address.host}:{address.port}" if hasattr(address, "port")
+                     else str(getattr(address, "name", address)))
+            self.log.info("Serving HTTP on {where}", where=where)
             waiting, self._waiting = self._waiting, []
             for w in waiting:
                 w.callback(port)
@@ -64,6 +70,25 @@ class _RecordingEndpoint:
         else:
             self._waiting.append(d)
         return d
+
+
+class _Listener(StreamServerEndpointService):
+    """Listens on an endpoint at start-up; a port that cannot be had (in use, no
+    such address or directory) stops the start with a L{StartupError}."""
+
+    def __init__(self, description: str, endpoint: Any, factory: Any) -> None:
+        super().__init__(endpoint, factory)
+        self._description = description
+        # Fail at start-up, not silently, when the port cannot be had.
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise StartupError(f"cannot listen on {self._description!r}: "
+                               f"{why or type(e).__name__}") from None
 
 
 class _SafeCall:
@@ -173,10 +198,8 @@ class Emojistream:
 
     def _listen(self, reactor: Any, description: str, root: Root) -> _RecordingEndpoint:
         endpoint = _RecordingEndpoint(serverFromString(reactor, description))
-        listener = StreamServerEndpointService(
-            endpoint, QuietSite(root, send_buffer=self.settings.send_buffer))
-        # Fail at start-up, not silently, when the port cannot be had.
-        listener._raiseSynchronously = True
+        listener = _Listener(description, endpoint,
+                             QuietSite(root, send_buffer=self.settings.send_buffer))
         listener.setServiceParent(self.web)
         return endpoint
 

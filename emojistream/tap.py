@@ -7,11 +7,10 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from twisted.application.service import IService
-from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from emojistream.config import SPECS, ConfigError, Settings, resolve
-from emojistream.lifecycle import prepare_process
+from emojistream.lifecycle import ExitOnStartupError, prepare_process
 from emojistream.service import Emojistream
 
 
@@ -66,26 +65,13 @@ class Options(usage.Options):
         try:
             settings = resolve(self._environ, given)
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
-        source = "PORT" if given["listen"] is None and "PORT" in self._environ else "--listen"
-        check_endpoint(settings.listen, source)
-        if settings.admin_listen:
-            check_endpoint(settings.admin_listen, "--admin-listen")
+            # Not a UsageError: twistd would print its whole option list before it.
+            raise SystemExit(f"twistd emojistream: {e}") from None
         parent = getattr(self, "parent", None)
         if settings.log_format == "json" and parent is not None and not parent.get("logger"):
             # twistd turns this name into its log observer after our options are read.
             parent["logger"] = "emojistream.logs.json_stdout"
         self.settings = settings
-
-
-def check_endpoint(description: str, source: str = "--listen") -> None:
-    """Raise a one-line UsageError if C{description} is not a server endpoint string."""
-    from twisted.internet import reactor
-
-    try:
-        serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as e:
-        raise usage.UsageError(f"{source}: {description!r} is not an endpoint ({e})") from None
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -94,4 +80,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor
     assert options.settings is not None
     prepare_process(reactor, options.settings.max_streams)
-    return Emojistream(options.settings, reactor).service
+    root = ExitOnStartupError()
+    Emojistream(options.settings, reactor).service.setServiceParent(root)
+    return root

@@ -444,6 +444,8 @@ class QuietSite(Site):
     protocol = Channel  # type: ignore[assignment]
     requestFactory = BodilessRequest
     displayTracebacks = False
+    # The service logs where it listens; "Starting factory" lines say nothing more.
+    noisy = False
 
     def __init__(self, resource: IResource, send_buffer: int = 0) -> None:
         super().__init__(resource)

@@ -67,7 +67,7 @@ class TwistdProcess:
 
     def port(self) -> int:
         """The HTTP port, from the web service's start-up log line."""
-        return int(self.wait_for_line(r"Site starting on (\d+)").group(1))
+        return int(self.wait_for_line(r"Serving HTTP on \S*:(\d+)").group(1))
 
     def log(self) -> str:
         return "\n".join(self.lines)
