@@ -20,6 +20,10 @@ from emojistream.stream import Stream, SummaryStream, chunk
 #: Emoji IDs as they appear in detail paths and channel names: 1F1FA-1F1F8, 2665...
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
+#: Keepalive ticks per keepalive interval: the finer, the closer an idle stream's
+#: keepalives come to one per interval (here one per 4/5 of it), never more apart.
+KEEPALIVE_TICKS = 5
+
 #: The pools the admin cluster and graphite count, by stream kind.
 POOLS = ("eps", "raw", "detail", "kiosk")
 
@@ -54,6 +58,7 @@ class Hub:
         self._lineages: dict[str, list[str]] = {}
         self._pool_sizes: dict[str, int] = dict.fromkeys(POOLS, 0)
         self._per_ip: dict[str, int] = {}
+        self._keepalive_tick = 0
         #: Messages written to clients since start (one per message per client).
         self.delivered = 0
         #: Streams that have ended since start, for whatever reason.
@@ -143,11 +148,14 @@ class Hub:
         return self._per_ip.get(client_ip, 0)
 
     def keepalive(self, frame: bytes) -> None:
-        """Write a keepalive comment to every open stream that was sent nothing since
-        the last keepalive."""
+        """One keepalive tick (L{KEEPALIVE_TICKS} per keepalive interval): write a
+        keepalive comment to every open stream that has been idle long enough that
+        it would otherwise go a whole interval without a byte."""
+        self._keepalive_tick += 1
+        tick, idle = self._keepalive_tick, KEEPALIVE_TICKS - 1
         for pool in tuple(self._index.values()):
             for stream in tuple(pool):
-                stream.keepalive(frame)
+                stream.keepalive(frame, tick, idle)
 
     def streams(self) -> Iterator[Stream]:
         """Every open stream, in no particular order."""

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from emojistream.config import Settings
 from emojistream.demo import EmbeddedRedis, Feeder, find_redis_server, free_port
-from emojistream.hub import POOLS, Hub
+from emojistream.hub import KEEPALIVE_TICKS, POOLS, Hub
 from emojistream.lifecycle import Drain, OrderedStop, StartupError
 from emojistream.redisconn import RedisConnection
 from emojistream.redisfeed import RedisFeed
@@ -157,7 +157,8 @@ class Emojistream:
         self.feed.setServiceParent(redis_parent)
 
         Ticker(1 / RATE, self._tick, clock).setServiceParent(self.core)
-        self._timer(settings.keepalive, self.hub.keepalive, clock, "Keepalive", KEEPALIVE)
+        self._timer(settings.keepalive / KEEPALIVE_TICKS, self.hub.keepalive, clock,
+                    "Keepalive", KEEPALIVE)
 
         self.status = StatusReport(self.hub, self.feed, node=settings.node_name, clock=clock,
                                    counters=self._counters)

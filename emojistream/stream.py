@@ -130,6 +130,7 @@ class Stream:
     """
 
     __slots__ = (
+        "_active_tick",
         "_backlog",
         "_backlog_bytes",
         "_batch",
@@ -180,8 +181,11 @@ class Stream:
         self.user_agent = user_agent
         self.tag = tag
         self.msgs_sent = 0
-        # msgs_sent at the last keepalive tick: unchanged means idle since then.
-        self._idle_mark = 0
+        # msgs_sent at the last keepalive tick (unchanged: idle since then), and the
+        # last tick that found the stream had been written to. -1: the response head
+        # written at the start counts as a write.
+        self._idle_mark = -1
+        self._active_tick = 0
         self.open = True
         #: True once the server dropped this client for not keeping up.
         self.dropped = False
@@ -288,12 +292,21 @@ class Stream:
         else:
             self._out(data)
 
-    def keepalive(self, frame: bytes) -> None:
-        """Write the keepalive comment C{frame} if no message went out since the last
-        call: a stream that carries messages is not idle and needs none."""
-        if self.msgs_sent == self._idle_mark:
+    def keepalive(self, frame: bytes, tick: int, idle_ticks: int) -> None:
+        """Keepalive tick number C{tick}: write the comment C{frame} if nothing went
+        out for C{idle_ticks} ticks. A stream that carries messages needs none.
+
+        What was written is noticed at the next tick, so a stream written to just
+        after tick M gets its keepalive at tick M + 1 + C{idle_ticks} at the latest:
+        with C{idle_ticks} one less than the ticks per keepalive interval, no stream
+        goes longer than the interval without a byte, and the hot path pays nothing.
+        """
+        if self.msgs_sent != self._idle_mark:
+            self._idle_mark = self.msgs_sent
+            self._active_tick = tick
+        elif tick - self._active_tick >= idle_ticks:
             self.send_control(frame)
-        self._idle_mark = self.msgs_sent
+            self._active_tick = tick
 
     def send_control(self, frame: bytes) -> None:
         """Write bytes that are not a message (keepalive); skipped while backed up,

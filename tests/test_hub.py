@@ -23,7 +23,7 @@ class FakeStream:
     def send_control(self, frame: bytes) -> None:
         self.frames.append(frame)
 
-    def keepalive(self, frame: bytes) -> None:
+    def keepalive(self, frame: bytes, tick: int, idle_ticks: int) -> None:
         self.frames.append(frame)
 
 

@@ -303,14 +303,17 @@ def test_a_server_side_close_still_sends_what_a_backed_up_stream_holds():
     assert b"".join(request.written) == b'data:{"A":3}\n\n<end>'
 
 
-def test_keepalives_go_only_to_streams_that_were_sent_nothing_since_the_last():
+def test_keepalives_go_only_to_streams_idle_for_the_ticks_asked():
     from emojistream.sse import KEEPALIVE
 
     request = FakeRequest()
     stream = raw_stream(request)
     stream.start()
-    stream.keepalive(KEEPALIVE)  # idle since it opened
+    stream.keepalive(KEEPALIVE, 1, 2)  # notices the response head went out
+    stream.keepalive(KEEPALIVE, 2, 2)  # idle one tick
+    stream.keepalive(KEEPALIVE, 3, 2)  # idle two: a keepalive
     stream.send(b"data:1\n\n")
-    stream.keepalive(KEEPALIVE)  # carried a message: not idle
-    stream.keepalive(KEEPALIVE)  # idle again
+    stream.keepalive(KEEPALIVE, 4, 2)  # carried a message: not idle
+    stream.keepalive(KEEPALIVE, 5, 2)
+    stream.keepalive(KEEPALIVE, 6, 2)  # idle two ticks again
     assert b"".join(request.written) == KEEPALIVE + b"data:1\n\n" + KEEPALIVE

@@ -245,3 +245,43 @@ async def test_demo_feeder_can_drive_a_given_redis(redis_server, publisher):
         # The daemon listens on the given Redis only, so that is where the hits went.
         assert (await publisher.execute_command("PUBSUB", "NUMPAT")) == 1
         assert all(e.type.startswith("stream.tweet_updates.") for e in every.events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_stream_goes_longer_than_the_keepalive_interval_without_a_byte(
+        redis_server, publisher):
+    """A message just after a keepalive tick used to leave the stream silent for
+    almost two intervals; idle streams get about one keepalive per interval."""
+    from twisted.internet.task import Clock
+
+    from emojistream.sse import KEEPALIVE
+
+    clock = Clock()
+    env = {"REDIS_URL": redis_server.url, "SSE_KEEPALIVE_SEC": "15"}
+    async with running(env, clock=clock) as (_d, c):
+        _, reader = await c.stream("/subscribe/details/2665")
+
+        async def sync(text: str) -> int:
+            # Everything written before this event has arrived once it has.
+            await publisher.publish("stream.tweet_updates.2665", text)
+            await reader.wait_for(lambda r: r.events and r.events[-1].data == text)
+            return len(reader.parser.comments)
+
+        def advance(seconds: float, step: float = 0.25) -> None:
+            for _ in range(round(seconds / step)):
+                clock.advance(step)
+
+        advance(3.25)  # just past a tick (every 3 s: five per interval)
+        start = await sync("written just after a tick")
+        advance(15)
+        assert await sync("15 s later") == start + 1
+        assert bytes(reader.raw).count(KEEPALIVE) == start + 1
+        # Idle for a minute: keepalives 12 s apart once the stream went quiet (the
+        # first 14.75 s after the last message: at 33, 45, 57 and 69 s), so at least
+        # one per 15 s and not many more.
+        before = len(reader.parser.comments)
+        advance(60)
+        assert await sync("a minute later") - before == 4
+        before = len(reader.parser.comments)
+        advance(120)  # 93, 105, ... 189 s: 9 where one per 15 s would be 8
+        assert await sync("two minutes later") - before == 9
