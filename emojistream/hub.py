@@ -59,8 +59,9 @@ class Hub:
         self._pool_sizes: dict[str, int] = dict.fromkeys(POOLS, 0)
         self._per_ip: dict[str, int] = {}
         self._keepalive_tick = 0
-        #: Messages written to clients since start (one per message per client).
-        self.delivered = 0
+        # What streams that have ended wrote, merged and discarded (open streams
+        # keep their own counts: see delivered, conflated, discarded).
+        self._ended = {"written": 0, "conflated": 0, "discarded": 0}
         #: Streams that have ended since start, for whatever reason.
         self.closed = 0
         #: Streams the server ended because the client could not keep up.
@@ -89,6 +90,21 @@ class Hub:
         self.closed += 1
         if stream.dropped:
             self.dropped += 1
+        ended = self._ended
+        ended["written"] += stream.written
+        ended["discarded"] += stream.discarded
+        ended["conflated"] += getattr(stream, "conflated", 0)
+
+    def message_counts(self) -> dict[str, int]:
+        """Since start: messages written to clients (one per message per client), score
+        summaries merged into another for a backed-up client instead of written, and
+        messages discarded unwritten when their connection ended."""
+        counts = dict(self._ended)
+        for stream in self.streams():
+            counts["written"] += stream.written
+            counts["discarded"] += stream.discarded
+            counts["conflated"] += getattr(stream, "conflated", 0)
+        return counts
 
     def publish(self, namespace: str, frame: bytes) -> int:
         """Write the one encoded C{frame} to every stream listening on C{namespace}.
@@ -113,7 +129,6 @@ class Hub:
                 for stream in targets:
                     stream.send(frame, chunked)
                 sent += len(targets)
-        self.delivered += sent
         return sent
 
     def publish_summary(self, namespace: str, frame: bytes, counts: dict[str, int]) -> int:
@@ -126,7 +141,6 @@ class Hub:
         if not pool:
             return 0
         targets = cast(tuple[SummaryStream, ...], tuple(pool))
-        self.delivered += len(targets)
         self._send_summary(targets, 0, frame, counts, chunk(frame))
         return len(targets)
 

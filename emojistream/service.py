@@ -246,11 +246,14 @@ class Emojistream:
         return {f"stream.{pool}.clients": sizes[pool] for pool in pools}
 
     def _counters(self) -> dict[str, float]:
+        messages = self.hub.message_counts()
         return {
             "messages.received": self.router.received,
             "messages.dropped": self.router.dropped,
             "messages.oversized": self.router.oversized,
-            "messages.delivered": self.hub.delivered,
+            "messages.delivered": messages["written"],
+            "messages.conflated": messages["conflated"],
+            "messages.discarded": messages["discarded"],
             "connections.closed": self.hub.closed,
             "connections.dropped": self.hub.dropped,
             "redis.subscriber_losses": self.feed.losses,

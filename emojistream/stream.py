@@ -133,7 +133,9 @@ class Stream:
         "_active_tick",
         "_backlog",
         "_backlog_bytes",
+        "_backlog_msgs",
         "_batch",
+        "_batch_msgs",
         "_batcher",
         "_chunked",
         "_idle_mark",
@@ -144,6 +146,7 @@ class Stream:
         "_round",
         "client_ip",
         "created_at",
+        "discarded",
         "dropped",
         "expiry",
         "kind",
@@ -172,6 +175,9 @@ class Stream:
         self._request = request
         self._batcher = batcher
         self._batch: list[bytes] = []
+        # Messages (not keepalives or hints) among what the batch and backlog hold.
+        self._batch_msgs = 0
+        self._backlog_msgs = 0
         self._round = 0
         self.namespace = namespace
         self.kind = kind
@@ -180,7 +186,10 @@ class Stream:
         self.client_ip = client_ip
         self.user_agent = user_agent
         self.tag = tag
+        #: Messages handed to this stream to write (see L{written}).
         self.msgs_sent = 0
+        #: Of those, the ones never written: held when the connection ended.
+        self.discarded = 0
         # msgs_sent at the last keepalive tick (unchanged: idle since then), and the
         # last tick that found the stream had been written to. -1: the response head
         # written at the start counts as a write.
@@ -194,7 +203,7 @@ class Stream:
         self._paused = False
         self._chunked = False
         self._out: Callable[[bytes], None] = request.write
-        self._backlog: deque[bytes] | None = None
+        self._backlog: deque[tuple[bytes, int]] | None = None
         self._backlog_bytes = 0
         # The transport holds up to TRANSPORT_BUFFER before pausing us; we hold the rest.
         self._limit = max(0, max_queue - TRANSPORT_BUFFER)
@@ -230,6 +239,11 @@ class Stream:
         """Bytes this stream holds back because the client is not reading."""
         return self._backlog_bytes
 
+    @property
+    def written(self) -> int:
+        """Messages written to the client's connection (handed to its transport)."""
+        return self.msgs_sent - self.discarded - self._batch_msgs - self._backlog_msgs
+
     def _wire(self, frame: bytes, chunked: bytes | None = None) -> bytes:
         """C{frame} as it goes on the wire: one chunk of a chunked response, or as is."""
         if not self._chunked:
@@ -246,35 +260,40 @@ class Stream:
         self.msgs_sent += 1
         if self._chunked:
             frame = chunked if chunked is not None else chunk(frame)
-        self._emit(frame)
+        self._emit(frame, 1)
 
-    def _emit(self, data: bytes) -> None:
-        """Write wire bytes now, or at the batcher's flush, or hold them while paused."""
+    def _emit(self, data: bytes, msgs: int = 0) -> None:
+        """Write wire bytes now, or at the batcher's flush, or hold them while paused;
+        C{msgs} is how many messages they carry (0 for a keepalive or a hint)."""
         if self._paused:
             if self._batch:
                 # Behind what the batcher holds: its flush passes it all on in order.
                 self._batch.append(data)
+                self._batch_msgs += msgs
             else:
-                self._hold(data)
+                self._hold(data, msgs)
             return
         batcher = self._batcher
         if batcher is not None:
             if batcher.hold_all:
                 batcher.add(self, data)
+                self._batch_msgs += msgs
                 return
             current = batcher.round
             if current & 1:
                 if self._round == current:
                     batcher.add(self, data)
+                    self._batch_msgs += msgs
                     return
                 self._round = current
         self._out(data)
 
-    def _hold(self, data: bytes) -> None:
+    def _hold(self, data: bytes, msgs: int) -> None:
         if self._backlog is None:
             self._backlog = deque()
-        self._backlog.append(data)
+        self._backlog.append((data, msgs))
         self._backlog_bytes += len(data)
+        self._backlog_msgs += msgs
         if self._backlog_bytes > self._limit:
             self.drop()
 
@@ -284,11 +303,13 @@ class Stream:
         if not batch:
             return
         self._batch = []
+        msgs, self._batch_msgs = self._batch_msgs, 0
         if not self.open:
+            self.discarded += msgs
             return
         data = batch[0] if len(batch) == 1 else b"".join(batch)
         if self._paused:
-            self._hold(data)
+            self._hold(data, msgs)
         else:
             self._out(data)
 
@@ -346,8 +367,13 @@ class Stream:
         self._release()
 
     def _discard(self) -> None:
+        """Forget what is held: the connection is gone, or going for not reading."""
+        self.discarded += self._backlog_msgs + self._batch_msgs
         self._backlog = None
         self._backlog_bytes = 0
+        self._backlog_msgs = 0
+        self._batch = []
+        self._batch_msgs = 0
 
     def _release(self) -> None:
         """Stop being the response's producer (it must not end with one registered)."""
@@ -371,8 +397,9 @@ class Stream:
         """Write what is held back while the client takes it (all of it if C{force})."""
         backlog = self._backlog
         while backlog and (force or not self._paused) and self.open:
-            data = backlog.popleft()
+            data, msgs = backlog.popleft()
             self._backlog_bytes -= len(data)
+            self._backlog_msgs -= msgs
             self._out(data)
 
     def describe(self, now: float) -> dict[str, Any]:
@@ -396,11 +423,13 @@ class SummaryStream(Stream):
     sent as one message once the client drains.
     """
 
-    __slots__ = ("_pending",)
+    __slots__ = ("_pending", "conflated")
 
     def __init__(self, request: Request, **kwargs: Any) -> None:
         super().__init__(request, **kwargs)
         self._pending: dict[str, int] | None = None
+        #: Summaries merged into another rather than written as their own message.
+        self.conflated = 0
 
     def send_summary(self, frame: bytes, counts: dict[str, int],
                      chunked: bytes | None = None) -> None:
@@ -409,12 +438,13 @@ class SummaryStream(Stream):
             return
         if not self._paused and self._pending is None:
             self.msgs_sent += 1
-            self._emit(self._wire(frame, chunked))
+            self._emit(self._wire(frame, chunked), 1)
             return
         pending = self._pending
         if pending is None:
             self._pending = dict(counts)
         else:
+            self.conflated += 1
             for emoji_id, n in counts.items():
                 pending[emoji_id] = pending.get(emoji_id, 0) + n
         if not self._paused:

@@ -15,6 +15,11 @@ class FakeStream:
         self.frames: list[bytes] = []
         self.chunks: list[bytes | None] = []
         self.msgs_sent = 0
+        self.discarded = 0
+
+    @property
+    def written(self) -> int:
+        return len(self.frames)
 
     def send(self, frame: bytes, chunked: bytes | None = None) -> None:
         self.frames.append(frame)
@@ -46,7 +51,7 @@ def test_publish_reaches_the_namespace_and_its_ancestors_only():
     # The very same bytes object goes to every stream: encoded (and chunked) once.
     assert exact.frames[0] is parent.frames[0]
     assert exact.chunks[0] is parent.chunks[0] == b"10\r\n" + frame + b"\r\n"
-    assert hub.delivered == 2
+    assert hub.message_counts() == {"written": 2, "conflated": 0, "discarded": 0}
 
 
 def test_removed_streams_get_nothing_and_pools_count():

@@ -137,7 +137,7 @@ class CarbonDatagrams(DatagramProtocol):
         self.sink.add(data)
 
 
-METRICS = 10
+METRICS = 12
 CARBON_INTERVAL = Settings().graphite_interval
 
 
@@ -189,7 +189,7 @@ async def test_carbon_lines_reach_a_real_socket(transport, redis_server, publish
         "messages.received": 4, "messages.dropped": 0, "messages.oversized": 0,
         # 3 raw + 1 detail + 1 summary to each of 2 eps clients
         "messages.delivered": 6, "connections.closed": 0, "connections.dropped": 0,
-        "redis.subscriber_losses": 0,
+        "messages.conflated": 0, "messages.discarded": 0, "redis.subscriber_losses": 0,
     }
     # The second period saw no traffic: counters report the change, not the total.
     second = {path.removeprefix(prefix): v for path, v in sink.at(start + 20).items()}

@@ -55,8 +55,12 @@ async def test_a_detail_client_that_never_reads_is_dropped_and_memory_stays_boun
         await client.close()
     # The reader got every message, in order.
     assert [json.loads(e.data)["seq"] for e in normal.events] == list(range(total))
-    # The one that did not read was dropped, and counted so.
+    # The one that did not read was dropped, and counted so; what it still held was
+    # never written and is not counted as delivered.
     assert status["totals"]["connections.dropped"] == 1
+    totals = status["totals"]
+    assert totals["messages.discarded"] > 0
+    assert total <= totals["messages.delivered"] <= 2 * total - totals["messages.discarded"]
     assert status["pools"]["detail"] == 1
     print(f"slow detail client: RSS {before:.1f} MB before, peak {peak:.1f}, after {after:.1f}")
     assert max(peak, after) - before < 50, (before, peak, after)
@@ -109,7 +113,13 @@ async def test_an_eps_client_that_stops_reading_is_conflated_and_gets_exact_tota
 
         await slow.wait_for(lambda conn: slow_total(conn) >= published, seconds=60)
         events = response_events(slow.received).events
+        _, body = await c.text("GET", "/admin/status.json")
+        totals = json.loads(body)["totals"]
         slow.close()
+    # Delivered counts what was written: every raw hit, a summary per tick to the
+    # normal client, and only the merged summaries the slow one was sent.
+    assert totals["messages.delivered"] == published + ticks + len(events)
+    assert totals["messages.conflated"] == ticks - len(events)
     received: Counter[str] = Counter()
     for event in events:
         received.update(json.loads(event.data))
