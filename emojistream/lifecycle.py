@@ -63,7 +63,10 @@ def stop_cleanly_on_signals(reactor: Any) -> None:
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
-    # After the reactor's own handlers, which it installs as it starts.
+    # Now, for a signal that comes while the daemon is starting (the stop then runs
+    # as soon as the reactor does), and again after the reactor's own handlers,
+    # which it installs as it starts.
+    install()
     reactor.callWhenRunning(install)
 
 

@@ -68,11 +68,12 @@ class Router:
     def message(self, channel: bytes, payload: bytes) -> None:
         """Handle one pub/sub message."""
         self.received += 1
-        if len(payload) > self._max_payload:
+        if channel == SCORE_CHANNEL:
+            # A score ID is bounded by the ID pattern; the payload limit is for details.
+            self.score(payload)
+        elif len(payload) > self._max_payload:
             self.dropped += 1
             self.oversized += 1
-        elif channel == SCORE_CHANNEL:
-            self.score(payload)
         elif channel.startswith(DETAIL_PREFIX):
             self.detail(channel, payload)
         elif self._kiosk_stream and channel.startswith(KIOSK_PREFIX):

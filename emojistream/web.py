@@ -12,6 +12,7 @@ import json
 import re
 import socket
 from collections.abc import Callable
+from http import HTTPStatus
 from importlib.resources import files
 from io import BytesIO
 from typing import Any
@@ -81,7 +82,8 @@ def _hang_up(result: object, transport: Any) -> None:
 
 
 def _text(request: IRequest, code: int, body: str) -> bytes:
-    request.setResponseCode(code)
+    # The reason phrase too: Twisted's table lacks some (429 would be "Unknown Status").
+    request.setResponseCode(code, HTTPStatus(code).phrase.encode("ascii"))
     request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
     return body.encode("utf-8") + b"\n"
 

@@ -39,6 +39,7 @@ async def test_per_client_ip_limit_answers_429(redis_server):
             assert response.code == 200
         response, body = await c.text("GET", "/subscribe/eps", headers=a)
         assert response.code == 429 and body.startswith(b"429 ")
+        assert response.phrase == b"Too Many Requests"
         assert response.headers.getRawHeaders(b"retry-after") == [b"10"]
         response, _ = await c.stream("/subscribe/eps", headers=b)
         assert response.code == 200
@@ -81,3 +82,19 @@ async def test_admin_token_is_required_when_set(redis_server):
         # The page holds no data and loads; its script sends the token.
         response, page = await c.text("GET", "/admin/")
         assert response.code == 200 and b"Authorization" in page
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_payload_limit_is_for_details_not_score_ids(redis_server, publisher):
+    env = {"REDIS_URL": redis_server.url, "MAX_PAYLOAD_BYTES": "3"}
+    async with running(env) as (d, c):
+        _, raw = await c.stream("/subscribe/raw")
+        _, details = await c.stream("/subscribe/details")
+        await publisher.publish("stream.tweet_updates.1F602", "long")   # over 3 bytes
+        await publisher.publish("stream.tweet_updates.1F602", "ok")
+        await publisher.publish("stream.score_updates", "1F1FA-1F1F8")    # an ID, not a payload
+        await details.wait_events(1)
+        await raw.wait_events(1)
+        assert [e.data for e in details.events] == ["ok"]
+        assert [e.data for e in raw.events] == ["1F1FA-1F1F8"]
+        assert d.app.router.oversized == 1 and d.app.router.dropped == 1

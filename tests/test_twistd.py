@@ -158,3 +158,32 @@ def test_json_log_format_writes_one_object_per_line():
     (warning,) = [r for r in records if "unreachable" in r["message"]]
     assert warning["level"] == "warn"
     assert warning["namespace"] == "emojistream.redisfeed.RedisFeed"
+
+
+def test_a_default_start_logs_no_warning(redis_server):
+    """Here the hard open-file limit is 20,000: the default --max-streams fits it."""
+    proc = TwistdProcess("emojistream", "--listen", "tcp:0:interface=127.0.0.1",
+                         "--redis", redis_server.url)
+    try:
+        proc.port()
+        proc.wait_for_line(r"Redis subscriber connection .* is up")
+    finally:
+        assert proc.terminate() == 0
+    assert not [line for line in proc.lines if "#warn]" in line or "#error]" in line], \
+        proc.log()
+
+
+def test_a_stream_limit_the_open_file_limit_cannot_hold_is_one_warning(redis_server):
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard open-file limit here")
+    proc = TwistdProcess("emojistream", "--listen", "tcp:0:interface=127.0.0.1",
+                         "--redis", redis_server.url, "--max-streams", str(hard))
+    try:
+        proc.port()
+    finally:
+        assert proc.terminate() == 0
+    (warning,) = [line for line in proc.lines if "#warn]" in line]
+    assert f"--max-streams {hard} needs {hard + 1024} descriptors" in warning
