@@ -201,6 +201,17 @@ def parse_optional_endpoint(text: str) -> str:
     return parse_endpoint(text) if text.strip() else ""
 
 
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+def parse_header_name(text: str) -> str:
+    """An HTTP header name, such as X-Forwarded-For or X-Real-IP."""
+    name = text.strip()
+    if not _HEADER_NAME.match(name):
+        raise ValueError(f"{text!r} is not an HTTP header name")
+    return name
+
+
 def parse_count(text: str) -> int:
     """A whole number, zero or more (zero turns a limit off where the help says so)."""
     try:
@@ -327,8 +338,14 @@ SPECS: tuple[Spec, ...] = (
          "Age at which detail and kiosk streams are closed in forced-refresh mode",
          metavar="SECONDS"),
     Spec("trust_proxy", "trust-proxy", "TRUST_PROXY", parse_bool, "false",
-         "Take the client IP from X-Forwarded-For, else X-Real-IP (behind a router only)",
-         is_flag=True),
+         "Take the client IP from the address the trusted proxy appended to "
+         "X-Forwarded-For (behind a proxy only)", is_flag=True),
+    Spec("proxy_hops", "proxy-hops", "PROXY_HOPS", parse_positive_int, "1",
+         "With --trust-proxy: how many trusted proxies append to the header; the client "
+         "is the address that many from the end", metavar="N"),
+    Spec("client_ip_header", "client-ip-header", "CLIENT_IP_HEADER", parse_header_name,
+         "X-Forwarded-For", "With --trust-proxy: the header the proxy sets "
+         "(e.g. X-Real-IP)", metavar="NAME"),
     Spec("admin_report", "admin-report", "ADMIN_REPORT", parse_bool, None,
          "HSET this node's status into admin_stream_status every 5 s "
          "(default: on when the environment is staging or production)", is_flag=True),
@@ -396,6 +413,8 @@ class Settings:
     score_max_age: float = 300.0
     detail_max_age: float = 300.0
     trust_proxy: bool = False
+    proxy_hops: int = 1
+    client_ip_header: str = "X-Forwarded-For"
     admin_report: bool = False
     graphite: GraphiteTarget | None = None
     graphite_interval: float = 10.0

@@ -63,18 +63,35 @@ def peer_ip(request: Request) -> str:
     return str(getattr(request.getClientAddress(), "host", ""))
 
 
-def forwarded_ip(request: Request) -> str:
-    """The client as a proxy reports it: the first X-Forwarded-For address, else
-    X-Real-IP, else the peer."""
-    forwarded = request.getHeader(b"x-forwarded-for")
-    if forwarded:
-        first = forwarded.split(b",", 1)[0].strip()
-        if first:
-            return first.decode("latin-1")
-    real = request.getHeader(b"x-real-ip")
-    if real and real.strip():
-        return real.strip().decode("latin-1")
-    return peer_ip(request)
+class ForwardedFor:
+    """The client address a trusted proxy reports, never one the client wrote.
+
+    A proxy appends the address it saw to C{X-Forwarded-For}; anything before that
+    came from the client (or from proxies further out) and proves nothing. So the
+    address taken is the C{hops}-th from the end: the last one behind one proxy, the
+    second to last behind a chain of two, as Werkzeug's ProxyFix and Rack do. With
+    a C{header} the proxy sets whole (C{X-Real-IP}), its last value is the one.
+    Without the header, or with fewer addresses than hops, it is the peer itself.
+    """
+
+    def __init__(self, header: str = "X-Forwarded-For", hops: int = 1) -> None:
+        self._header = header.lower().encode("ascii")
+        self._hops = hops
+
+    def __call__(self, request: Request) -> str:
+        values = request.requestHeaders.getRawHeaders(self._header)
+        if values:
+            # Repeated header lines are one list, in order.
+            addresses = [a.strip() for a in b",".join(values).split(b",")]
+            if len(addresses) >= self._hops:
+                chosen = addresses[-self._hops]
+                if chosen and _ADDRESS.fullmatch(chosen):
+                    return chosen.decode("ascii")
+        return peer_ip(request)
+
+
+#: What a proxy writes for an address: IPv4, IPv6 (maybe bracketed), or a name.
+_ADDRESS = re.compile(rb"[0-9A-Za-z.:\[\]_-]{1,64}")
 
 
 def _hang_up(result: object, transport: Any) -> None:
@@ -148,7 +165,9 @@ class StreamRoutes:
         self._batcher = batcher
         self._settings = settings
         self._clock = clock
-        self._client_ip = forwarded_ip if settings.trust_proxy else peer_ip
+        self._client_ip: Callable[[Request], str] = (
+            ForwardedFor(settings.client_ip_header, settings.proxy_hops)
+            if settings.trust_proxy else peer_ip)
 
     # -- streams -----------------------------------------------------------
 

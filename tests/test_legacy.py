@@ -101,7 +101,8 @@ async def test_cleanup_closes_exactly_the_callers_streams(redis_server, publishe
         a_ip, b_ip = "203.0.113.7", "198.51.100.9"
 
         async def open_as(ip, path):
-            _, reader = await c.stream(path, headers={"X-Forwarded-For": f"{ip}, 10.0.0.1"})
+            # What the client wrote comes first; the proxy appends the address it saw.
+            _, reader = await c.stream(path, headers={"X-Forwarded-For": f"10.9.9.9, {ip}"})
             return reader
 
         a_eps = await open_as(a_ip, "/subscribe/eps")
@@ -136,14 +137,44 @@ async def test_cleanup_closes_exactly_the_callers_streams(redis_server, publishe
             (b_ip, "/subscribe/details/X"), (b_ip, "/subscribe/eps"),
             (a_ip, "/subscribe/details/Y")]
 
-        # X-Real-IP is used when there is no X-Forwarded-For.
+        # A client cannot pose as another: what it writes before the proxy's entry,
+        # or an X-Real-IP the proxy does not set, is not believed.
+        response, body = await post(c, "/subscribe/cleanup/scores", f"{b_ip}, 192.0.2.66")
+        assert json.loads(body) == {"status": "OK", "closed": 0}
         response, body = await post(c, "/subscribe/cleanup/scores", b_ip, header="X-Real-IP")
+        assert json.loads(body) == {"status": "OK", "closed": 0}
+        response, body = await post(c, "/subscribe/cleanup/scores", b_ip)
         assert json.loads(body) == {"status": "OK", "closed": 1}
         # Nothing left to close answers 0, and a bad ID is a 400.
         response, body = await post(c, "/subscribe/cleanup/scores", b_ip)
         assert json.loads(body) == {"status": "OK", "closed": 0}
         response, body = await post(c, "/subscribe/cleanup/details/a.b", b_ip)
         assert response.code == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_client_address_is_the_one_the_trusted_proxies_appended(redis_server):
+    cases = [
+        # (environment, request headers, address recorded)
+        ({}, {"X-Forwarded-For": "203.0.113.7"}, "203.0.113.7"),
+        ({}, {"X-Forwarded-For": "6.6.6.6, 203.0.113.7"}, "203.0.113.7"),
+        ({}, {"X-Forwarded-For": ["6.6.6.6", "203.0.113.7"]}, "203.0.113.7"),
+        ({}, {"X-Real-IP": "6.6.6.6"}, "127.0.0.1"),
+        ({}, {"X-Forwarded-For": "not an address"}, "127.0.0.1"),
+        ({"PROXY_HOPS": "2"}, {"X-Forwarded-For": "6.6.6.6, 203.0.113.7, 10.0.0.2"},
+         "203.0.113.7"),
+        ({"PROXY_HOPS": "2"}, {"X-Forwarded-For": "10.0.0.2"}, "127.0.0.1"),
+        # A router that sets X-Real-IP and passes the client's X-Forwarded-For on.
+        ({"CLIENT_IP_HEADER": "X-Real-IP"},
+         {"X-Forwarded-For": "6.6.6.6", "X-Real-IP": "203.0.113.7"}, "203.0.113.7"),
+        ({"CLIENT_IP_HEADER": "X-Real-IP"}, {"X-Forwarded-For": "6.6.6.6"}, "127.0.0.1"),
+    ]
+    for extra, headers, expected in cases:
+        env = {"REDIS_URL": redis_server.url, "TRUST_PROXY": "1", **extra}
+        async with running(env) as (d, c):
+            await c.stream("/subscribe/eps", headers=headers)
+            (stream,) = d.app.hub.in_namespace("/eps")
+            assert stream.client_ip == expected, (extra, headers)
 
 
 @pytest_twisted.ensureDeferred
