@@ -5,18 +5,19 @@ import sys
 
 from twisted.application.service import Application
 from twisted.internet import reactor
+from twisted.logger import ILogObserver
 
 from emojistream.config import ConfigError, resolve
-from emojistream.lifecycle import ExitOnStartupError, prepare_process
-from emojistream.service import Emojistream
+from emojistream.logs import json_stdout
+from emojistream.service import daemon
 
 try:
     settings = resolve(os.environ, {})
 except ConfigError as e:
     sys.exit(f"emojistream.tac: {e}")
 
-prepare_process(reactor, settings.max_streams)
 application = Application("emojistream")
-root = ExitOnStartupError()
-root.setServiceParent(application)
-Emojistream(settings, reactor).service.setServiceParent(root)
+if settings.log_format == "json":
+    # twistd logs through the application's observer when it has one.
+    application.setComponent(ILogObserver, json_stdout())
+daemon(settings, reactor).setServiceParent(application)

@@ -149,10 +149,7 @@ def parse_endpoint(text: str) -> str:
         endpoint = serverFromString(reactor, description)
     except Exception as e:
         if description.lower().startswith("systemd:") and isinstance(e, IndexError | KeyError):
-            raise ValueError(
-                f"{description!r}: systemd passed no such socket. Twisted adopts a socket "
-                "only with LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES set: run it from a "
-                "socket unit, or under systemd-socket-activate with --fdname=NAME") from None
+            raise ValueError(f"{description!r}: {_missing_systemd_socket()}") from None
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
         where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
         raise ValueError(f"{description!r} is not a usable endpoint: {why}{where}") from None
@@ -183,6 +180,33 @@ def _check_port_free(description: str, interface: str, port: int) -> None:
         except OSError as e:
             if e.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
                 raise ValueError(f"{description!r}: cannot listen: {e.strerror}") from None
+
+
+def _missing_systemd_socket() -> str:
+    """Why Twisted found no socket passed by systemd (it reads and clears LISTEN_PID
+    and LISTEN_FDS on import, so look at descriptor 3, the first one passed)."""
+    import os
+
+    try:
+        passed = socket.socket(fileno=os.dup(3))
+    except OSError:
+        listening = False
+    else:
+        try:
+            listening = passed.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+        except OSError:
+            listening = False
+        finally:
+            passed.close()
+    if listening and not os.environ.get("LISTEN_FDNAMES"):
+        return ("a socket was passed without LISTEN_FDNAMES, which Twisted needs to adopt "
+                "it: give systemd-socket-activate --fdname=NAME (systemd itself always "
+                "sets it)")
+    if listening:
+        return "no socket passed by systemd has that index or name"
+    return ("no socket was passed by systemd (LISTEN_FDS and LISTEN_PID are not set for "
+            "this process): start it from a socket unit, or under systemd-socket-activate "
+            "--fdname=NAME")
 
 
 def _check_unix_path(description: str) -> None:

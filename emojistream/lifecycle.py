@@ -4,9 +4,11 @@ graceful drain of open streams on SIGTERM."""
 from __future__ import annotations
 
 import gc
+import os
 import random
 import resource
 import signal
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -160,3 +162,83 @@ class Drain(Service):
             # Spread over the first 90 % of the period: the last is closed in time.
             self._clock.callLater(self._period * 0.9 * self._rand(), close, stream)
         return done
+
+
+class SystemdNotifier(Service):
+    """Tells systemd how the daemon is doing (C{Type=notify}): C{READY=1} once it is
+    listening, C{WATCHDOG=1} from a reactor timer (so only a turning reactor keeps
+    the watchdog quiet), C{STATUS=} with the open streams and the Redis state, and
+    C{STOPPING=1} when the stop (and so the drain) begins.
+
+    Built by L{SystemdNotifier.from_environment} only when C{NOTIFY_SOCKET} is set.
+    """
+
+    def __init__(self, address: str, *, clock: Any, listening: Callable[[], Deferred[Any]],
+                 status: Callable[[], str], watchdog: float | None = None) -> None:
+        # An address starting with "@" is in Linux's abstract namespace.
+        self._address = "\0" + address[1:] if address.startswith("@") else address
+        self._clock = clock
+        self._listening = listening
+        self._status = status
+        self._watchdog = watchdog
+        self._socket: socket.socket | None = None
+        self._timer: Any = None
+        self._failed = False
+        self.ready = False
+
+    @classmethod
+    def from_environment(cls, environ: dict[str, str] | Any, **kwargs: Any
+                         ) -> SystemdNotifier | None:
+        """A notifier for the socket systemd named, or None outside systemd. The
+        variables are taken out of C{environ}, so child processes do not inherit them."""
+        address = environ.pop("NOTIFY_SOCKET", None)
+        usec = environ.pop("WATCHDOG_USEC", None)
+        pid = environ.pop("WATCHDOG_PID", None)
+        if not address:
+            return None
+        watchdog = None
+        if usec and usec.isdigit() and int(usec) > 0 and pid in (None, str(os.getpid())):
+            # Twice per period, as sd_watchdog_enabled(3) advises.
+            watchdog = int(usec) / 2e6
+        return cls(address, watchdog=watchdog, **kwargs)
+
+    def notify(self, message: str) -> None:
+        """Send one notification; a failure is logged once and never raised."""
+        if self._socket is None:
+            return
+        try:
+            self._socket.sendto(message.encode("utf-8"), self._address)
+        except OSError as e:
+            if not self._failed:
+                self._failed = True
+                log.warn("Cannot notify systemd at {address}: {e}", address=self._address,
+                         e=e)
+
+    def startService(self) -> None:
+        super().startService()
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.setblocking(False)
+        self._listening().addCallback(self._ready)
+        if self._watchdog is not None:
+            from twisted.internet.task import LoopingCall
+
+            self._timer = LoopingCall(self._ping)
+            self._timer.clock = self._clock
+            self._timer.start(self._watchdog, now=True)
+
+    def _ready(self, _: object) -> None:
+        if self.running:
+            self.ready = True
+            self.notify(f"READY=1\nSTATUS={self._status()}")
+
+    def _ping(self) -> None:
+        self.notify("WATCHDOG=1" + (f"\nSTATUS={self._status()}" if self.ready else ""))
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.notify("STOPPING=1\nSTATUS=draining streams and stopping")
+        if self._timer is not None and self._timer.running:
+            self._timer.stop()
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None

@@ -5,6 +5,7 @@ Shared by the twistd plugin (L{emojistream.tap}) and C{emojistream.tac}.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,14 @@ from twisted.logger import Logger
 from emojistream.config import Settings
 from emojistream.demo import EmbeddedRedis, Feeder, find_redis_server, free_port
 from emojistream.hub import KEEPALIVE_TICKS, POOLS, Hub
-from emojistream.lifecycle import Drain, OrderedStop, StartupError
+from emojistream.lifecycle import (
+    Drain,
+    ExitOnStartupError,
+    OrderedStop,
+    StartupError,
+    SystemdNotifier,
+    prepare_process,
+)
 from emojistream.redisconn import RedisConnection
 from emojistream.redisfeed import RedisFeed
 from emojistream.reporting import (
@@ -264,3 +272,23 @@ class Emojistream:
     def when_listening(self) -> Deferred[IListeningPort]:
         """Fires with the listening port once the web service listens."""
         return self.endpoint.when_listening()
+
+    def summary(self) -> str:
+        """One line on how the daemon is doing, for a service manager's status."""
+        return f"{len(self.hub)} streams, Redis {self.feed.state}"
+
+
+def daemon(settings: Settings, reactor: Any, environ: Any = None) -> IService:
+    """What twistd runs, through the plugin or the .tac: the process prepared (open
+    files, signals), the service tree, and systemd told how it goes when it asks."""
+    prepare_process(reactor, settings.max_streams)
+    root = ExitOnStartupError()
+    app = Emojistream(settings, reactor)
+    app.service.setServiceParent(root)
+    notifier = SystemdNotifier.from_environment(
+        os.environ if environ is None else environ, clock=reactor,
+        listening=app.when_listening, status=app.summary)
+    if notifier is not None:
+        # Added last, stopped first: STOPPING=1 goes as the stop (and drain) begins.
+        notifier.setServiceParent(app.service)
+    return root

@@ -10,8 +10,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from emojistream.config import SPECS, ConfigError, Settings, resolve
-from emojistream.lifecycle import ExitOnStartupError, prepare_process
-from emojistream.service import Emojistream
+from emojistream.service import daemon
 
 
 def _describe(spec_help: str, default: str | None, env: str | None) -> str:
@@ -79,7 +78,4 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
     assert options.settings is not None
-    prepare_process(reactor, options.settings.max_streams)
-    root = ExitOnStartupError()
-    Emojistream(options.settings, reactor).service.setServiceParent(root)
-    return root
+    return daemon(options.settings, reactor)

@@ -187,3 +187,16 @@ def test_a_stream_limit_the_open_file_limit_cannot_hold_is_one_warning(redis_ser
         assert proc.terminate() == 0
     (warning,) = [line for line in proc.lines if "#warn]" in line]
     assert f"--max-streams {hard} needs {hard + 1024} descriptors" in warning
+
+
+def test_the_tac_honours_log_format_json(redis_server):
+    proc = TwistdProcess("-y", "emojistream.tac", env={
+        "PORT": "0", "REDIS_URL": redis_server.url, "LOG_FORMAT": "json"})
+    try:
+        proc.port()
+        proc.wait_for_line(r"Redis subscriber connection .* is up")
+    finally:
+        assert proc.terminate() == 0
+    records = [json.loads(line) for line in proc.lines if line.strip()]
+    assert any("is up" in r["message"] for r in records)
+    assert all({"time", "level", "namespace", "message"} <= set(r) for r in records)
