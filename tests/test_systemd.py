@@ -153,3 +153,46 @@ def test_a_systemd_endpoint_without_its_socket_is_a_one_line_error(activate, mis
              if not line.startswith(("Communication attempt", "Execing "))]
     assert proc.returncode != 0 and "Traceback" not in out, out
     assert len(lines) == 1 and missing in lines[0], out
+
+
+UNITS = Path(__file__).resolve().parent.parent / "deploy" / "systemd"
+ANALYZE = shutil.which("systemd-analyze")
+
+
+def _verify(root: Path, unit: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([ANALYZE or "systemd-analyze", "verify", f"--root={root}",
+                           str(root / "etc/systemd/system" / unit)],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def unit_root(tmp_path: Path) -> Path:
+    """A file system root holding the shipped units, systemd's own units, and an
+    executable where the units expect the installed twistd."""
+    root = tmp_path / "root"
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system",
+                    symlinks=True)
+    twistd = root / "opt/emojistream/bin/twistd"
+    twistd.parent.mkdir(parents=True)
+    twistd.write_text("#!/bin/sh\n")
+    twistd.chmod(0o755)
+    shutil.copytree(UNITS, root / "etc/systemd/system")
+    return root
+
+
+@pytest.mark.skipif(not ANALYZE or not Path("/usr/lib/systemd/system").is_dir(),
+                    reason="needs systemd's systemd-analyze")
+@pytest.mark.parametrize("unit", ["emojistream.service", "emojistream@1.socket",
+                                  "emojistream@1.service"])
+def test_systemd_analyze_verify_passes_on_every_shipped_unit(unit_root: Path, unit: str):
+    shipped = {p.name for p in UNITS.iterdir() if p.suffix in (".service", ".socket")}
+    assert shipped == {"emojistream.service", "emojistream@.socket", "emojistream@.service"}
+    result = _verify(unit_root, unit)
+    # verify exits 0 on settings it could not parse and ignores: those lines count too.
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), (
+        result.stdout + result.stderr)
+    # And it does notice a broken setting, so the check above can fail.
+    path = unit_root / "etc/systemd/system" / unit.replace("@1", "@")
+    path.write_text(path.read_text().replace("[Install]", "Bogus=1\n[Install]"))
+    broken = _verify(unit_root, unit)
+    assert "Bogus" in broken.stdout + broken.stderr
