@@ -410,6 +410,10 @@ SPECS: tuple[Spec, ...] = (
     Spec("log_format", "log-format", "LOG_FORMAT", parse_log_format, "text",
          "Log as text lines or as one JSON object per line on standard output (json)",
          metavar="FORMAT"),
+    Spec("workers", "workers", "WORKERS", parse_positive_int, "1",
+         "Run this many worker processes on the --listen port (SO_REUSEPORT), each "
+         "subscribed to Redis and reporting as <node>-<i>; the parent restarts any that "
+         "dies and stops all on SIGTERM", metavar="N"),
     Spec("demo", "demo", None, parse_bool, "false",
          "Start a private redis-server and a synthetic feeder publishing into it "
          "(with --redis, feed that Redis instead)", is_flag=True),
@@ -453,6 +457,7 @@ class Settings:
     admin_listen: str = ""
     admin_token: str = ""
     drain: float = 10.0
+    workers: int = 1
     demo: bool = False
     demo_rate: float = 250.0
 

@@ -56,7 +56,15 @@ def stop_cleanly_on_signals(reactor: Any) -> None:
     the process killed by it; a requested, completed stop is a success.
     """
 
+    stopping = False
+
     def handler(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if stopping:
+            # A second signal (a process group's, or an impatient operator's): the
+            # stop is under way already.
+            return
+        stopping = True
         log.info("Received {name}, draining streams and stopping",
                  name=signal.Signals(signum).name)
         reactor.callFromThread(reactor.stop)

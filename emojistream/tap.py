@@ -10,7 +10,10 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from emojistream.config import SPECS, ConfigError, Settings, resolve
+from emojistream.endpoints import ReusePortEndpoint
+from emojistream.lifecycle import ExitOnStartupError, SystemdNotifier, stop_cleanly_on_signals
 from emojistream.service import daemon
+from emojistream.workers import Workers
 
 
 def _describe(spec_help: str, default: str | None, env: str | None) -> str:
@@ -63,9 +66,13 @@ class Options(usage.Options):
                 given[spec.key] = self[spec.option]
         try:
             settings = resolve(self._environ, given)
+            if settings.workers > 1:
+                check_workers(settings)
         except ConfigError as e:
             # Not a UsageError: twistd would print its whole option list before it.
             raise SystemExit(f"twistd emojistream: {e}") from None
+        #: What was given on the command line, by setting key (None: not given).
+        self.given = given
         parent = getattr(self, "parent", None)
         if settings.log_format == "json" and parent is not None and not parent.get("logger"):
             # twistd turns this name into its log observer after our options are read.
@@ -74,8 +81,75 @@ class Options(usage.Options):
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
-    """The daemon's service tree, built from parsed options."""
+    """The daemon's service tree, built from parsed options (with C{--workers N},
+    a parent that runs N daemons)."""
     if reactor is None:
         from twisted.internet import reactor
     assert options.settings is not None
+    if options.settings.workers > 1:
+        return workers_daemon(options.settings, options.given, reactor)
     return daemon(options.settings, reactor)
+
+
+def check_workers(settings: Settings) -> None:
+    """Raise L{ConfigError} if C{--workers} cannot work with these settings."""
+    if settings.demo and not settings.redis_given:
+        raise ConfigError("--workers: each worker would start its own demo Redis; "
+                          "start one and give --redis")
+    shared_port(settings.listen)
+
+
+def shared_port(description: str) -> str:
+    """The C{reuseport:} endpoint that workers share for a C{tcp:} or C{reuseport:}
+    C{--listen}."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    endpoint = serverFromString(reactor, description)
+    if isinstance(endpoint, ReusePortEndpoint):
+        port, interface, backlog = endpoint.port, endpoint.interface, endpoint.backlog
+    elif description.lower().startswith("tcp:"):
+        port = getattr(endpoint, "_port", 0)
+        interface = getattr(endpoint, "_interface", "")
+        backlog = getattr(endpoint, "_backlog", 1024)
+    else:
+        raise ConfigError(f"--workers: {description!r} cannot be shared; give a tcp: or "
+                          "reuseport: --listen")
+    if not port:
+        raise ConfigError("--workers: the workers share one port; name it (not 0)")
+    where = f":interface={interface}" if interface else ""
+    return f"reuseport:{port}{where}:backlog={backlog}"
+
+
+def worker_arguments(settings: Settings, given: Mapping[str, str | None], number: int
+                     ) -> list[str]:
+    """twistd arguments of worker C{number}: what was given, less C{--workers}, on the
+    shared port, named C{<node>-<number>}. The environment reaches it as it is."""
+    args = ["--nodaemon", "--pidfile=", "emojistream"]
+    for spec in SPECS:
+        value = given.get(spec.key)
+        if value is None or spec.key in ("workers", "listen", "node"):
+            continue
+        if spec.is_flag:
+            args.append(f"--{spec.option}" if value == "true" else f"--no-{spec.option}")
+        else:
+            args += [f"--{spec.option}", value]
+    args += ["--listen", shared_port(settings.listen), "--node", f"{settings.node}-{number}"]
+    return args
+
+
+def workers_daemon(settings: Settings, given: Mapping[str, str | None], reactor: Any
+                   ) -> IService:
+    """The parent of C{--workers N}: supervises the workers, tells systemd."""
+    root = ExitOnStartupError()
+    stop_cleanly_on_signals(reactor)
+    workers = Workers(reactor, settings.workers,
+                      lambda n: worker_arguments(settings, given, n),
+                      stop_timeout=settings.drain + 10)
+    # systemd hears from the parent alone (NotifyAccess=main), once all serve.
+    notifier = SystemdNotifier.from_environment(
+        os.environ, clock=reactor, listening=workers.when_serving, status=workers.summary)
+    workers.setServiceParent(root)
+    if notifier is not None:
+        notifier.setServiceParent(root)
+    return root

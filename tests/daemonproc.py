@@ -65,6 +65,18 @@ class TwistdProcess:
                     raise AssertionError(f"no log line matching {pattern!r}:\n" + self.log())
                 self._changed.wait(min(left, 0.5))
 
+    def wait_for_lines(self, pattern: str, n: int, timeout: float = 30) -> None:
+        """Block until C{n} log lines match C{pattern}; fail if the process exits first."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while sum(bool(regex.search(line)) for line in self.lines) < n:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    raise AssertionError(f"fewer than {n} lines matching {pattern!r}:\n"
+                                         + self.log())
+                self._changed.wait(min(left, 0.5))
+
     def port(self) -> int:
         """The HTTP port, from the web service's start-up log line."""
         return int(self.wait_for_line(r"Serving HTTP on \S*:(\d+)").group(1))

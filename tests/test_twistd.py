@@ -46,6 +46,10 @@ def assert_one_line_failure(result, names: str) -> None:
 @pytest.mark.parametrize(("args", "names"), [
     (["--redis", "http://nope"], "--redis"),
     (["--keepalive", "often"], "--keepalive"),
+    (["--workers", "2", "--listen", "tcp:0"], "--workers"),
+    (["--workers", "2", "--listen", "unix:/tmp/emojistream-test.sock"], "--workers"),
+    (["--workers", "2", "--demo"], "--workers"),
+    (["--listen", "reuseport:0"], "--listen"),
     *[(["--listen", endpoint], "--listen") for endpoint in BAD_ENDPOINTS],
     *[(["--admin-listen", endpoint], "--admin-listen") for endpoint in BAD_ENDPOINTS],
 ])
