@@ -39,6 +39,8 @@ SSE_HEADERS = (
     (b"Content-Type", b"text/event-stream; charset=utf-8"),
     (b"Cache-Control", b"no-cache"),
     (b"Connection", b"keep-alive"),
+    # nginx (at its default proxy_buffering on) passes the stream through at once.
+    (b"X-Accel-Buffering", b"no"),
 )
 CORS = (b"Access-Control-Allow-Origin", b"*")
 

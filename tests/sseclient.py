@@ -181,8 +181,10 @@ def dechunk(body: bytes) -> bytes:
 
 
 def response_events(raw: bytes) -> SpecParser:
-    """Parse the SSE events out of a raw chunked HTTP response."""
-    _, _, body = raw.partition(b"\r\n\r\n")
+    """Parse the SSE events out of a raw HTTP response, chunked or not."""
+    _, headers, body = split_response(raw)
+    chunked = any(name.lower() == "transfer-encoding" and value.lower() == "chunked"
+                  for name, value in headers)
     parser = SpecParser()
-    parser.feed(dechunk(body))
+    parser.feed(dechunk(body) if chunked or not headers else body)
     return parser

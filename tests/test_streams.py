@@ -15,6 +15,8 @@ SSE_HEADERS = {
     "cache-control": ["no-cache"],
     "connection": ["keep-alive"],
     "access-control-allow-origin": ["*"],
+    # Beyond the legacy contract: nginx passes the stream through unbuffered.
+    "x-accel-buffering": ["no"],
 }
 # Added by the HTTP layer itself; everything else must be exactly the contract.
 TRANSPORT_HEADERS = {"date", "server", "transfer-encoding"}
