@@ -62,12 +62,15 @@ def resp(*args: bytes) -> bytes:
 # -- clients (run in their own processes) -----------------------------------------
 
 
-def connect_retrying(host: str, port: int, seconds: float = 30) -> socket.socket:
-    """Connect as a client would, trying again while the server's queue is full."""
+def connect_retrying(host: str, port: int, seconds: float = 30, source: str = ""
+                     ) -> socket.socket:
+    """Connect as a client would (from C{source}, if given), trying again while the
+    server's queue is full."""
     deadline = time.monotonic() + seconds
     while True:
         try:
-            return socket.create_connection((host, port), timeout=10)
+            return socket.create_connection((host, port), timeout=10,
+                                            source_address=(source, 0) if source else None)
         except OSError:
             if time.monotonic() > deadline:
                 raise
@@ -90,10 +93,13 @@ class Sub:
     dups: int = 0
     reorders: int = 0
     eps_totals: Counter[str] = field(default_factory=Counter)
+    # Detail streams: when bytes last came, and the longest silence in the window.
+    last_rx: float = 0.0
+    max_gap: float = 0.0
 
 
 def client_main(host: str, port: int, plan: list[tuple[str, str, bool]], shared: Any,
-                results: Any, nice: int = 0) -> None:
+                results: Any, nice: int = 0, sources: tuple[str, ...] = ("",)) -> None:
     """Open every planned stream, read until told to stop, report per-stream figures."""
     raise_fd_limit(len(plan) + 256)
     if nice:
@@ -104,10 +110,11 @@ def client_main(host: str, port: int, plan: list[tuple[str, str, bool]], shared:
     poller = select.epoll()
     by_fd: dict[int, Sub] = {}
     subs: list[Sub] = []
-    for kind, emoji_id, sample in plan:
+    for n, (kind, emoji_id, sample) in enumerate(plan):
         path = {"eps": "/subscribe/eps", "raw": "/subscribe/raw"}.get(
             kind, f"/subscribe/details/{emoji_id}")
-        sock = connect_retrying(host, port)
+        # Several source addresses: one has only ~28,000 ephemeral ports to one port.
+        sock = connect_retrying(host, port, source=sources[n % len(sources)])
         # HTTP/1.0: the body comes unchunked, so the client parses nothing but SSE.
         sock.sendall(f"GET {path} HTTP/1.0\r\nUser-Agent: emojistream-bench\r\n\r\n".encode())
         sock.setblocking(False)
@@ -188,6 +195,10 @@ def client_main(host: str, port: int, plan: list[tuple[str, str, bool]], shared:
             if sub.kind == "details":
                 now = time.time()
                 measuring = shared["measuring"].value
+                if measuring == 1:
+                    if sub.last_rx:
+                        sub.max_gap = max(sub.max_gap, now - sub.last_rx)
+                    sub.last_rx = now
                 for m in _SEQ.finditer(whole):
                     seq = int(m.group(1))
                     if seq in sub.seqs:
@@ -219,6 +230,7 @@ def client_main(host: str, port: int, plan: list[tuple[str, str, bool]], shared:
             "kind": sub.kind, "id": sub.emoji_id, "messages": sub.messages,
             "in_window": sum(1 for q in sub.seqs if s0 <= q <= s1), "dups": sub.dups,
             "reorders": sub.reorders, "eps_totals": dict(sub.eps_totals) if sub.sample else None,
+            "max_gap": sub.max_gap,
         })
         sub.sock.close()
     poller.close()
@@ -251,6 +263,33 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def workers_of(parent: int, n: int, seconds: float = 30) -> list[int]:
+    """The PIDs of C{--workers}' N children (none for one worker), once all serve."""
+    if n <= 1:
+        return []
+    deadline = time.monotonic() + seconds
+    path = Path(f"/proc/{parent}/task/{parent}/children")
+    while True:
+        pids = [int(p) for p in path.read_text().split()]
+        if len(pids) == n:
+            return sorted(pids)
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{len(pids)} of {n} workers started")
+        time.sleep(0.1)
+
+
+def each_worker_status(host: str, port: int, n: int) -> list[dict[str, Any]]:
+    """status.json of each of N workers sharing the port (each new connection lands on
+    one of them, as the kernel's hash of its address decides), ordered by node."""
+    found: dict[str, dict[str, Any]] = {}
+    for _ in range(50 * n):
+        status = server_status(host, port)
+        found[status.get("node", "")] = status
+        if len(found) == n:
+            break
+    return [found[node] for node in sorted(found)]
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -348,13 +387,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             procs.append(subprocess.Popen(
                 [twistd, "-n", "--pidfile=", "emojistream", "--listen",
                  f"tcp:{port}:interface=127.0.0.1:backlog=4096", "--redis",
-                 f"redis://{redis_host}:{redis_port}", "--max-streams", str(args.clients + 100),
+                 f"redis://{redis_host}:{redis_port}", "--max-streams",
+                 str(min(args.clients + 100, 18_000)), "--workers", str(args.workers),
                  *args.server_args],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             wait_port(host, port)
             server_pid = procs[-1].pid
+        worker_pids = workers_of(server_pid, args.workers) if server_pid else []
         time.sleep(0.5)
         rss_idle = rss_mb(server_pid) if server_pid else None
+        if worker_pids:
+            rss_idle = sum(rss_mb(pid) for pid in worker_pids)
 
         mix = dict(zip(KINDS, args.mix, strict=True))
         ids, cumulative = zipf_ids()
@@ -368,9 +411,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   "connected": mp.Value("i", 0), "delivered": mp.Array("q", 3),
                   "seq_range": mp.Array("q", [0, -1])}
         results: Any = mp.Queue()
+        sources = tuple(f"127.0.0.{i}" for i in range(1, args.source_ips + 1))
         workers = [mp.Process(target=client_main,
                               args=(host, port, plan[i::args.client_procs], shared, results,
-                                    args.client_nice))
+                                    args.client_nice, sources))
                    for i in range(args.client_procs)]
         for w in workers:
             w.start()
@@ -383,6 +427,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         publisher = Publisher(redis_host, redis_port, rng)
         publisher.run(args.rate, args.warmup)
         cpu0 = cpu_split(server_pid) if server_pid else None
+        worker_cpu0 = [cpu_seconds(pid) for pid in worker_pids]
         client_cpu0 = sum(cpu_seconds(w.pid) for w in workers if w.pid)
         steal0 = steal_seconds()
         delivered0 = list(shared["delivered"])
@@ -403,9 +448,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seq1 = publisher.seq - 1
         delivered1 = list(shared["delivered"])
         cpu1 = cpu_split(server_pid) if server_pid else None
+        worker_cpu1 = [cpu_seconds(pid) for pid in worker_pids]
+        worker_rss = [rss_mb(pid) for pid in worker_pids]
         client_cpu1 = sum(cpu_seconds(w.pid) for w in workers if w.pid)
         steal1 = steal_seconds()
         rss_end = rss_mb(server_pid) if server_pid else None
+        if worker_pids:
+            rss_end = sum(worker_rss)
         if args.after:
             # The recovery phase: back to the normal rate, latency by publish time.
             publisher.run(args.after_rate, args.after)
@@ -421,7 +470,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             now_delivered = sum(shared["delivered"])
             if now_delivered != last:
                 quiet_since, last = time.monotonic(), now_delivered
-        status = server_status(host, port)
+        statuses = (each_worker_status(host, port, args.workers) if args.workers > 1
+                    else [server_status(host, port)])
+        status = {"totals": {"connections.dropped": sum(
+            s.get("totals", {}).get("connections.dropped", 0) for s in statuses)}}
         shared["seq_range"][0], shared["seq_range"][1] = seq0, seq1
         shared["stop"].value = 1
         reports: list[dict[str, Any]] = []
@@ -454,7 +506,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_eps = sum(1 for r in reports if r["kind"] == "eps")
     server_split = ((cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
                     if cpu0 is not None and cpu1 is not None else None)
+    worker_cpu = [b - a for a, b in zip(worker_cpu0, worker_cpu1, strict=True)]
     server_cpu = sum(server_split) if server_split is not None else None
+    if worker_pids:
+        # The parent's own CPU, and each worker's (not yet counted: not waited for).
+        server_cpu = (server_cpu or 0) + sum(worker_cpu)
+        server_split = None
     deliveries = total_rate * window
     client_cpu = client_cpu1 - client_cpu0
     return {
@@ -488,6 +545,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "after_window": recovery(after, window_end, args.after) if args.after else None,
         "hits_published": publisher.seq,
         "server_dropped_connections": status.get("totals", {}).get("connections.dropped"),
+        "keepalive_max_gap_s": round(max((r["max_gap"] for r in detail_subs), default=0), 2),
+        "workers": [
+            {"node": st.get("node"), "streams": sum(st.get("pools", {}).values()),
+             "cpu_s": round(cpu, 2), "cpu_share": round(cpu / server_cpu, 3)
+             if server_cpu else None, "rss_mb": round(rss, 1),
+             "delivered_total": st.get("totals", {}).get("messages.delivered")}
+            for st, cpu, rss in zip(statuses, worker_cpu, worker_rss, strict=False)
+        ] if worker_pids else None,
     }
 
 
@@ -534,7 +599,13 @@ def table(result: dict[str, Any]) -> str:
         ("lost details, raw", f"{result['loss']['details']}, {result['loss']['raw']}"),
         ("duplicates, reordered", f"{result['duplicates']}, {result['reordered']}"),
         ("connections the server dropped", result["server_dropped_connections"]),
+        ("longest silence on a detail stream s", result["keepalive_max_gap_s"]),
     ]
+    for worker in result["workers"] or ():
+        rows.append((f"  worker {worker['node']}",
+                     f"{worker['streams']} streams, CPU {worker['cpu_s']} s "
+                     f"({worker['cpu_share']:.0%} of the server's), RSS {worker['rss_mb']} MB, "
+                     f"{worker['delivered_total']} delivered since start"))
     if (after := result["after_window"]) is not None:
         rows += [
             ("detail p99 ms per 0.5 s after", " ".join(
@@ -563,6 +634,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drain-max", type=float, default=120,
                         help="longest wait for the backlog to drain before counting loss")
     parser.add_argument("--client-procs", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="run the daemon with --workers N and report each worker")
+    parser.add_argument("--source-ips", type=int, default=1,
+                        help="spread the clients over 127.0.0.1..N (one address reaches "
+                             "one port from ~28,000 ephemeral ports at most)")
     parser.add_argument("--client-nice", type=int, default=0,
                         help="run the client processes this much nicer than the server")
     parser.add_argument("--sample", type=int, default=5,
