@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from emojistream.config import default_max_streams
 from emojistream.demo import find_redis_server, free_port, load_rankings, redis_server_args
 from emojistream.lifecycle import raise_fd_limit
 
@@ -388,7 +389,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 [twistd, "-n", "--pidfile=", "emojistream", "--listen",
                  f"tcp:{port}:interface=127.0.0.1:backlog=4096", "--redis",
                  f"redis://{redis_host}:{redis_port}", "--max-streams",
-                 str(min(args.clients + 100, 18_000)), "--workers", str(args.workers),
+                 str(min(args.clients + 100, default_max_streams())),
+                 "--workers", str(args.workers),
                  *args.server_args],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             wait_port(host, port)
@@ -428,6 +430,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         publisher.run(args.rate, args.warmup)
         cpu0 = cpu_split(server_pid) if server_pid else None
         worker_cpu0 = [cpu_seconds(pid) for pid in worker_pids]
+        watched0 = {name: cpu_seconds(pid) for name, pid in args.watch}
         client_cpu0 = sum(cpu_seconds(w.pid) for w in workers if w.pid)
         steal0 = steal_seconds()
         delivered0 = list(shared["delivered"])
@@ -449,6 +452,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         delivered1 = list(shared["delivered"])
         cpu1 = cpu_split(server_pid) if server_pid else None
         worker_cpu1 = [cpu_seconds(pid) for pid in worker_pids]
+        watched1 = {name: cpu_seconds(pid) for name, pid in args.watch}
+        watched_rss = {name: rss_mb(pid) for name, pid in args.watch}
         worker_rss = [rss_mb(pid) for pid in worker_pids]
         client_cpu1 = sum(cpu_seconds(w.pid) for w in workers if w.pid)
         steal1 = steal_seconds()
@@ -545,6 +550,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "after_window": recovery(after, window_end, args.after) if args.after else None,
         "hits_published": publisher.seq,
         "server_dropped_connections": status.get("totals", {}).get("connections.dropped"),
+        "watched": {
+            name: {"cpu_s": round(watched1[name] - watched0[name], 2),
+                   "us_per_message": round((watched1[name] - watched0[name]) / deliveries * 1e6,
+                                           3) if deliveries else None,
+                   "rss_mb": round(watched_rss[name], 1)}
+            for name, _ in args.watch},
         "keepalive_max_gap_s": round(max((r["max_gap"] for r in detail_subs), default=0), 2),
         "workers": [
             {"node": st.get("node"), "streams": sum(st.get("pools", {}).values()),
@@ -601,6 +612,9 @@ def table(result: dict[str, Any]) -> str:
         ("connections the server dropped", result["server_dropped_connections"]),
         ("longest silence on a detail stream s", result["keepalive_max_gap_s"]),
     ]
+    for name, figures in result.get("watched", {}).items():
+        rows.append((f"  {name}", f"CPU {figures['cpu_s']} s, {figures['us_per_message']} µs "
+                                  f"per delivered message, RSS {figures['rss_mb']} MB"))
     for worker in result["workers"] or ():
         rows.append((f"  worker {worker['node']}",
                      f"{worker['streams']} streams, CPU {worker['cpu_s']} s "
@@ -634,6 +648,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drain-max", type=float, default=120,
                         help="longest wait for the backlog to drain before counting loss")
     parser.add_argument("--client-procs", type=int, default=2)
+    parser.add_argument("--watch", action="append", default=[], metavar="NAME=PID",
+                        help="also report this process's CPU over the window (repeatable)")
     parser.add_argument("--workers", type=int, default=1,
                         help="run the daemon with --workers N and report each worker")
     parser.add_argument("--source-ips", type=int, default=1,
@@ -664,6 +680,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a 15-second smoke run: 200 clients, 100 hits/s")
     args = parser.parse_args(argv)
     args.mix = [float(x) for x in args.mix.split(",")]
+    try:
+        args.watch = [(name, int(pid)) for name, _, pid in
+                      (w.partition("=") for w in args.watch)]
+    except ValueError:
+        parser.error("--watch takes NAME=PID")
     if len(args.mix) != 3:
         parser.error("--mix takes three numbers: eps,raw,details")
     if args.quick:

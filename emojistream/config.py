@@ -109,6 +109,11 @@ def parse_redis_url(text: str) -> RedisAddress:
     )
 
 
+def parse_optional_redis_url(text: str) -> RedisAddress | None:
+    """A C{redis://} URL, or empty for none."""
+    return parse_redis_url(text) if text.strip() else None
+
+
 @dataclass(frozen=True)
 class GraphiteTarget:
     """Where carbon plaintext lines go: C{tcp} (one kept-up connection) or C{udp}."""
@@ -373,6 +378,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("admin_report", "admin-report", "ADMIN_REPORT", parse_bool, None,
          "HSET this node's status into admin_stream_status every 5 s "
          "(default: on when the environment is staging or production)", is_flag=True),
+    Spec("admin_redis", "admin-redis", "ADMIN_REDIS_URL", parse_optional_redis_url, "",
+         "Redis the admin reports are written to (default: --redis); for a node "
+         "subscribed to a read-only replica, name the primary", metavar="URL"),
     Spec("graphite", "graphite", "GRAPHITE_URL", parse_graphite_url, "",
          "Carbon target for metrics every 10 s, tcp://host:2003 or udp://host:2003 "
          "(default: off)", metavar="URL"),
@@ -444,6 +452,7 @@ class Settings:
     proxy_hops: int = 1
     client_ip_header: str = "X-Forwarded-For"
     admin_report: bool = False
+    admin_redis: RedisAddress | None = None
     graphite: GraphiteTarget | None = None
     graphite_interval: float = 10.0
     graphite_prefix: str = ""

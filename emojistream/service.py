@@ -173,7 +173,8 @@ class Emojistream:
 
         self.admin_reporter: AdminReporter | None = None
         if settings.admin_report:
-            admin_redis = RedisConnection(redis_address, reactor=reactor, purpose="admin report")
+            admin_redis = RedisConnection(settings.admin_redis or redis_address,
+                                          reactor=reactor, purpose="admin report")
             admin_redis.setServiceParent(redis_parent)
             self.admin_reporter = AdminReporter(admin_redis, self.status.document,
                                                 settings.node_name)

@@ -1,0 +1,134 @@
+"""Three nodes on one machine, the way several hosts share Redis: a Redis primary and
+a replica, three daemons (one subscribed to the primary, two to the replica, all
+reporting to the primary), nginx in front with the shipped config. Then the fan-out
+benchmark runs through nginx and every node's and Redis's CPU is reported.
+
+    python benchmarks/cluster.py [benchmark options, e.g. --clients 1500 --rate 400]
+
+Needs Debian's nginx. Prints the benchmark table, the admin_stream_status hash's
+nodes, and writes cluster-result.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from emojistream.bench import (  # noqa: E402
+    parse_args,
+    resp,
+    run,
+    table,
+    wait_port,
+)
+from emojistream.demo import find_redis_server, free_port, redis_server_args  # noqa: E402
+
+
+def redis_command(port: int, *args: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.sendall(resp(*args))
+        time.sleep(0.2)
+        return conn.recv(1 << 20)
+
+
+def main() -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="emojistream-cluster-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    try:
+        primary, replica = free_port(), free_port()
+        server = find_redis_server()
+        procs.append(subprocess.Popen(redis_server_args(server, primary),
+                                      stdout=subprocess.DEVNULL))
+        wait_port("127.0.0.1", primary)
+        procs.append(subprocess.Popen(
+            [*redis_server_args(server, replica), "--replicaof", "127.0.0.1", str(primary)],
+            stdout=subprocess.DEVNULL))
+        wait_port("127.0.0.1", replica)
+        while b"master_link_status:up" not in redis_command(replica, b"INFO", b"replication"):
+            time.sleep(0.1)
+        twistd = str(Path(sys.executable).parent / "twistd")
+        nodes = []
+        for name, port_redis in (("a", primary), ("b", replica), ("c", replica)):
+            port = free_port()
+            procs.append(subprocess.Popen(
+                [twistd, "-n", "--pidfile=", "emojistream", "--listen",
+                 f"tcp:{port}:interface=127.0.0.1:backlog=4096",
+                 "--redis", f"redis://127.0.0.1:{port_redis}",
+                 "--admin-redis", f"redis://127.0.0.1:{primary}", "--admin-report",
+                 "--trust-proxy", "--node", f"cluster-{name}"],
+                stdout=(tmp / f"node-{name}.log").open("wb"), stderr=subprocess.STDOUT,
+                env=env))
+            nodes.append((name, port, procs[-1].pid))
+        for _, port, _ in nodes:
+            wait_port("127.0.0.1", port)
+        front = free_port()
+        site = (REPO / "deploy/nginx/emojistream.conf").read_text()
+        upstreams = "".join(f"    server 127.0.0.1:{port};\n" for _, port, _ in nodes)
+        site = re.sub(r"(    server 127\.0\.0\.1:800\d;\n)+", upstreams, site)
+        site = site.replace("listen 80;", f"listen 127.0.0.1:{front};")
+        (tmp / "site.conf").write_text(site)
+        user = "user root;" if os.geteuid() == 0 else ""
+        (tmp / "nginx.conf").write_text(f"""{user}
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+    include {tmp}/site.conf;
+}}
+""")
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        procs.append(subprocess.Popen([nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf"),
+                                       "-g", "daemon off;"]))
+        wait_port("127.0.0.1", front)
+        time.sleep(1)  # the nodes subscribe
+        watch = [f"node-{name}={pid}" for name, _, pid in nodes]
+        watch += [f"redis-primary={procs[0].pid}", f"redis-replica={procs[1].pid}",
+                  f"nginx={procs[-1].pid}"]
+        argv = [*sys.argv[1:], "--url", f"http://127.0.0.1:{front}",
+                "--redis", f"redis://127.0.0.1:{primary}"]
+        for w in watch:
+            argv += ["--watch", w]
+        args = parse_args(argv)
+        result = run(args)
+        time.sleep(6)  # one admin report interval
+        hash_reply = redis_command(primary, b"HKEYS", b"admin_stream_status")
+        result["admin_stream_status_nodes"] = sorted(
+            n.decode() for n in re.findall(rb"twisted-[\w.-]+", hash_reply))
+        print(table(result))
+        for name in result["admin_stream_status_nodes"]:
+            print(f"admin_stream_status: {name}")
+        Path("cluster-result.json").write_text(json.dumps(result, indent=2))
+        ok = (result["loss"] == {"details": 0, "raw": 0} and result["duplicates"] == 0
+              and result["eps_sums_exact"] and len(result["admin_stream_status_nodes"]) == 3)
+        return 0 if ok else 1
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
