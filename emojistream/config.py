@@ -407,6 +407,12 @@ SPECS: tuple[Spec, ...] = (
          "the open-file limit allows if that is less)", metavar="N"),
     Spec("max_streams_per_ip", "max-streams-per-ip", "MAX_STREAMS_PER_IP", parse_count, "0",
          "Open streams per client IP at most, more get 429 (0: no limit)", metavar="N"),
+    Spec("request_timeout", "request-timeout", "REQUEST_TIMEOUT_SEC", parse_positive_float,
+         "10", "Seconds a client has to send a whole request head; slower ones get 408 "
+         "(answered streams are never timed)", metavar="SECONDS"),
+    Spec("max_connections_per_ip", "max-connections-per-ip", "MAX_CONNECTIONS_PER_IP",
+         parse_count, "0", "Open TCP connections per client address at most; more are "
+         "closed at once (0: no limit; keep 0 behind a proxy)", metavar="N"),
     Spec("admin_listen", "admin-listen", "ADMIN_LISTEN", parse_optional_endpoint, "",
          "Serve /admin/ on this endpoint only (e.g. tcp:8002:interface=127.0.0.1) "
          "instead of the main one", metavar="ENDPOINT"),
@@ -463,6 +469,8 @@ class Settings:
     batch_writes: bool = False
     max_streams: int = MAX_STREAMS
     max_streams_per_ip: int = 0
+    request_timeout: float = 10.0
+    max_connections_per_ip: int = 0
     admin_listen: str = ""
     admin_token: str = ""
     drain: float = 10.0

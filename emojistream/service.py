@@ -6,6 +6,7 @@ Shared by the twistd plugin (L{emojistream.tap}) and C{emojistream.tac}.
 from __future__ import annotations
 
 import os
+import resource
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from twisted.logger import Logger
 
 from emojistream.config import Settings
 from emojistream.demo import EmbeddedRedis, Feeder, find_redis_server, free_port
+from emojistream.http import ConnectionGate, QuietSite
 from emojistream.hub import KEEPALIVE_TICKS, POOLS, Hub
 from emojistream.lifecycle import (
     Drain,
@@ -42,7 +44,7 @@ from emojistream.sse import KEEPALIVE
 from emojistream.status import StatusReport
 from emojistream.stream import Batcher
 from emojistream.summarizer import RATE, ScoreSummarizer, Ticker
-from emojistream.web import AdminRoutes, QuietSite, Root, StreamRoutes
+from emojistream.web import AdminRoutes, Root, StreamRoutes
 
 
 class _RecordingEndpoint:
@@ -50,8 +52,9 @@ class _RecordingEndpoint:
 
     log = Logger()
 
-    def __init__(self, endpoint: IStreamServerEndpoint) -> None:
+    def __init__(self, endpoint: IStreamServerEndpoint, gate: ConnectionGate) -> None:
         self._endpoint = endpoint
+        self._gate = gate
         self._waiting: list[Deferred[IListeningPort]] = []
         self.port: IListeningPort | None = None
 
@@ -60,6 +63,7 @@ class _RecordingEndpoint:
 
         def listening(port: IListeningPort) -> IListeningPort:
             self.port = port
+            self._gate.add_port(port)
             address: Any = port.getHost()
             where = (f"{address.host}:{address.port}" if hasattr(address, "port")
                      else str(getattr(address, "name", address)))
@@ -197,6 +201,11 @@ class Emojistream:
 
         self.web = MultiService()
         self.web.setServiceParent(self.service)
+        # Every listener's connections count together against the open-file limit.
+        soft_limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.gate = ConnectionGate(per_ip=settings.max_connections_per_ip,
+                                   fd_limit=None if soft_limit == resource.RLIM_INFINITY
+                                   else soft_limit)
         streams = StreamRoutes(self.hub, settings, clock=clock, batcher=self.batcher,
                                drain=self.drain).app.resource()
         admin = AdminRoutes(self.status.document, settings.admin_token).app.resource()
@@ -207,9 +216,10 @@ class Emojistream:
             self.admin_endpoint = self._listen(reactor, settings.admin_listen, Root(None, admin))
 
     def _listen(self, reactor: Any, description: str, root: Root) -> _RecordingEndpoint:
-        endpoint = _RecordingEndpoint(serverFromString(reactor, description))
-        listener = _Listener(description, endpoint,
-                             QuietSite(root, send_buffer=self.settings.send_buffer))
+        endpoint = _RecordingEndpoint(serverFromString(reactor, description), self.gate)
+        site = QuietSite(root, send_buffer=self.settings.send_buffer,
+                         request_timeout=self.settings.request_timeout, gate=self.gate)
+        listener = _Listener(description, endpoint, site)
         listener.setServiceParent(self.web)
         return endpoint
 
@@ -266,6 +276,8 @@ class Emojistream:
             "connections.closed": self.hub.closed,
             "connections.dropped": self.hub.dropped,
             "redis.subscriber_losses": self.feed.losses,
+            "connections.refused_per_ip": self.gate.refused_per_ip,
+            "connections.accept_pauses": self.gate.accept_pauses,
             **({"carbon.dropped_reports": self.carbon.dropped}
                if isinstance(self.carbon, TcpCarbon) else {}),
         }

@@ -1,5 +1,6 @@
 """HTTP routes: the SSE streams and cleanup (L{StreamRoutes}), the admin status
-(L{AdminRoutes}), and what every response shares.
+(L{AdminRoutes}), and what every response shares. The HTTP plumbing beneath them
+(channel, request, site, connection limits) is L{emojistream.http}'s.
 
 Every response carries C{Access-Control-Allow-Origin: *}; errors are short
 plain-text bodies with the right status, never an HTML page or a traceback.
@@ -10,11 +11,9 @@ from __future__ import annotations
 import hmac
 import json
 import re
-import socket
 from collections.abc import Callable
 from http import HTTPStatus
 from importlib.resources import files
-from io import BytesIO
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
@@ -22,10 +21,9 @@ from klein import Klein
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import RequestRedirect
 
@@ -389,105 +387,3 @@ class Root(Resource):
         if target is None:
             return _text(request, 404, "404 Not Found")
         return target.render(request)
-
-
-def _plain_response(status: bytes) -> bytes:
-    body = status + b"\n"
-    return (b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n" % len(body)
-            + b"Access-Control-Allow-Origin: *\r\n\r\n" + body)
-
-
-class Channel(HTTPChannel):
-    """HTTP/1.x with short text answers for requests too broken to reach a route:
-    400 for a malformed request, 414 for an overlong request line, 431 for
-    overlong or too many headers (Twisted's own answer has no body, or there is
-    none at all)."""
-
-    def connectionMade(self) -> None:
-        self._awaiting_request_line = True
-        super().connectionMade()
-
-    def lineReceived(self, line: bytes) -> None:
-        if line:
-            self._awaiting_request_line = False
-        super().lineReceived(line)
-
-    def allHeadersReceived(self) -> None:
-        super().allHeadersReceived()
-        self._awaiting_request_line = True
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._refuse(b"414 URI Too Long" if self._awaiting_request_line
-                     else b"431 Request Header Fields Too Large")
-
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        # Twisted's hook for every request it cannot parse (a private name: should it
-        # go away, Twisted's bare "400 Bad Request" is what clients get instead).
-        too_many = (getattr(self, "_receivedHeaderCount", 0) > self.maxHeaders
-                    or getattr(self, "_receivedHeaderSize", 0) > self.totalHeadersSize)
-        self._refuse(b"431 Request Header Fields Too Large" if too_many
-                     else b"400 Bad Request")
-
-    def _refuse(self, status: bytes) -> None:
-        transport = self.transport
-        assert transport is not None
-        transport.write(_plain_response(status))
-        transport.loseConnection()
-
-
-class BodilessRequest(Request):
-    """A request whose body is read and thrown away: no route here uses one, so a
-    large or endless body costs neither memory nor a temporary file."""
-
-    def gotLength(self, length: int | None) -> None:
-        self.content = BytesIO()
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        # RFC 9112 3.2.2: a server MUST accept the absolute form
-        # (GET http://host/path HTTP/1.1), whose authority replaces the Host header.
-        scheme, sep, rest = path.partition(b"://")
-        if sep and scheme.lower() in (b"http", b"https") and b"/" not in scheme:
-            authority, slash, tail = rest.partition(b"/")
-            authority, query_sep, query = authority.partition(b"?")
-            path = slash + tail if slash else b"/" + query_sep + query
-            self.requestHeaders.setRawHeaders(b"Host", [authority.rpartition(b"@")[2]])
-        super().requestReceived(command, path, version)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        pass
-
-
-class QuietSite(Site):
-    """A Site without the per-request access log (with thousands of long-lived
-    streams it would drown the daemon's own log; C{--verbose} logs streams), that
-    can shrink each client socket's send buffer."""
-
-    # Plain HTTP/1.x: no TLS ALPN here that could pick HTTP/2.
-    protocol = Channel  # type: ignore[assignment]
-    requestFactory = BodilessRequest
-    displayTracebacks = False
-    # The service logs where it listens; "Starting factory" lines say nothing more.
-    noisy = False
-
-    def __init__(self, resource: IResource, send_buffer: int = 0) -> None:
-        super().__init__(resource)
-        self._send_buffer = send_buffer
-
-    def buildProtocol(self, addr: Any) -> Any:
-        protocol = super().buildProtocol(addr)
-        if self._send_buffer and protocol is not None:
-            make_connection = protocol.makeConnection
-            size = self._send_buffer
-
-            def makeConnection(transport: Any) -> None:
-                handle = getattr(transport, "getHandle", lambda: None)()
-                if handle is not None and handle.family in (socket.AF_INET, socket.AF_INET6):
-                    handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
-                make_connection(transport)
-
-            protocol.makeConnection = makeConnection
-        return protocol
-
-    def log(self, request: Any) -> None:
-        pass

@@ -1,0 +1,254 @@
+"""HTTP plumbing under the routes: the channel (bad requests, request-head deadline),
+the request (bodies discarded), the site (no access log, socket options), and the
+gate that limits connections per address and pauses accepting at the open-file limit.
+"""
+
+from __future__ import annotations
+
+import socket
+from io import BytesIO
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+
+
+def _plain_response(status: bytes) -> bytes:
+    body = status + b"\n"
+    return (b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n" % len(body)
+            + b"Access-Control-Allow-Origin: *\r\n\r\n" + body)
+
+
+class Channel(HTTPChannel):
+    """HTTP/1.x with short text answers for requests too broken to reach a route:
+    400 for a malformed request, 414 for an overlong request line, 431 for
+    overlong or too many headers (Twisted's own answer has no body, or there is
+    none at all), and a deadline for the whole request head.
+
+    Twisted's idle timeout restarts with every byte, so a head trickled a line at a
+    time would hold its connection forever: each head must be complete within
+    C{request_timeout} seconds of the connection (or of the previous response's
+    end), or it is answered 408 and closed; a connection that sent nothing of a next
+    request by then is just closed. A stream, once its head is in, is never timed.
+    """
+
+    _head_deadline: IDelayedCall | None = None
+    _head_bytes = False
+    _peer_host: str | None = None
+
+    @property
+    def request_timeout(self) -> float | None:
+        """Seconds a request head may take: the site's setting."""
+        return getattr(self.factory, "request_timeout", None)
+
+    def connectionMade(self) -> None:
+        self._awaiting_request_line = True
+        transport: Any = self.transport
+        size = getattr(self.factory, "send_buffer", 0)
+        handle = getattr(transport, "getHandle", lambda: None)()
+        if size and isinstance(handle, socket.socket) and handle.family in (
+                socket.AF_INET, socket.AF_INET6):
+            handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        # The site's gate counted this connection under its peer's address.
+        self._peer_host = str(getattr(transport.getPeer(), "host", ""))
+        super().connectionMade()
+        self._start_head_deadline()
+
+    def _start_head_deadline(self) -> None:
+        self._cancel_head_deadline()
+        self._head_bytes = False
+        if self.request_timeout is not None:
+            self._head_deadline = self.callLater(self.request_timeout, self._head_too_slow)
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None and self._head_deadline.active():
+            self._head_deadline.cancel()
+        self._head_deadline = None
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        if self._head_bytes:
+            self._refuse(b"408 Request Timeout")
+        elif self.transport is not None:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._head_bytes = True
+        super().dataReceived(data)
+
+    def requestDone(self, request: Any) -> None:
+        # Before Twisted goes on to a pipelined request, whose head then cancels it.
+        if self.persistent:
+            self._start_head_deadline()
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_head_deadline()
+        try:
+            super().connectionLost(reason)
+        finally:
+            gate = getattr(self.factory, "gate", None)
+            if gate is not None and self._peer_host is not None:
+                gate.release(self._peer_host)
+                self._peer_host = None
+
+    def lineReceived(self, line: bytes) -> None:
+        if line:
+            self._awaiting_request_line = False
+        super().lineReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_head_deadline()
+        super().allHeadersReceived()
+        self._awaiting_request_line = True
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse(b"414 URI Too Long" if self._awaiting_request_line
+                     else b"431 Request Header Fields Too Large")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's hook for every request it cannot parse (a private name: should it
+        # go away, Twisted's bare "400 Bad Request" is what clients get instead).
+        too_many = (getattr(self, "_receivedHeaderCount", 0) > self.maxHeaders
+                    or getattr(self, "_receivedHeaderSize", 0) > self.totalHeadersSize)
+        self._refuse(b"431 Request Header Fields Too Large" if too_many
+                     else b"400 Bad Request")
+
+    def _refuse(self, status: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        transport.write(_plain_response(status))
+        transport.loseConnection()
+
+
+class BodilessRequest(Request):
+    """A request whose body is read and thrown away: no route here uses one, so a
+    large or endless body costs neither memory nor a temporary file."""
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = BytesIO()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        # RFC 9112 3.2.2: a server MUST accept the absolute form
+        # (GET http://host/path HTTP/1.1), whose authority replaces the Host header.
+        scheme, sep, rest = path.partition(b"://")
+        if sep and scheme.lower() in (b"http", b"https") and b"/" not in scheme:
+            authority, slash, tail = rest.partition(b"/")
+            authority, query_sep, query = authority.partition(b"?")
+            path = slash + tail if slash else b"/" + query_sep + query
+            self.requestHeaders.setRawHeaders(b"Host", [authority.rpartition(b"@")[2]])
+        super().requestReceived(command, path, version)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        pass
+
+
+class ConnectionGate:
+    """Which connections are let in, shared by every listening site of the process.
+
+    - At most C{per_ip} open connections per client address (0: no limit), counting
+      every TCP connection (streams, requests in progress, idle keep-alive ones);
+      one more is closed at once, before anything is read or allocated for it.
+    - Near the open-file limit (C{fd_limit} less a margin for Redis, carbon, logs
+      and the listeners themselves) accepting pauses, so that the process never
+      meets C{EMFILE} in C{accept} (where Twisted accepts and drops each connection,
+      logging every one); it resumes as soon as connections have closed. One log
+      line per change.
+
+    The address is the TCP peer's: a proxy's address stands for all its clients, so
+    behind a proxy C{per_ip} must stay 0.
+    """
+
+    log = Logger()
+    #: Descriptors kept free of connections for everything else.
+    MARGIN = 32
+    #: Connections that must close before a paused accept resumes.
+    HYSTERESIS = 16
+
+    def __init__(self, per_ip: int = 0, fd_limit: int | None = None) -> None:
+        self._per_ip_limit = per_ip
+        self._ceiling = None if fd_limit is None else max(1, fd_limit - self.MARGIN)
+        self._per_ip: dict[str, int] = {}
+        self._ports: list[Any] = []
+        self.open = 0
+        self.paused = False
+        #: Connections closed at once for their address's limit, since start.
+        self.refused_per_ip = 0
+        #: Times accepting paused at the open-file limit, since start.
+        self.accept_pauses = 0
+
+    def add_port(self, port: Any) -> None:
+        """A listening port to pause and resume."""
+        self._ports.append(port)
+        if self.paused:
+            port.stopReading()
+
+    def admit(self, host: str) -> bool:
+        """Count a new connection from C{host}, or refuse it (False)."""
+        held = self._per_ip.get(host, 0)
+        if self._per_ip_limit and held >= self._per_ip_limit:
+            self.refused_per_ip += 1
+            return False
+        self._per_ip[host] = held + 1
+        self.open += 1
+        if self._ceiling is not None and self.open >= self._ceiling and not self.paused:
+            self.paused = True
+            self.accept_pauses += 1
+            self.log.warn("Open-file limit: {n} connections open; not accepting new ones "
+                          "until some close", n=self.open)
+            for port in self._ports:
+                port.stopReading()
+        return True
+
+    def release(self, host: str) -> None:
+        """A connection C{admit} let in has closed."""
+        left = self._per_ip.get(host, 0) - 1
+        if left > 0:
+            self._per_ip[host] = left
+        else:
+            self._per_ip.pop(host, None)
+        self.open -= 1
+        if self.paused and self._ceiling is not None and \
+                self.open < self._ceiling - self.HYSTERESIS:
+            self.paused = False
+            self.log.info("Accepting connections again ({n} open)", n=self.open)
+            for port in self._ports:
+                port.startReading()
+
+
+class QuietSite(Site):
+    """A Site without the per-request access log (with thousands of long-lived
+    streams it would drown the daemon's own log; C{--verbose} logs streams), whose
+    connections pass the L{ConnectionGate}, whose request heads have a deadline,
+    and that can shrink each client socket's send buffer."""
+
+    # Plain HTTP/1.x: no TLS ALPN here that could pick HTTP/2.
+    protocol = Channel  # type: ignore[assignment]
+    requestFactory = BodilessRequest
+    displayTracebacks = False
+    # The service logs where it listens; "Starting factory" lines say nothing more.
+    noisy = False
+
+    def __init__(self, resource: IResource, send_buffer: int = 0,
+                 request_timeout: float | None = None,
+                 gate: ConnectionGate | None = None) -> None:
+        super().__init__(resource)
+        #: SO_SNDBUF of each client socket (0: the system's).
+        self.send_buffer = send_buffer
+        #: Seconds a request head may take (None: no deadline).
+        self.request_timeout = request_timeout
+        self.gate = gate or ConnectionGate()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if not self.gate.admit(str(getattr(addr, "host", ""))):
+            return None  # Twisted closes the connection at once
+        return super().buildProtocol(addr)
+
+    def log(self, request: Any) -> None:
+        pass
