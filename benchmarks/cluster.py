@@ -100,9 +100,12 @@ http {{
                                        "-g", "daemon off;"]))
         wait_port("127.0.0.1", front)
         time.sleep(1)  # the nodes subscribe
+        # nginx's worker does the proxying, not its master.
+        master = procs[-1].pid
+        nginx_worker = int(Path(f"/proc/{master}/task/{master}/children").read_text().split()[0])
         watch = [f"node-{name}={pid}" for name, _, pid in nodes]
         watch += [f"redis-primary={procs[0].pid}", f"redis-replica={procs[1].pid}",
-                  f"nginx={procs[-1].pid}"]
+                  f"nginx-worker={nginx_worker}"]
         argv = [*sys.argv[1:], "--url", f"http://127.0.0.1:{front}",
                 "--redis", f"redis://127.0.0.1:{primary}"]
         for w in watch:

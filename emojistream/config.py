@@ -294,6 +294,12 @@ MAX_STREAMS = 20000
 FD_RESERVE = 1024
 
 
+def fd_reserve(limit: int) -> int:
+    """Descriptors to keep for other things under an open-file limit of C{limit}:
+    L{FD_RESERVE}, or a quarter of a small limit."""
+    return min(FD_RESERVE, limit // 4)
+
+
 def default_max_streams() -> int:
     """L{MAX_STREAMS}, or as many streams as the hard open-file limit allows if fewer."""
     import resource
@@ -301,7 +307,7 @@ def default_max_streams() -> int:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         return MAX_STREAMS
-    return max(1, min(MAX_STREAMS, hard - FD_RESERVE))
+    return max(1, min(MAX_STREAMS, hard - fd_reserve(hard)))
 
 
 @dataclass(frozen=True)

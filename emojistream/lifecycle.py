@@ -16,7 +16,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.logger import Logger
 
-from emojistream.config import FD_RESERVE
+from emojistream.config import FD_RESERVE, fd_reserve
 from emojistream.hub import Hub
 from emojistream.sse import encode_retry
 
@@ -40,13 +40,15 @@ def raise_fd_limit(wanted: int) -> tuple[int, int]:
 def fit_fd_limit(max_streams: int) -> None:
     """Raise the open-file limit to hold C{max_streams} streams (each is a socket) and
     the descriptors everything else needs; warn if it cannot be."""
-    wanted = max_streams + FD_RESERVE
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    reserve = FD_RESERVE if hard == resource.RLIM_INFINITY else fd_reserve(hard)
+    wanted = max_streams + reserve
     soft, _hard = raise_fd_limit(wanted)
     if soft < wanted:
         log.warn("Open-file limit is {soft}: --max-streams {n} needs {wanted} descriptors, "
                  "so at most {fit} streams can be held (raise LimitNOFILE / ulimit -n, "
                  "or lower --max-streams)", soft=soft, n=max_streams, wanted=wanted,
-                 fit=max(0, soft - FD_RESERVE))
+                 fit=max(0, soft - reserve))
 
 
 def stop_cleanly_on_signals(reactor: Any) -> None:

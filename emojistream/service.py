@@ -208,7 +208,7 @@ class Emojistream:
                                    else soft_limit)
         streams = StreamRoutes(self.hub, settings, clock=clock, batcher=self.batcher,
                                drain=self.drain).app.resource()
-        admin = AdminRoutes(self.status.document, settings.admin_token).app.resource()
+        admin = AdminRoutes(self.status, settings.admin_token).app.resource()
         self.endpoint = self._listen(reactor, settings.listen,
                                      Root(streams, None if settings.admin_listen else admin))
         self.admin_endpoint: _RecordingEndpoint | None = None

@@ -31,6 +31,7 @@ from emojistream.config import Settings
 from emojistream.hub import ID_PATTERN, Hub
 from emojistream.lifecycle import Drain
 from emojistream.sse import encode_retry
+from emojistream.status import StatusReport
 from emojistream.stream import Batcher, Stream, SummaryStream
 
 SSE_HEADERS = (
@@ -96,6 +97,12 @@ _ADDRESS = re.compile(rb"[0-9A-Za-z.:\[\]_-]{1,64}")
 
 def _hang_up(result: object, transport: Any) -> None:
     transport.loseConnection()
+
+
+def _close_after(request: Request) -> None:
+    """End the connection with this response (and say so)."""
+    request.setHeader(b"Connection", b"close")
+    request.notifyFinish().addBoth(_hang_up, request.channel.transport)
 
 
 def _text(request: IRequest, code: int, body: str) -> bytes:
@@ -207,18 +214,20 @@ class StreamRoutes:
             # Shutting down: the client is to come back in a while, to another node
             # (on an open keep-alive connection; listening has already stopped).
             self._stream_headers(request)
-            request.setHeader(b"Connection", b"close")
-            request.notifyFinish().addBoth(_hang_up, request.channel.transport)
+            _close_after(request)
             return encode_retry(self._drain.retry_hint())
-        # Limits come before any per-stream state exists.
+        # Limits come before any per-stream state exists; a refused client's
+        # connection is closed too, so that it holds no descriptor either.
         if len(self._hub) >= settings.max_streams:
             request.setHeader(b"Retry-After", RETRY_AFTER)
+            _close_after(request)
             return _text(request, 503, "503 Service Unavailable: too many streams, "
                                        "try again later")
         client_ip = self._client_ip(request)
         if settings.max_streams_per_ip and self._hub.from_ip(client_ip) >= \
                 settings.max_streams_per_ip:
             request.setHeader(b"Retry-After", RETRY_AFTER)
+            _close_after(request)
             return _text(request, 429, "429 Too Many Requests: too many streams from "
                                        "this address")
         self._stream_headers(request)
@@ -295,11 +304,15 @@ class StreamRoutes:
 
 
 class AdminRoutes:
-    """C{/admin/}: the status page and C{status.json}, optionally behind a bearer token."""
+    """C{/admin/}: the status page and C{status.json}, optionally behind a bearer token.
+
+    C{status.json} serves the status built at most once a second; C{?limit=N}
+    (with C{&offset=M}) lists only that page of the connections, as the page does.
+    """
 
     app = _with_error_handlers(Klein())
 
-    def __init__(self, status: Callable[[], dict[str, Any]], token: str = "") -> None:
+    def __init__(self, status: StatusReport, token: str = "") -> None:
         self._status = status
         self._token = token.encode("ascii")
         self._page = (files("emojistream") / "data" / "admin.html").read_bytes()
@@ -320,13 +333,34 @@ class AdminRoutes:
     def status_json(self, request: Request) -> bytes:
         if not self._authorized(request):
             return self._refuse(request)
-        return _json(request, self._status())
+        args = request.args
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        if b"limit" not in args and b"offset" not in args:
+            return self._status.encoded()
+        try:
+            limit = _count_arg(args, b"limit", 100)
+            offset = _count_arg(args, b"offset", 0)
+        except ValueError:
+            return _text(request, 400, "400 Bad Request: limit and offset are whole numbers")
+        return self._status.page(offset, min(limit, 10_000))
 
     @app.route("/admin/", methods=["GET"])
     def page(self, request: Request) -> bytes:
         # The page itself holds no data; its script sends the token for status.json.
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         return self._page
+
+
+def _count_arg(args: dict[bytes, list[bytes]], name: bytes, default: int) -> int:
+    """A query parameter that is a whole number, zero or more."""
+    values = args.get(name)
+    if not values:
+        return default
+    value = int(values[0])
+    if value < 0:
+        raise ValueError(name)
+    return value
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -27,13 +28,19 @@ def twistd(*args: str, env: dict[str, str] | None = None, timeout: float = 60
 class TwistdProcess:
     """A running `twistd -n` child whose log is collected line by line."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None,
+                 open_files: int | None = None) -> None:
         full_env = repo_env()
         full_env.update(env or {})
+
+        def limit_files() -> None:
+            if open_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
         self.proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "--logfile=-", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
-            cwd=REPO,
+            cwd=REPO, preexec_fn=limit_files,
         )
         self.lines: list[str] = []
         self._changed = threading.Condition()
