@@ -158,8 +158,10 @@ class ConnectionGate:
     - Near the open-file limit (C{fd_limit} less a margin for Redis, carbon, logs
       and the listeners themselves) accepting pauses, so that the process never
       meets C{EMFILE} in C{accept} (where Twisted accepts and drops each connection,
-      logging every one); it resumes as soon as connections have closed. One log
-      line per change.
+      logging every one); it resumes as soon as connections have closed. A line is
+      logged when accepting pauses and when it resumes, at most one of each per
+      L{LOG_EVERY} seconds (resuming takes in the queued connections, which can
+      pause it again at once).
 
     The address is the TCP peer's: a proxy's address stands for all its clients, so
     behind a proxy C{per_ip} must stay 0.
@@ -170,8 +172,13 @@ class ConnectionGate:
     MARGIN = 32
     #: Connections that must close before a paused accept resumes.
     HYSTERESIS = 16
+    #: Seconds between two log lines of the same kind.
+    LOG_EVERY = 60.0
 
-    def __init__(self, per_ip: int = 0, fd_limit: int | None = None) -> None:
+    def __init__(self, per_ip: int = 0, fd_limit: int | None = None,
+                 clock: Any = None) -> None:
+        self._clock = clock
+        self._logged: dict[str, float] = {}
         self._per_ip_limit = per_ip
         self._ceiling = None if fd_limit is None else max(1, fd_limit - self.MARGIN)
         self._per_ip: dict[str, int] = {}
@@ -182,6 +189,16 @@ class ConnectionGate:
         self.refused_per_ip = 0
         #: Times accepting paused at the open-file limit, since start.
         self.accept_pauses = 0
+        #: Connections closed at once because they came as accepting paused.
+        self.refused_at_limit = 0
+
+    def _may_log(self, kind: str) -> bool:
+        now = self._clock.seconds() if self._clock is not None else 0.0
+        last = self._logged.get(kind)
+        if last is not None and 0 <= now - last < self.LOG_EVERY:
+            return False
+        self._logged[kind] = now
+        return True
 
     def add_port(self, port: Any) -> None:
         """A listening port to pause and resume."""
@@ -195,13 +212,19 @@ class ConnectionGate:
         if self._per_ip_limit and held >= self._per_ip_limit:
             self.refused_per_ip += 1
             return False
+        if self.paused:
+            # Accepted in the same batch as the one that reached the limit (a port
+            # accepts many at a time): closed at once, so its descriptor is free again.
+            self.refused_at_limit += 1
+            return False
         self._per_ip[host] = held + 1
         self.open += 1
         if self._ceiling is not None and self.open >= self._ceiling and not self.paused:
             self.paused = True
             self.accept_pauses += 1
-            self.log.warn("Open-file limit: {n} connections open; not accepting new ones "
-                          "until some close", n=self.open)
+            if self._may_log("pause"):
+                self.log.warn("Open-file limit: {n} connections open; not accepting new "
+                              "ones until some close", n=self.open)
             for port in self._ports:
                 port.stopReading()
         return True
@@ -217,7 +240,9 @@ class ConnectionGate:
         if self.paused and self._ceiling is not None and \
                 self.open < self._ceiling - self.HYSTERESIS:
             self.paused = False
-            self.log.info("Accepting connections again ({n} open)", n=self.open)
+            if self._may_log("resume"):
+                self.log.info("Accepting connections again ({n} open; paused {p} times "
+                              "since start)", n=self.open, p=self.accept_pauses)
             for port in self._ports:
                 port.startReading()
 

@@ -205,7 +205,7 @@ class Emojistream:
         soft_limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.gate = ConnectionGate(per_ip=settings.max_connections_per_ip,
                                    fd_limit=None if soft_limit == resource.RLIM_INFINITY
-                                   else soft_limit)
+                                   else soft_limit, clock=clock)
         streams = StreamRoutes(self.hub, settings, clock=clock, batcher=self.batcher,
                                drain=self.drain).app.resource()
         admin = AdminRoutes(self.status, settings.admin_token).app.resource()
@@ -278,6 +278,7 @@ class Emojistream:
             "redis.subscriber_losses": self.feed.losses,
             "connections.refused_per_ip": self.gate.refused_per_ip,
             "connections.accept_pauses": self.gate.accept_pauses,
+            "connections.refused_at_limit": self.gate.refused_at_limit,
             **({"carbon.dropped_reports": self.carbon.dropped}
                if isinstance(self.carbon, TcpCarbon) else {}),
         }

@@ -224,3 +224,33 @@ async def _open(port: int, path: str):
     conn.transport.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     await conn.wait_bytes(lambda data: b"\r\n\r\n" in data)
     return None, conn
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_json_is_built_once_a_second_and_pages_its_connections(redis_server):
+    from twisted.internet.task import Clock
+
+    from conftest import running
+
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    async with running({"REDIS_URL": redis_server.url}, clock=clock) as (d, c):
+        for n in range(5):
+            await c.stream("/subscribe/eps", headers={"User-Agent": f"ua {n}"})
+        status = d.app.status
+        before = status.builds
+        bodies = set()
+        for _ in range(20):
+            response, body = await c.text("GET", "/admin/status.json")
+            bodies.add(body)
+        # Twenty requests in one second: one document, the same bytes for each.
+        assert status.builds == before + 1 and len(bodies) == 1
+        assert len(json.loads(body)["connections"]) == 5
+        clock.advance(1)
+        _, body = await c.text("GET", "/admin/status.json?limit=2&offset=1")
+        assert status.builds == before + 2
+        page = json.loads(body)
+        assert page["connections_total"] == 5 and page["offset"] == 1
+        assert [x["user_agent"] for x in page["connections"]] == ["ua 1", "ua 2"]
+        response, body = await c.text("GET", "/admin/status.json?limit=x")
+        assert response.code == 400
