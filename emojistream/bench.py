@@ -266,6 +266,14 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def status_loop(host: str, port: int, stop: Any, fetches: Any) -> None:
+    """A client that fetches /admin/status.json over and over (its own process)."""
+    while not stop.value:
+        if server_status(host, port):
+            with fetches.get_lock():
+                fetches.value += 1
+
+
 def workers_of(parent: int, n: int, seconds: float = 30) -> list[int]:
     """The PIDs of C{--workers}' N children (none for one worker), once all serve."""
     if n <= 1:
@@ -442,10 +450,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  "record", "--pid", str(server_pid), "--duration",
                  str(int(args.window)), "--rate", "250", "--format", "raw", "--nonblocking",
                  "--output", args.py_spy], stdout=subprocess.DEVNULL)
+        poller = None
+        if args.status_loop:
+            stop_polling, fetches = mp.Value("b", 0), mp.Value("q", 0)
+            poller = mp.Process(target=status_loop, args=(host, port, stop_polling, fetches))
+            poller.start()
         shared["measuring"].value = 1
         t0 = time.monotonic()
         publisher.run(args.rate, args.window)
         window = time.monotonic() - t0
+        status_fetches = None
+        if poller is not None:
+            status_fetches = fetches.value
+            stop_polling.value = 1
+            poller.join(30)
         window_end = time.time()
         shared["measuring"].value = 2 if args.after else 0
         seq1 = publisher.seq - 1
@@ -556,6 +574,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                            3) if deliveries else None,
                    "rss_mb": round(watched_rss[name], 1)}
             for name, _ in args.watch},
+        "status_fetches_per_s": (round(status_fetches / window, 1)
+                                 if status_fetches is not None else None),
         "keepalive_max_gap_s": round(max((r["max_gap"] for r in detail_subs), default=0), 2),
         "workers": [
             {"node": st.get("node"), "streams": sum(st.get("pools", {}).values()),
@@ -612,6 +632,8 @@ def table(result: dict[str, Any]) -> str:
         ("connections the server dropped", result["server_dropped_connections"]),
         ("longest silence on a detail stream s", result["keepalive_max_gap_s"]),
     ]
+    if result.get("status_fetches_per_s") is not None:
+        rows.append(("status.json fetches/s (--status-loop)", result["status_fetches_per_s"]))
     for name, figures in result.get("watched", {}).items():
         rows.append((f"  {name}", f"CPU {figures['cpu_s']} s, {figures['us_per_message']} µs "
                                   f"per delivered message, RSS {figures['rss_mb']} MB"))
@@ -648,6 +670,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drain-max", type=float, default=120,
                         help="longest wait for the backlog to drain before counting loss")
     parser.add_argument("--client-procs", type=int, default=2)
+    parser.add_argument("--status-loop", action="store_true",
+                        help="over the window, one more client fetches /admin/status.json "
+                             "in a loop")
     parser.add_argument("--watch", action="append", default=[], metavar="NAME=PID",
                         help="also report this process's CPU over the window (repeatable)")
     parser.add_argument("--workers", type=int, default=1,
