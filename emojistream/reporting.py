@@ -3,7 +3,6 @@ pool sizes and message counts to graphite (carbon plaintext protocol)."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,8 +32,7 @@ class AdminReporter:
 
     log = Logger()
 
-    def __init__(self, connection: Any, status: Callable[[], dict[str, Any]],
-                 node: str) -> None:
+    def __init__(self, connection: Any, status: Callable[[], bytes], node: str) -> None:
         self._connection = connection
         self._status = status
         self._node = node
@@ -53,8 +51,7 @@ class AdminReporter:
             # Redis is answering slowly: one report in flight at a time, none queued.
             return None
         try:
-            document = json.dumps(self._status(), separators=(",", ":"))
-            d: Deferred[None] = protocol.hset(ADMIN_KEY, self._node, document)
+            d: Deferred[None] = protocol.hset(ADMIN_KEY, self._node, self._status())
         except Exception as e:
             self._failed(Failure(e))
             return None

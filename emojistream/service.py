@@ -137,6 +137,11 @@ class Emojistream:
         self.core = MultiService()
         self.core.setServiceParent(self.service)
         self.hub = Hub(reactor)
+        # Every listener's connections count together against the open-file limit.
+        soft_limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.gate = ConnectionGate(per_ip=settings.max_connections_per_ip,
+                                   fd_limit=None if soft_limit == resource.RLIM_INFINITY
+                                   else soft_limit, clock=clock)
         self.hub.summary_done = self._summary_done
         self._tick_owed = False
         self.summarizer = ScoreSummarizer(
@@ -180,7 +185,7 @@ class Emojistream:
             admin_redis = RedisConnection(settings.admin_redis or redis_address,
                                           reactor=reactor, purpose="admin report")
             admin_redis.setServiceParent(redis_parent)
-            self.admin_reporter = AdminReporter(admin_redis, self.status.document,
+            self.admin_reporter = AdminReporter(admin_redis, self.status.encoded,
                                                 settings.node_name)
             self._timer(ADMIN_INTERVAL, self.admin_reporter.report, clock, "Admin report")
 
@@ -201,11 +206,6 @@ class Emojistream:
 
         self.web = MultiService()
         self.web.setServiceParent(self.service)
-        # Every listener's connections count together against the open-file limit.
-        soft_limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        self.gate = ConnectionGate(per_ip=settings.max_connections_per_ip,
-                                   fd_limit=None if soft_limit == resource.RLIM_INFINITY
-                                   else soft_limit, clock=clock)
         streams = StreamRoutes(self.hub, settings, clock=clock, batcher=self.batcher,
                                drain=self.drain).app.resource()
         admin = AdminRoutes(self.status, settings.admin_token).app.resource()

@@ -36,43 +36,55 @@ class StatusReport:
         self._node = node
         self._clock = clock
         self._counters = counters
-        self._cached: tuple[float, dict[str, Any], bytes] | None = None
+        self._cached: tuple[float, bytes, list[bytes], bytes] | None = None
         #: Documents built for the web since start (not counting cache hits).
         self.builds = 0
 
-    def _current(self) -> tuple[dict[str, Any], bytes]:
+    def _current(self) -> tuple[bytes, list[bytes]]:
         now = self._clock.seconds()
         cached = self._cached
         if cached is None or not 0 <= now - cached[0] < CACHE_SECONDS:
-            document = self.document()
+            head = self._head(now)
+            connections = self._hub.snapshot_json(now)
             self.builds += 1
-            cached = (now, document, json.dumps(document, separators=(",", ":")).encode())
+            cached = (now, head, connections,
+                      head + b',"connections":[' + b",".join(connections) + b"]}")
             self._cached = cached
         return cached[1], cached[2]
 
+    def _head(self, now: float) -> bytes:
+        """The document without its connections, as JSON lacking the closing brace."""
+        document = self.document(now, connections=False)
+        return json.dumps(document, separators=(",", ":")).encode()[:-1]
+
     def encoded(self) -> bytes:
-        """The whole document as compact JSON, at most a second old."""
-        return self._current()[1]
+        """The whole document as compact JSON, at most a second old (also what the
+        admin report writes to Redis)."""
+        self._current()
+        assert self._cached is not None
+        return self._cached[3]
 
     def page(self, offset: int, limit: int) -> bytes:
         """The document with only connections C{offset} to C{offset + limit} (oldest
         first), and C{connections_total}: for a page that shows a few at a time."""
-        document, _ = self._current()
-        connections = document["connections"]
-        paged = {**document, "connections": connections[offset:offset + limit],
-                 "connections_total": len(connections), "offset": offset}
-        return json.dumps(paged, separators=(",", ":")).encode()
+        head, connections = self._current()
+        return b'%s,"connections_total":%d,"offset":%d,"connections":[%s]}' % (
+            head, len(connections), offset, b",".join(connections[offset:offset + limit]))
 
-    def document(self) -> dict[str, Any]:
+    def document(self, now: float | None = None, connections: bool = True
+                 ) -> dict[str, Any]:
         """The status as a JSON-ready dict; C{status} is "OK" only while subscribed."""
-        now = self._clock.seconds()
+        if now is None:
+            now = self._clock.seconds()
         redis = self._feed.state
-        return {
+        document: dict[str, Any] = {
             "node": self._node,
             "status": "OK" if redis == "up" else "REDIS_" + redis.upper(),
             "reported_at": int(now),
             "redis": redis,
             "pools": self._hub.pool_sizes(),
             "totals": dict(self._counters()),
-            "connections": self._hub.snapshot(now),
         }
+        if connections:
+            document["connections"] = self._hub.snapshot(now)
+        return document
