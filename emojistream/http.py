@@ -25,6 +25,19 @@ def _plain_response(status: bytes) -> bytes:
             + b"Access-Control-Allow-Origin: *\r\n\r\n" + body)
 
 
+def tcp_socket(transport: Any) -> socket.socket | None:
+    """The TCP socket under C{transport}, or None. Over TLS the transport's handle is
+    the TLS connection object; the socket is the handle of the transport under it."""
+    for _ in range(4):
+        if transport is None:
+            return None
+        handle = getattr(transport, "getHandle", lambda: None)()
+        if isinstance(handle, socket.socket):
+            return handle if handle.family in (socket.AF_INET, socket.AF_INET6) else None
+        transport = getattr(transport, "transport", None)
+    return None
+
+
 class Channel(HTTPChannel):
     """HTTP/1.x with short text answers for requests too broken to reach a route:
     400 for a malformed request, 414 for an overlong request line, 431 for
@@ -51,9 +64,8 @@ class Channel(HTTPChannel):
         self._awaiting_request_line = True
         transport: Any = self.transport
         size = getattr(self.factory, "send_buffer", 0)
-        handle = getattr(transport, "getHandle", lambda: None)()
-        if size and isinstance(handle, socket.socket) and handle.family in (
-                socket.AF_INET, socket.AF_INET6):
+        handle = tcp_socket(transport)
+        if size and handle is not None:
             handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
         # The site's gate counted this connection under its peer's address.
         self._peer_host = str(getattr(transport.getPeer(), "host", ""))

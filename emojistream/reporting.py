@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import DatagramProtocol, Protocol
@@ -32,7 +32,8 @@ class AdminReporter:
 
     log = Logger()
 
-    def __init__(self, connection: Any, status: Callable[[], bytes], node: str) -> None:
+    def __init__(self, connection: Any, status: Callable[[], Deferred[bytes] | bytes],
+                 node: str) -> None:
         self._connection = connection
         self._status = status
         self._node = node
@@ -51,7 +52,8 @@ class AdminReporter:
             # Redis is answering slowly: one report in flight at a time, none queued.
             return None
         try:
-            d: Deferred[None] = protocol.hset(ADMIN_KEY, self._node, self._status())
+            d: Deferred[None] = maybeDeferred(self._status).addCallback(
+                lambda document: protocol.hset(ADMIN_KEY, self._node, document))
         except Exception as e:
             self._failed(Failure(e))
             return None

@@ -178,7 +178,7 @@ class Emojistream:
                     "Keepalive", KEEPALIVE)
 
         self.status = StatusReport(self.hub, self.feed, node=settings.node_name, clock=clock,
-                                   counters=self._counters)
+                                   counters=self._counters, turns=reactor)
 
         self.admin_reporter: AdminReporter | None = None
         if settings.admin_report:

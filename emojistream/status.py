@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from emojistream.hub import Hub
@@ -21,55 +22,88 @@ class HasState(Protocol):
 CACHE_SECONDS = 1.0
 
 
+#: Connections encoded per reactor turn while a status document is built.
+SLICE = 1000
+
+
 class StatusReport:
     """Builds this node's status: identity, health, and every open connection.
 
-    With 10,000 streams the document is megabytes and tens of milliseconds of the
-    reactor's time, so what the web serves (L{encoded}, L{page}) is built at most
-    once per L{CACHE_SECONDS} and the same bytes go to every request in between.
+    With 10,000 streams the document is megabytes, so what the web and the admin
+    report get (L{encoded}, L{page}) is built at most once per L{CACHE_SECONDS}, the
+    same bytes going to every request in between, and built L{SLICE} connections
+    per reactor turn (with C{turns}, the reactor), so that no stream's delivery
+    waits behind the whole of it.
     """
 
     def __init__(self, hub: Hub, feed: HasState, *, node: str, clock: IReactorTime,
-                 counters: Callable[[], Mapping[str, float]] = dict) -> None:
+                 counters: Callable[[], Mapping[str, float]] = dict,
+                 turns: IReactorTime | None = None) -> None:
         self._hub = hub
         self._feed = feed
         self._node = node
         self._clock = clock
+        self._turns = turns
         self._counters = counters
         self._cached: tuple[float, bytes, list[bytes], bytes] | None = None
+        self._waiting: list[Deferred[None]] | None = None
         #: Documents built for the web since start (not counting cache hits).
         self.builds = 0
 
-    def _current(self) -> tuple[bytes, list[bytes]]:
+    def _current(self) -> Deferred[None]:
+        """Fires once C{_cached} is fresh (at once if it is)."""
         now = self._clock.seconds()
         cached = self._cached
-        if cached is None or not 0 <= now - cached[0] < CACHE_SECONDS:
-            head = self._head(now)
-            connections = self._hub.snapshot_json(now)
-            self.builds += 1
-            cached = (now, head, connections,
-                      head + b',"connections":[' + b",".join(connections) + b"]}")
-            self._cached = cached
-        return cached[1], cached[2]
+        if cached is not None and 0 <= now - cached[0] < CACHE_SECONDS:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        if self._waiting is not None:
+            self._waiting.append(d)  # a build is under way
+            return d
+        self._waiting = [d]
+        streams = sorted(self._hub.streams(), key=lambda s: s.created_at)
+        self._build(now, self._head(now), streams, [], 0)
+        return d
+
+    def _build(self, now: float, head: bytes, streams: list[Any], done: list[bytes],
+               start: int) -> None:
+        end = len(streams) if self._turns is None else start + SLICE
+        done.extend(stream.describe_json(now) for stream in streams[start:end])
+        if end < len(streams):
+            assert self._turns is not None
+            self._turns.callLater(0, self._build, now, head, streams, done, end)
+            return
+        self.builds += 1
+        self._cached = (now, head, done, head + b',"connections":[' + b",".join(done) + b"]}")
+        waiting, self._waiting = self._waiting or [], None
+        for d in waiting:
+            d.callback(None)
 
     def _head(self, now: float) -> bytes:
         """The document without its connections, as JSON lacking the closing brace."""
         document = self.document(now, connections=False)
         return json.dumps(document, separators=(",", ":")).encode()[:-1]
 
-    def encoded(self) -> bytes:
+    def encoded(self) -> Deferred[bytes]:
         """The whole document as compact JSON, at most a second old (also what the
         admin report writes to Redis)."""
-        self._current()
-        assert self._cached is not None
-        return self._cached[3]
+        return self._current().addCallback(lambda _: self._fresh()[3])
 
-    def page(self, offset: int, limit: int) -> bytes:
+    def page(self, offset: int, limit: int) -> Deferred[bytes]:
         """The document with only connections C{offset} to C{offset + limit} (oldest
         first), and C{connections_total}: for a page that shows a few at a time."""
-        head, connections = self._current()
-        return b'%s,"connections_total":%d,"offset":%d,"connections":[%s]}' % (
-            head, len(connections), offset, b",".join(connections[offset:offset + limit]))
+
+        def paged(_: object) -> bytes:
+            _now, head, connections, _whole = self._fresh()
+            return b'%s,"connections_total":%d,"offset":%d,"connections":[%s]}' % (
+                head, len(connections), offset,
+                b",".join(connections[offset:offset + limit]))
+
+        return self._current().addCallback(paged)
+
+    def _fresh(self) -> tuple[float, bytes, list[bytes], bytes]:
+        assert self._cached is not None
+        return self._cached
 
     def document(self, now: float | None = None, connections: bool = True
                  ) -> dict[str, Any]:

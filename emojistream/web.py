@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -330,7 +331,7 @@ class AdminRoutes:
         return _text(request, 401, "401 Unauthorized: a bearer token is required")
 
     @app.route("/admin/status.json", methods=["GET"])
-    def status_json(self, request: Request) -> bytes:
+    def status_json(self, request: Request) -> bytes | Deferred[bytes]:
         if not self._authorized(request):
             return self._refuse(request)
         args = request.args

@@ -210,7 +210,7 @@ async def test_kiosk_stream_when_enabled(redis_server, publisher):
 @pytest_twisted.ensureDeferred
 async def test_disabled_streams_are_404_and_cost_no_subscription(redis_server, publisher):
     env = {"REDIS_URL": redis_server.url, "ENABLE_RAW_STREAM": "false"}
-    async with running(env) as (_d, c):
+    async with running(env) as (d, c):
         for path in ("/subscribe/kiosk_interaction", "/subscribe/raw"):
             response, _ = await c.text("GET", path)
             assert response.code == 404
@@ -218,8 +218,13 @@ async def test_disabled_streams_are_404_and_cost_no_subscription(redis_server, p
         assert await publisher.execute_command("PUBSUB", "NUMPAT") == 1
         channels = await publisher.execute_command("PUBSUB", "CHANNELS")
         assert channels == [b"stream.score_updates"]
-        # And a kiosk message goes nowhere.
-        await publisher.publish("stream.interaction.foo", "x")
+        # And a kiosk message goes nowhere: no subscriber hears it, the daemon never
+        # receives it, and a score published after it is all the daemon counts.
+        assert await publisher.publish("stream.interaction.foo", "x") == 0
+        _, eps = await c.stream("/subscribe/eps")
+        await publisher.publish("stream.score_updates", "2665")
+        await eps.wait_events(1)
+        assert d.app.router.received == 1 and d.app.router.dropped == 0
 
 
 @pytest_twisted.ensureDeferred

@@ -112,7 +112,7 @@ def test_ticker_keeps_its_rate_and_catches_up_instead_of_skipping():
     assert len(calls) == 7
 
 
-def test_a_failing_tick_is_logged_and_ticking_goes_on():
+def test_a_failing_tick_is_logged_and_ticking_goes_on(logs):
     from emojistream.summarizer import Ticker
 
     clock = Clock()
@@ -126,3 +126,7 @@ def test_a_failing_tick_is_logged_and_ticking_goes_on():
     ticker.startService()
     clock.pump([0.1] * 3)
     assert len(calls) == 3 and ticker.running
+    failures = logs.failures()
+    assert len(failures) == 3
+    assert all(f["log_failure"].getErrorMessage() == "boom" for f in failures)
+    assert all("tick failed" in line for line in logs.ours())

@@ -25,10 +25,12 @@ async def test_bad_ids_get_400_with_a_one_line_text_body(client, daemon):
         assert headers["content-type"] == ["text/plain; charset=utf-8"]
         assert headers["access-control-allow-origin"] == ["*"]
         assert body.endswith(b"\n") and body.count(b"\n") == 1 and body.startswith(b"400 ")
-    # The longest valid ID is fine.
+    # The longest valid ID is fine: a stream of its own, gone once its client is.
     _, reader = await client.stream("/subscribe/details/" + "x" * 64)
+    (stream,) = daemon.app.hub.in_namespace("/details/" + "x" * 64)
     reader.close()
-    assert len(daemon.app.hub.in_namespace("/details/" + "x" * 64)) <= 1
+    await within(stream.when_finished())
+    assert daemon.app.hub.in_namespace("/details/" + "x" * 64) == []
 
 
 @pytest_twisted.ensureDeferred
