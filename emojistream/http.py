@@ -259,6 +259,34 @@ class ConnectionGate:
                 port.startReading()
 
 
+class PerAddressRate:
+    """At most C{limit} events per address in each C{per}-second window (for requests
+    that are expensive to answer, such as the whole status document)."""
+
+    def __init__(self, limit: int, per: float, clock: Any) -> None:
+        self._limit = limit
+        self._per = per
+        self._clock = clock
+        self._windows: dict[str, tuple[float, int]] = {}
+        #: Events refused since start.
+        self.refused = 0
+
+    def allow(self, address: str) -> bool:
+        now = self._clock.seconds()
+        start, count = self._windows.get(address, (now, 0))
+        if not 0 <= now - start < self._per:
+            start, count = now, 0
+        if count >= self._limit:
+            self.refused += 1
+            return False
+        if len(self._windows) > 10_000:
+            # Forget addresses whose window has passed (a flood of addresses).
+            self._windows = {a: w for a, w in self._windows.items()
+                             if 0 <= now - w[0] < self._per}
+        self._windows[address] = (start, count + 1)
+        return True
+
+
 class QuietSite(Site):
     """A Site without the per-request access log (with thousands of long-lived
     streams it would drown the daemon's own log; C{--verbose} logs streams), whose

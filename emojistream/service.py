@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from emojistream.config import Settings
 from emojistream.demo import EmbeddedRedis, Feeder, find_redis_server, free_port
-from emojistream.http import ConnectionGate, QuietSite
+from emojistream.http import ConnectionGate, PerAddressRate, QuietSite
 from emojistream.hub import KEEPALIVE_TICKS, POOLS, Hub
 from emojistream.lifecycle import (
     Drain,
@@ -44,7 +44,7 @@ from emojistream.sse import KEEPALIVE
 from emojistream.status import StatusReport
 from emojistream.stream import Batcher
 from emojistream.summarizer import RATE, ScoreSummarizer, Ticker
-from emojistream.web import AdminRoutes, Root, StreamRoutes
+from emojistream.web import AdminRoutes, Root, StreamRoutes, client_ip_of
 
 
 class _RecordingEndpoint:
@@ -208,7 +208,10 @@ class Emojistream:
         self.web.setServiceParent(self.service)
         streams = StreamRoutes(self.hub, settings, clock=clock, batcher=self.batcher,
                                drain=self.drain).app.resource()
-        admin = AdminRoutes(self.status, settings.admin_token).app.resource()
+        admin = AdminRoutes(
+            self.status, settings.admin_token,
+            whole_rate=PerAddressRate(AdminRoutes.WHOLE_PER_SECOND, 1.0, clock),
+            client_ip=client_ip_of(settings)).app.resource()
         self.endpoint = self._listen(reactor, settings.listen,
                                      Root(streams, None if settings.admin_listen else admin))
         self.admin_endpoint: _RecordingEndpoint | None = None

@@ -29,6 +29,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import RequestRedirect
 
 from emojistream.config import Settings
+from emojistream.http import PerAddressRate
 from emojistream.hub import ID_PATTERN, Hub
 from emojistream.lifecycle import Drain
 from emojistream.sse import encode_retry
@@ -90,6 +91,13 @@ class ForwardedFor:
                 if chosen and _ADDRESS.fullmatch(chosen):
                     return chosen.decode("ascii")
         return peer_ip(request)
+
+
+def client_ip_of(settings: Settings) -> Callable[[Request], str]:
+    """How a request's client address is found with these settings."""
+    if settings.trust_proxy:
+        return ForwardedFor(settings.client_ip_header, settings.proxy_hops)
+    return peer_ip
 
 
 #: What a proxy writes for an address: IPv4, IPv6 (maybe bracketed), or a name.
@@ -173,9 +181,7 @@ class StreamRoutes:
         self._batcher = batcher
         self._settings = settings
         self._clock = clock
-        self._client_ip: Callable[[Request], str] = (
-            ForwardedFor(settings.client_ip_header, settings.proxy_hops)
-            if settings.trust_proxy else peer_ip)
+        self._client_ip = client_ip_of(settings)
 
     # -- streams -----------------------------------------------------------
 
@@ -309,13 +315,21 @@ class AdminRoutes:
 
     C{status.json} serves the status built at most once a second; C{?limit=N}
     (with C{&offset=M}) lists only that page of the connections, as the page does.
+    The whole document goes to one address at most L{WHOLE_PER_SECOND} times a second.
     """
+
+    #: Whole status documents one address may fetch per second.
+    WHOLE_PER_SECOND = 2
 
     app = _with_error_handlers(Klein())
 
-    def __init__(self, status: StatusReport, token: str = "") -> None:
+    def __init__(self, status: StatusReport, token: str = "", *,
+                 whole_rate: PerAddressRate | None = None,
+                 client_ip: Callable[[Request], str] = peer_ip) -> None:
         self._status = status
         self._token = token.encode("ascii")
+        self._whole_rate = whole_rate
+        self._client_ip = client_ip
         self._page = (files("emojistream") / "data" / "admin.html").read_bytes()
 
     def _authorized(self, request: IRequest) -> bool:
@@ -338,6 +352,13 @@ class AdminRoutes:
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-cache")
         if b"limit" not in args and b"offset" not in args:
+            # The whole document is megabytes with thousands of streams; it changes
+            # once a second, so a client gets it a few times a second at most.
+            if self._whole_rate is not None and not self._whole_rate.allow(
+                    self._client_ip(request)):
+                request.setHeader(b"Retry-After", b"1")
+                return _text(request, 429, "429 Too Many Requests: the whole status "
+                                           "changes once a second; use ?limit= for pages")
             return self._status.encoded()
         try:
             limit = _count_arg(args, b"limit", 100)

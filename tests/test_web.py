@@ -243,7 +243,7 @@ async def test_status_json_is_built_once_a_second_and_pages_its_connections(redi
         before = status.builds
         bodies = set()
         for _ in range(20):
-            response, body = await c.text("GET", "/admin/status.json")
+            response, body = await c.text("GET", "/admin/status.json?limit=10")
             bodies.add(body)
         # Twenty requests in one second: one document, the same bytes for each.
         assert status.builds == before + 1 and len(bodies) == 1
@@ -256,3 +256,11 @@ async def test_status_json_is_built_once_a_second_and_pages_its_connections(redi
         assert [x["user_agent"] for x in page["connections"]] == ["ua 1", "ua 2"]
         response, body = await c.text("GET", "/admin/status.json?limit=x")
         assert response.code == 400
+        # The whole document, a third time in a second from one address: refused.
+        codes = [(await c.text("GET", "/admin/status.json"))[0].code for _ in range(3)]
+        assert codes == [200, 200, 429]
+        response, _ = await c.text("GET", "/admin/status.json?limit=1")
+        assert response.code == 200
+        clock.advance(1)
+        response, _ = await c.text("GET", "/admin/status.json")
+        assert response.code == 200

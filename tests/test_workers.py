@@ -34,7 +34,7 @@ def status_of_each(port: int, nodes: int) -> dict[str, dict]:
     found: dict[str, dict] = {}
     for _ in range(200):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-            conn.sendall(b"GET /admin/status.json HTTP/1.0\r\n\r\n")
+            conn.sendall(b"GET /admin/status.json?limit=0 HTTP/1.0\r\n\r\n")
             data = b""
             while chunk := conn.recv(65536):
                 data += chunk
