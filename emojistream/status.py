@@ -47,6 +47,7 @@ class StatusReport:
         self._counters = counters
         self._cached: tuple[float, bytes, list[bytes], bytes] | None = None
         self._waiting: list[Deferred[None]] | None = None
+        self._cached_state = ""
         #: Documents built for the web since start (not counting cache hits).
         self.builds = 0
 
@@ -54,13 +55,16 @@ class StatusReport:
         """Fires once C{_cached} is fresh (at once if it is)."""
         now = self._clock.seconds()
         cached = self._cached
-        if cached is not None and 0 <= now - cached[0] < CACHE_SECONDS:
+        # A change of the Redis state shows at once (status is "OK" only while up).
+        if cached is not None and 0 <= now - cached[0] < CACHE_SECONDS \
+                and self._cached_state == self._feed.state:
             return succeed(None)
         d: Deferred[None] = Deferred()
         if self._waiting is not None:
             self._waiting.append(d)  # a build is under way
             return d
         self._waiting = [d]
+        self._cached_state = self._feed.state
         streams = sorted(self._hub.streams(), key=lambda s: s.created_at)
         self._build(now, self._head(now), streams, [], 0)
         return d
