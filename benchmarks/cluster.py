@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from emojistream.bench import (  # noqa: E402
     parse_args,
     resp,
     run,
+    stop_all,
     table,
     wait_port,
 )
@@ -124,12 +124,7 @@ http {{
               and result["eps_sums_exact"] and len(result["admin_stream_status_nodes"]) == 3)
         return 0 if ok else 1
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

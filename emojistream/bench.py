@@ -284,6 +284,16 @@ def status_loop(host: str, port: int, stop: Any, fetches: Any) -> None:
                 fetches.value += 1
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each process, last started first; kill one that takes over 30 s."""
+    for p in reversed(procs):
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def workers_of(parent: int, n: int, seconds: float = 30) -> list[int]:
     """The PIDs of C{--workers}' N children (none for one worker), once all serve."""
     if n <= 1:
@@ -522,12 +532,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for w in workers:
             w.join(30)
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
 
     window_ids = Counter(emoji_id for seq, emoji_id, _ in publisher.log if seq0 <= seq <= seq1)
     per_kind = {k: (delivered1[i] - delivered0[i]) / window for i, k in enumerate(KINDS)}

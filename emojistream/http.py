@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -53,7 +53,6 @@ class Channel(HTTPChannel):
 
     _head_deadline: IDelayedCall | None = None
     _head_bytes = False
-    _peer_host: str | None = None
 
     @property
     def request_timeout(self) -> float | None:
@@ -67,8 +66,6 @@ class Channel(HTTPChannel):
         handle = tcp_socket(transport)
         if size and handle is not None:
             handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
-        # The site's gate counted this connection under its peer's address.
-        self._peer_host = str(getattr(transport.getPeer(), "host", ""))
         super().connectionMade()
         self._start_head_deadline()
 
@@ -102,13 +99,11 @@ class Channel(HTTPChannel):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_head_deadline()
-        try:
-            super().connectionLost(reason)
-        finally:
-            gate = getattr(self.factory, "gate", None)
-            if gate is not None and self._peer_host is not None:
-                gate.release(self._peer_host)
-                self._peer_host = None
+        super().connectionLost(reason)
+
+    def handed_over(self) -> None:
+        """The connection now speaks HTTP/2 (ALPN): this channel is done with it."""
+        self._cancel_head_deadline()
 
     def lineReceived(self, line: bytes) -> None:
         if line:
@@ -287,14 +282,36 @@ class PerAddressRate:
         return True
 
 
+class _Connection(_GenericHTTPChannelProtocol):
+    """One client connection: HTTP/1.1 through L{Channel}, or HTTP/2 when TLS
+    negotiates C{h2} (Twisted's generic channel switches), released from the
+    site's L{ConnectionGate} when it ends, whichever it spoke."""
+
+    #: The address the gate counted this connection under.
+    gate_host: str | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        before = self._channel
+        super().dataReceived(data)
+        if self._channel is not before and isinstance(before, Channel):
+            before.handed_over()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        try:
+            self._channel.connectionLost(reason)
+        finally:
+            gate = getattr(self._factory, "gate", None)
+            if gate is not None and self.gate_host is not None:
+                gate.release(self.gate_host)
+                self.gate_host = None
+
+
 class QuietSite(Site):
     """A Site without the per-request access log (with thousands of long-lived
     streams it would drown the daemon's own log; C{--verbose} logs streams), whose
     connections pass the L{ConnectionGate}, whose request heads have a deadline,
     and that can shrink each client socket's send buffer."""
 
-    # Plain HTTP/1.x: no TLS ALPN here that could pick HTTP/2.
-    protocol = Channel  # type: ignore[assignment]
     requestFactory = BodilessRequest
     displayTracebacks = False
     # The service logs where it listens; "Starting factory" lines say nothing more.
@@ -310,10 +327,17 @@ class QuietSite(Site):
         self.request_timeout = request_timeout
         self.gate = gate or ConnectionGate()
 
+    def protocol(self) -> Any:
+        """A connection's protocol: HTTP/1.1 (L{Channel}), or HTTP/2 after ALPN."""
+        return _Connection(Channel())
+
     def buildProtocol(self, addr: Any) -> Any:
-        if not self.gate.admit(str(getattr(addr, "host", ""))):
+        host = str(getattr(addr, "host", ""))
+        if not self.gate.admit(host):
             return None  # Twisted closes the connection at once
-        return super().buildProtocol(addr)
+        protocol = super().buildProtocol(addr)
+        protocol.gate_host = host
+        return protocol
 
     def log(self, request: Any) -> None:
         pass

@@ -105,6 +105,11 @@ class StatusReport:
 
         return self._current().addCallback(paged)
 
+    @property
+    def size(self) -> int:
+        """Bytes of the whole document as last built (0 before the first)."""
+        return len(self._cached[3]) if self._cached is not None else 0
+
     def _fresh(self) -> tuple[float, bytes, list[bytes], bytes]:
         assert self._cached is not None
         return self._cached

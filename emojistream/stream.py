@@ -19,6 +19,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -221,9 +222,14 @@ class Stream:
         # They are on the wire and nothing reads them again; each client's copy of
         # the response headers would cost about a kilobyte for the life of the stream.
         request.responseHeaders = Headers()
-        # From here on the response body is ours to frame and write.
+        # From here on the response body is ours to frame and write: over HTTP/1.x
+        # straight to the connection (as chunks of a chunked response), over HTTP/2
+        # through the request, which frames it as DATA on the request's stream.
+        channel = getattr(request, "channel", None)
+        if not isinstance(channel, HTTPChannel):
+            return
         self._chunked = bool(getattr(request, "chunked", False))
-        transport = getattr(getattr(request, "channel", None), "transport", None)
+        transport = channel.transport
         if transport is not None:
             self._out = direct_writer(transport) or transport.write
 

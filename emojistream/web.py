@@ -109,7 +109,10 @@ def _hang_up(result: object, transport: Any) -> None:
 
 
 def _close_after(request: Request) -> None:
-    """End the connection with this response (and say so)."""
+    """End the connection with this response (and say so); over HTTP/2, where the
+    connection carries other requests, only the response ends."""
+    if request.clientproto.startswith(b"HTTP/2"):
+        return
     request.setHeader(b"Connection", b"close")
     request.notifyFinish().addBoth(_hang_up, request.channel.transport)
 
@@ -268,7 +271,10 @@ class StreamRoutes:
     def _stream_headers(self, request: Request) -> None:
         for name, value in SSE_HEADERS:
             request.setHeader(name, value)
-        if not getattr(request.channel, "persistent", True):
+        if request.clientproto.startswith(b"HTTP/2"):
+            # HTTP/2 forbids connection-specific headers.
+            request.responseHeaders.removeHeader(b"Connection")
+        elif not getattr(request.channel, "persistent", True):
             # HTTP/1.0, or "Connection: close": the connection ends with the response.
             request.setHeader(b"Connection", b"close")
         if self._settings.force_refresh:
@@ -315,11 +321,14 @@ class AdminRoutes:
 
     C{status.json} serves the status built at most once a second; C{?limit=N}
     (with C{&offset=M}) lists only that page of the connections, as the page does.
-    The whole document goes to one address at most L{WHOLE_PER_SECOND} times a second.
+    The whole document, once it is big, goes to one address at most
+    L{WHOLE_PER_SECOND} times a second.
     """
 
-    #: Whole status documents one address may fetch per second.
+    #: Whole status documents one address may fetch per second, once they are big.
     WHOLE_PER_SECOND = 2
+    #: Bytes from which the whole document counts as big (about 1,500 connections).
+    BIG_DOCUMENT = 256 * 1024
 
     app = _with_error_handlers(Klein())
 
@@ -353,9 +362,10 @@ class AdminRoutes:
         request.setHeader(b"Cache-Control", b"no-cache")
         if b"limit" not in args and b"offset" not in args:
             # The whole document is megabytes with thousands of streams; it changes
-            # once a second, so a client gets it a few times a second at most.
-            if self._whole_rate is not None and not self._whole_rate.allow(
-                    self._client_ip(request)):
+            # once a second, so a client gets a big one a few times a second at most.
+            if self._whole_rate is not None \
+                    and self._status.size >= self.BIG_DOCUMENT \
+                    and not self._whole_rate.allow(self._client_ip(request)):
                 request.setHeader(b"Retry-After", b"1")
                 return _text(request, 429, "429 Too Many Requests: the whole status "
                                            "changes once a second; use ?limit= for pages")

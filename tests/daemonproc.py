@@ -109,3 +109,16 @@ class TwistdProcess:
             return [int(p) for p in path.read_text().split()]
         except FileNotFoundError:
             return []
+
+
+def serve_briefly(*args: str, env: dict[str, str] | None = None) -> TwistdProcess:
+    """Run `twistd -n` until it serves and is subscribed to Redis, then stop it; the
+    exit must be 0. Returns the stopped process, for its log."""
+    proc = TwistdProcess(*args, env=env)
+    try:
+        proc.port()
+        proc.wait_for_line(r"Redis subscriber connection .* is up")
+    finally:
+        code = proc.terminate()
+    assert code == 0, proc.log()
+    return proc

@@ -22,14 +22,24 @@ pytestmark = pytest.mark.skipif(not OPENSSL, reason="needs openssl")
 
 @pytest.fixture
 def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and 127.0.0.1, and its key."""
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run([OPENSSL or "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
-                    "-keyout", str(key), "-out", str(cert), "-days", "2",
-                    "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True)
-    return key, cert
+    """A server key and certificate (for localhost and 127.0.0.1) signed by a test CA
+    made here; the CA certificate is C{ca.pem} beside them."""
+    return make_certificate(tmp_path)
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    def openssl(*args: str) -> None:
+        subprocess.run([OPENSSL or "openssl", *args], check=True, capture_output=True,
+                       cwd=directory)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem",
+            "-out", "ca.pem", "-days", "2", "-subj", "/CN=emojistream test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out",
+            "server.csr", "-subj", "/CN=localhost")
+    (directory / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem",
+            "-CAcreateserial", "-out", "cert.pem", "-days", "2", "-extfile", "san.ext")
+    return directory / "key.pem", directory / "cert.pem"
 
 
 @pytest_twisted.ensureDeferred
@@ -38,7 +48,7 @@ async def test_a_tls_stream_with_a_small_send_buffer(certificate, redis_server, 
     env = {"REDIS_URL": redis_server.url, "SSE_SEND_BUFFER_BYTES": "4096"}
     listen = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
     async with running(env, {"listen": listen}) as (d, _c):
-        trust = ssl.Certificate.loadPEM(cert.read_bytes())
+        trust = ssl.Certificate.loadPEM((cert.parent / "ca.pem").read_bytes())
         options = ssl.optionsForClientTLS("localhost", trustRoot=trust)
         conn = RawConnection()
         await within(connectProtocol(

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import pytest_twisted
 
-from daemonproc import TwistdProcess, twistd
+from daemonproc import TwistdProcess, serve_briefly, twistd
 from emojistream.demo import free_port
 from sseclient import Client
 
@@ -166,13 +166,8 @@ def test_json_log_format_writes_one_object_per_line():
 
 def test_a_default_start_logs_no_warning(redis_server):
     """Here the hard open-file limit is 20,000: the default --max-streams fits it."""
-    proc = TwistdProcess("emojistream", "--listen", "tcp:0:interface=127.0.0.1",
+    proc = serve_briefly("emojistream", "--listen", "tcp:0:interface=127.0.0.1",
                          "--redis", redis_server.url)
-    try:
-        proc.port()
-        proc.wait_for_line(r"Redis subscriber connection .* is up")
-    finally:
-        assert proc.terminate() == 0
     assert not [line for line in proc.lines if "#warn]" in line or "#error]" in line], \
         proc.log()
 
@@ -194,13 +189,8 @@ def test_a_stream_limit_the_open_file_limit_cannot_hold_is_one_warning(redis_ser
 
 
 def test_the_tac_honours_log_format_json(redis_server):
-    proc = TwistdProcess("-y", "emojistream.tac", env={
+    proc = serve_briefly("-y", "emojistream.tac", env={
         "PORT": "0", "REDIS_URL": redis_server.url, "LOG_FORMAT": "json"})
-    try:
-        proc.port()
-        proc.wait_for_line(r"Redis subscriber connection .* is up")
-    finally:
-        assert proc.terminate() == 0
     records = [json.loads(line) for line in proc.lines if line.strip()]
     assert any("is up" in r["message"] for r in records)
     assert all({"time", "level", "namespace", "message"} <= set(r) for r in records)
