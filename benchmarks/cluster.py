@@ -3,7 +3,7 @@ a replica, three daemons (one subscribed to the primary, two to the replica, all
 reporting to the primary), nginx in front with the shipped config. Then the fan-out
 benchmark runs through nginx and every node's and Redis's CPU is reported.
 
-    python benchmarks/cluster.py [benchmark options, e.g. --clients 1500 --rate 400]
+    python benchmarks/cluster.py [options of benchmarks/bench.py, e.g. --clients 1500]
 
 Needs Debian's nginx. Prints the benchmark table, the admin_stream_status hash's
 nodes, and writes cluster-result.json.
@@ -25,7 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from emojistream.bench import (  # noqa: E402
+from bench import (  # noqa: E402
+    checkout_env,
     parse_args,
     resp,
     run,
@@ -33,6 +34,7 @@ from emojistream.bench import (  # noqa: E402
     table,
     wait_port,
 )
+
 from emojistream.demo import find_redis_server, free_port, redis_server_args  # noqa: E402
 
 
@@ -46,8 +48,7 @@ def redis_command(port: int, *args: bytes) -> bytes:
 def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="emojistream-cluster-"))
     procs: list[subprocess.Popen[bytes]] = []
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = checkout_env()
     try:
         primary, replica = free_port(), free_port()
         server = find_redis_server()

@@ -122,3 +122,11 @@ def serve_briefly(*args: str, env: dict[str, str] | None = None) -> TwistdProces
         code = proc.terminate()
     assert code == 0, proc.log()
     return proc
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of process C{pid} in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")

@@ -7,13 +7,15 @@ import json
 import subprocess
 import sys
 
-from conftest import repo_env
+from conftest import REPO, repo_env
+
+BENCH = str(REPO / "benchmarks" / "bench.py")
 
 
 def test_quick_benchmark_reports_everything_and_loses_nothing(tmp_path):
     out = tmp_path / "result.json"
     result = subprocess.run(
-        [sys.executable, "-m", "emojistream.bench", "--quick", "--after", "2",
+        [sys.executable, BENCH, "--quick", "--after", "2",
          "--json", str(out)],
         capture_output=True, text=True, env=repo_env(), cwd=tmp_path, timeout=120,
     )
@@ -43,7 +45,7 @@ def test_quick_benchmark_reports_everything_and_loses_nothing(tmp_path):
 def test_send_floor_reports_the_cost_of_a_bare_send_with_and_without_nodelay(tmp_path):
     out = tmp_path / "floor.json"
     result = subprocess.run(
-        [sys.executable, "-m", "emojistream.bench", "--send-floor", "--clients", "40",
+        [sys.executable, BENCH, "--send-floor", "--clients", "40",
          "--window", "1", "--floor-rate", "4000", "--json", str(out)],
         capture_output=True, text=True, env=repo_env(), cwd=tmp_path, timeout=60,
     )
@@ -53,3 +55,18 @@ def test_send_floor_reports_the_cost_of_a_bare_send_with_and_without_nodelay(tmp
     for figures in report.values():
         assert figures["sends"] > 1000
         assert figures["user_us"] + figures["system_us"] > 0
+
+
+def test_the_broadcast_micro_benchmark_prints_its_figures():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "broadcast.py"), "--streams", "50",
+         "--messages", "50", "--repeats", "2"],
+        capture_output=True, text=True, env=repo_env(), timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("50 streams, 50 messages")
+    for name, line in zip(("detail broadcast", "score summary", "20 per Redis read"),
+                          lines[1:], strict=True):
+        assert line.split()[:len(name.split())] == name.split()
+        assert float(line.split()[len(name.split())]) > 0

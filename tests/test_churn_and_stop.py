@@ -10,8 +10,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults
 
-from daemonproc import TwistdProcess
-from emojistream.bench import rss_mb
+from daemonproc import TwistdProcess, rss_mb
 from emojistream.demo import free_port
 from sseclient import Client, raw_connect, response_events, within
 

@@ -10,8 +10,7 @@ import pytest_twisted
 from twisted.internet.task import Clock
 
 from conftest import running
-from daemonproc import TwistdProcess
-from emojistream.bench import rss_mb
+from daemonproc import TwistdProcess, rss_mb
 from emojistream.demo import free_port
 from sseclient import Client, response_events, slow_connect
 

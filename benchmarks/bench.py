@@ -1,4 +1,5 @@
-"""The fan-out benchmark: C{python -m emojistream.bench [--quick] [options]}.
+"""The fan-out benchmark: C{python benchmarks/bench.py [--quick] [options]}, from a
+checkout (the daemon it starts runs the checkout's code).
 
 Starts its own Redis and the daemon (C{twistd -n emojistream}) as separate processes,
 or targets a running daemon with C{--url} and C{--redis}. It publishes like the
@@ -34,9 +35,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from emojistream.config import default_max_streams
-from emojistream.demo import find_redis_server, free_port, load_rankings, redis_server_args
-from emojistream.lifecycle import raise_fd_limit
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from emojistream.config import default_max_streams  # noqa: E402
+from emojistream.demo import (  # noqa: E402
+    find_redis_server,
+    free_port,
+    load_rankings,
+    redis_server_args,
+)
+from emojistream.lifecycle import raise_fd_limit  # noqa: E402
 
 KINDS = ("eps", "raw", "details")
 _SEQ = re.compile(rb'"seq":(\d+),"t":([0-9.]+)')
@@ -284,6 +293,13 @@ def status_loop(host: str, port: int, stop: Any, fetches: Any) -> None:
                 fetches.value += 1
 
 
+def checkout_env() -> dict[str, str]:
+    """The environment for a daemon that runs this checkout's code."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
     """SIGTERM each process, last started first; kill one that takes over 30 s."""
     for p in reversed(procs):
@@ -422,7 +438,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  str(min(args.clients + 100, default_max_streams())),
                  "--workers", str(args.workers),
                  *args.server_args],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=checkout_env()))
             wait_port(host, port)
             server_pid = procs[-1].pid
         worker_pids = workers_of(server_pid, args.workers) if server_pid else []
@@ -670,7 +686,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m emojistream.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--mix", default="30,10,60",
