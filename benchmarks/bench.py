@@ -436,7 +436,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  f"tcp:{port}:interface=127.0.0.1:backlog=4096", "--redis",
                  f"redis://{redis_host}:{redis_port}", "--max-streams",
                  str(min(args.clients + 100, default_max_streams())),
-                 "--workers", str(args.workers),
+                 *(["--workers", str(args.workers)] if args.workers > 1 else []),
                  *args.server_args],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=checkout_env()))
             wait_port(host, port)

@@ -10,9 +10,10 @@ connections are found through the index, never by scanning every connection.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, cast
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from emojistream.stream import Stream, SummaryStream, chunk
@@ -50,10 +51,6 @@ class Hub:
     def __init__(self, reactor: IReactorTime | None = None, summary_slice: int = 256) -> None:
         self._reactor = reactor
         self._summary_slice = summary_slice
-        #: Called when a summary that went out in slices is all out.
-        self.summary_done: Callable[[], object] = lambda: None
-        #: True while a summary is still going out slice by slice.
-        self.summary_pending = False
         self._index: dict[str, dict[Stream, None]] = {}
         self._lineages: dict[str, list[str]] = {}
         self._pool_sizes: dict[str, int] = dict.fromkeys(POOLS, 0)
@@ -131,31 +128,36 @@ class Hub:
                 sent += len(targets)
         return sent
 
-    def publish_summary(self, namespace: str, frame: bytes, counts: dict[str, int]) -> int:
+    def publish_summary(self, namespace: str, frame: bytes, counts: dict[str, int]
+                        ) -> Deferred[None] | None:
         """Send a score summary to the summary streams of C{namespace} (/eps).
 
         A backed-up summary stream folds C{counts} into its pending summary instead
-        of queueing C{frame}.
+        of queueing C{frame}. Returns None when the summary is all out, or a Deferred
+        that fires once the last slice is (it goes out a slice per reactor turn).
         """
         pool = self._index.get(namespace)
         if not pool:
-            return 0
+            return None
         targets = cast(tuple[SummaryStream, ...], tuple(pool))
-        self._send_summary(targets, 0, frame, counts, chunk(frame))
-        return len(targets)
+        return self._send_summary(targets, 0, frame, counts, chunk(frame), None)
 
     def _send_summary(self, targets: tuple[SummaryStream, ...], start: int, frame: bytes,
-                      counts: dict[str, int], chunked: bytes) -> None:
+                      counts: dict[str, int], chunked: bytes, done: Deferred[None] | None
+                      ) -> Deferred[None] | None:
         end = len(targets) if self._reactor is None else start + self._summary_slice
         for stream in targets[start:end]:
             stream.send_summary(frame, counts, chunked)
         if end < len(targets):
-            self.summary_pending = True
             assert self._reactor is not None
-            self._reactor.callLater(0, self._send_summary, targets, end, frame, counts, chunked)
-        elif self.summary_pending:
-            self.summary_pending = False
-            self.summary_done()
+            if done is None:
+                done = Deferred()
+            self._reactor.callLater(0, self._send_summary, targets, end, frame, counts,
+                                    chunked, done)
+            return done
+        if done is not None:
+            done.callback(None)
+        return None
 
     def from_ip(self, client_ip: str) -> int:
         """How many open streams C{client_ip} holds."""

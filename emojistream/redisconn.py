@@ -8,7 +8,7 @@ when C{hiredis} is installed, which it is (a dependency).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import txredisapi
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -33,33 +33,42 @@ class CommandProtocol(txredisapi.RedisProtocol):  # type: ignore[misc]
         super().dataReceived(data)
 
 
-def _nothing() -> None:
-    pass
+class MessageHandler(Protocol):
+    """What the subscriber hands its messages to (the router)."""
+
+    def message(self, channel: bytes, payload: bytes) -> None:
+        """One pub/sub message, exactly as published."""
+
+    def read_started(self) -> None:
+        """The messages of one read from the socket follow."""
+
+    def read_done(self) -> None:
+        """The messages of that read are all handed over."""
 
 
 class SubscriberProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
-    """txredisapi's subscriber, passing each message on as (channel, payload).
-
-    C{read_started} and C{read_done} bracket the messages of each read from the
-    socket, so that what one read brings can be written out together.
-    """
-
-    on_message: Callable[[bytes, bytes], None] = staticmethod(lambda channel, payload: None)
-    read_started: Callable[[], None] = staticmethod(_nothing)
-    read_done: Callable[[], None] = staticmethod(_nothing)
+    """txredisapi's subscriber, handing each message to C{handler} as (channel,
+    payload), the messages of each read from the socket bracketed by the handler's
+    C{read_started} and C{read_done}, so that what one read brings can be written
+    out together."""
 
     reads = 0
 
+    def __init__(self, handler: MessageHandler, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._handler = handler
+
     def dataReceived(self, data: bytes) -> None:
         self.reads += 1
-        self.read_started()
+        handler = self._handler
+        handler.read_started()
         try:
             super().dataReceived(data)
         finally:
-            self.read_done()
+            handler.read_done()
 
     def messageReceived(self, pattern: bytes | None, channel: bytes, message: bytes) -> None:
-        self.on_message(channel, message)
+        self._handler.message(channel, message)
 
 
 class RedisConnection(KeptConnection):
@@ -79,8 +88,7 @@ class RedisConnection(KeptConnection):
         *,
         reactor: Any,
         purpose: str,
-        protocol_class: type = CommandProtocol,
-        configure: Callable[[Any], None] = lambda protocol: None,
+        build: Callable[..., Any] = CommandProtocol,
         prepare: Callable[[Any], Any] = lambda protocol: None,
         select_db: bool = True,
         retry_policy: Callable[[int], float] = backoff,
@@ -95,13 +103,10 @@ class RedisConnection(KeptConnection):
         self._select_db = select_db
         self._prepare_more = prepare
 
-        def build() -> Any:
-            protocol = protocol_class(charset=None, convertNumbers=False)
-            configure(protocol)
-            return protocol
-
         super().__init__(
-            HostnameEndpoint(reactor, address.host, address.port, timeout=5), build,
+            HostnameEndpoint(reactor, address.host, address.port, timeout=5),
+            # Replies as the bytes Redis sent: no decoding, no number conversion.
+            lambda: build(charset=None, convertNumbers=False),
             clock=reactor, name=f"Redis {purpose} connection to {address}",
             prepare=self._login, retry_policy=retry_policy,
         )

@@ -6,6 +6,7 @@ from twisted.logger import Logger
 
 from emojistream.hub import ID_PATTERN, Hub
 from emojistream.sse import encode_event
+from emojistream.stream import Batcher
 from emojistream.summarizer import ScoreSummarizer
 
 SCORE_CHANNEL = b"stream.score_updates"
@@ -31,7 +32,8 @@ def valid_utf8(payload: bytes) -> bytes:
 class Router:
     """Turns (channel, payload) from Redis into hub broadcasts and summarizer hits.
 
-    Within one read from Redis (between L{read_started} and L{read_done}) the /raw
+    It owns the bracket of one read from Redis (L{read_started}, L{read_done}).
+    Within one read the /raw
     broadcasts, which go to every raw client, wait until the read's detail updates,
     which go to a few clients each, are out: a detail update does not queue behind
     a fan-out to hundreds. Each stream still gets its messages in order.
@@ -40,8 +42,10 @@ class Router:
     log = Logger()
 
     def __init__(self, hub: Hub, summarizer: ScoreSummarizer, *, raw_stream: bool,
-                 kiosk_stream: bool = False, max_payload: int = 65536) -> None:
+                 kiosk_stream: bool = False, max_payload: int = 65536,
+                 batcher: Batcher | None = None) -> None:
         self._hub = hub
+        self._batcher = batcher
         self._max_payload = max_payload
         self._summarizer = summarizer
         self._raw_stream = raw_stream
@@ -56,14 +60,22 @@ class Router:
         self._raw_later: list[bytes] | None = None
 
     def read_started(self) -> None:
-        """Messages of one read from Redis follow."""
+        """Messages of one read from Redis follow: a stream's second and later
+        messages of the read wait for its end (the batcher's round)."""
         self._raw_later = []
+        if self._batcher is not None:
+            self._batcher.begin_round()
 
     def read_done(self) -> None:
-        """The read's messages are handled: now its /raw broadcasts, in order."""
+        """The read's messages are handled: now its /raw broadcasts, in order, then
+        what the read held back for each stream, in one write per stream."""
         frames, self._raw_later = self._raw_later, None
-        for frame in frames or ():
-            self._hub.publish("/raw", frame)
+        try:
+            for frame in frames or ():
+                self._hub.publish("/raw", frame)
+        finally:
+            if self._batcher is not None:
+                self._batcher.end_round()
 
     def message(self, channel: bytes, payload: bytes) -> None:
         """Handle one pub/sub message."""

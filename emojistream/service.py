@@ -142,14 +142,15 @@ class Emojistream:
         self.gate = ConnectionGate(per_ip=settings.max_connections_per_ip,
                                    fd_limit=None if soft_limit == resource.RLIM_INFINITY
                                    else soft_limit, clock=clock)
-        self.hub.summary_done = self._summary_done
-        self._tick_owed = False
         self.summarizer = ScoreSummarizer(
             lambda counts, frame: self.hub.publish_summary("/eps", frame, counts)
         )
+        # What one read from Redis brings leaves in one write per client at its end;
+        # with the latency budget, everything waits for the tick.
+        self.batcher = Batcher(hold_all=settings.batch_writes)
         self.router = Router(self.hub, self.summarizer, raw_stream=settings.raw_stream,
                              kiosk_stream=settings.kiosk_stream,
-                             max_payload=settings.max_payload)
+                             max_payload=settings.max_payload, batcher=self.batcher)
 
         redis_address = settings.redis
         redis_parent: MultiService = self.core
@@ -164,13 +165,9 @@ class Emojistream:
             self.feeder = Feeder(redis_address, reactor=reactor, rate=settings.demo_rate)
             self.feeder.setServiceParent(redis_parent)
 
-        # What one read from Redis brings leaves in one write per client at its end;
-        # with the latency budget, everything waits for the tick.
-        self.batcher = Batcher(hold_all=settings.batch_writes)
         patterns = (DETAIL_PATTERN, KIOSK_PATTERN) if settings.kiosk_stream else (DETAIL_PATTERN,)
-        self.feed = RedisFeed(redis_address, self.router.message, reactor=reactor,
-                              channels=(SCORE_CHANNEL,), patterns=patterns,
-                              read_started=self._read_started, read_done=self._read_done)
+        self.feed = RedisFeed(redis_address, self.router, reactor=reactor,
+                              channels=(SCORE_CHANNEL,), patterns=patterns)
         self.feed.setServiceParent(redis_parent)
 
         Ticker(1 / RATE, self._tick, clock).setServiceParent(self.core)
@@ -234,33 +231,10 @@ class Emojistream:
         return timer
 
     def _tick(self) -> None:
-        """Every 1/60 s: the score summary, then (with a latency budget) the writes.
-
-        While the last summary is still going out, hits keep counting towards the next,
-        which goes as soon as that one is out.
-        """
-        if self.hub.summary_pending:
-            self._tick_owed = True
-        else:
-            self.summarizer.tick()
+        """Every 1/60 s: the score summary, then (with a latency budget) the writes."""
+        self.summarizer.tick()
         if self.batcher.hold_all:
             self.batcher.flush()
-
-    def _read_started(self) -> None:
-        self.router.read_started()
-        self.batcher.begin_round()
-
-    def _read_done(self) -> None:
-        """A read from Redis is handled: its /raw broadcasts, then what it held back."""
-        try:
-            self.router.read_done()
-        finally:
-            self.batcher.end_round()
-
-    def _summary_done(self) -> None:
-        if self._tick_owed:
-            self._tick_owed = False
-            self.summarizer.tick()
 
     def _gauges(self) -> dict[str, float]:
         sizes = self.hub.pool_sizes()

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from emojistream.sse import encode_event
@@ -22,17 +23,23 @@ def summary_frame(counts: Mapping[str, int]) -> bytes:
 
 
 class ScoreSummarizer:
-    """Counts hits per emoji ID between ticks and hands each non-empty count on.
+    """Counts hits per emoji ID between ticks and hands each non-empty count on; the
+    one owner of the tick's state.
 
-    C{tick} is driven by a timer (a C{TimerService} at 1/60 s in the daemon, a
-    C{Clock} in tests). Everything runs on the reactor thread, so swapping the
-    counter at a tick loses and double-counts nothing. C{emit} gets the counts and
-    their encoded SSE message (encoded once, for every client).
+    C{tick} is driven by a timer (a L{Ticker} at 1/60 s in the daemon, a C{Clock} in
+    tests). Everything runs on the reactor thread, so swapping the counter at a tick
+    loses and double-counts nothing. C{emit} gets the counts and their encoded SSE
+    message (encoded once, for every client), and returns a Deferred while the
+    summary is still going out (in slices): a tick that comes meanwhile adds its
+    hits to the next summary, which goes as soon as that one is out.
     """
 
-    def __init__(self, emit: Callable[[dict[str, int], bytes], object]) -> None:
+    def __init__(self, emit: Callable[[dict[str, int], bytes], Deferred[None] | None]
+                 ) -> None:
         self._emit = emit
         self._counts: dict[str, int] = {}
+        self._sending = False
+        self._owed = False
 
     def hit(self, emoji_id: str) -> None:
         """Count one hit for C{emoji_id}."""
@@ -45,10 +52,22 @@ class ScoreSummarizer:
 
     def tick(self) -> None:
         """Emit the hits since the last tick; nothing if there were none."""
+        if self._sending:
+            self._owed = True
+            return
         if not self._counts:
             return
         counts, self._counts = self._counts, {}
-        self._emit(counts, summary_frame(counts))
+        going = self._emit(counts, summary_frame(counts))
+        if going is not None:
+            self._sending = True
+            going.addCallback(self._sent)
+
+    def _sent(self, _: object) -> None:
+        self._sending = False
+        if self._owed:
+            self._owed = False
+            self.tick()
 
 
 class Ticker(Service):

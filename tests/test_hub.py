@@ -116,19 +116,43 @@ def test_a_summary_goes_out_in_slices_one_per_reactor_turn():
     reactor = Turns()
     hub = Hub(reactor, summary_slice=3)  # type: ignore[arg-type]
     done: list[bool] = []
-    hub.summary_done = lambda: done.append(True)
     streams = [FakeSummaryStream("/eps", "eps") for _ in range(7)]
     for s in streams:
         hub.add(s)  # type: ignore[arg-type]
-    assert hub.publish_summary("/eps", b"data:{}\n\n", {"A": 1}) == 7
+    going = hub.publish_summary("/eps", b"data:{}\n\n", {"A": 1})
+    assert going is not None
+    going.addCallback(lambda _: done.append(True))
     assert [len(s.frames) for s in streams] == [1, 1, 1, 0, 0, 0, 0]
-    assert hub.summary_pending
     reactor.turn()
     assert [len(s.frames) for s in streams] == [1, 1, 1, 1, 1, 1, 0]
-    assert hub.summary_pending
+    assert done == []
     reactor.turn()
     assert [len(s.frames) for s in streams] == [1] * 7
-    assert not hub.summary_pending and reactor.calls == [] and done == [True]
+    assert reactor.calls == [] and done == [True]
+
+
+def test_a_tick_while_a_summary_goes_out_adds_its_hits_to_the_next():
+    from emojistream.summarizer import ScoreSummarizer
+
+    reactor = Turns()
+    hub = Hub(reactor, summary_slice=3)  # type: ignore[arg-type]
+    streams = [FakeSummaryStream("/eps", "eps") for _ in range(7)]
+    for s in streams:
+        hub.add(s)  # type: ignore[arg-type]
+    summarizer = ScoreSummarizer(lambda counts, frame: hub.publish_summary("/eps", frame,
+                                                                           counts))
+    summarizer.hit("A")
+    summarizer.tick()  # goes out over three turns
+    summarizer.hit("B")
+    summarizer.tick()  # owed: the first is still going out
+    summarizer.hit("B")
+    assert [len(s.frames) for s in streams] == [1, 1, 1, 0, 0, 0, 0]
+    reactor.turn()
+    reactor.turn()  # the first is out; the owed tick sends both Bs at once
+    assert streams[0].frames == [b'data:{"A":1}\n\n', b'data:{"B":2}\n\n']
+    reactor.turn()
+    reactor.turn()
+    assert all(len(s.frames) == 2 for s in streams) and reactor.calls == []
 
 
 def test_without_a_reactor_a_summary_goes_out_at_once():
@@ -136,5 +160,5 @@ def test_without_a_reactor_a_summary_goes_out_at_once():
     streams = [FakeSummaryStream("/eps", "eps") for _ in range(1000)]
     for s in streams:
         hub.add(s)  # type: ignore[arg-type]
-    hub.publish_summary("/eps", b"data:{}\n\n", {"A": 1})
-    assert all(s.frames == [b"data:{}\n\n"] for s in streams) and not hub.summary_pending
+    assert hub.publish_summary("/eps", b"data:{}\n\n", {"A": 1}) is None
+    assert all(s.frames == [b"data:{}\n\n"] for s in streams)

@@ -134,9 +134,14 @@ async def test_unreachable_redis_is_logged_once_not_once_per_retry():
             reactor.callLater(0, sixth.callback, None)
         return 0.01
 
-    feed = RedisFeed(parse_redis_url(f"redis://127.0.0.1:{free_port()}"),
-                     lambda channel, payload: None, reactor=reactor,
-                     channels=(b"c",), patterns=(), retry_policy=quick_retries)
+    from emojistream.hub import Hub
+    from emojistream.router import Router
+    from emojistream.summarizer import ScoreSummarizer
+
+    router = Router(Hub(), ScoreSummarizer(lambda counts, frame: None), raw_stream=False)
+    feed = RedisFeed(parse_redis_url(f"redis://127.0.0.1:{free_port()}"), router,
+                     reactor=reactor, channels=(b"c",), patterns=(),
+                     retry_policy=quick_retries)
     feed.startService()
     try:
         await within(sixth)

@@ -150,7 +150,7 @@ async def test_eps_sums_stay_exact_when_summaries_go_out_in_slices(daemon, clien
             total.update(json.loads(event.data))
         del total["END"]
         assert total == expected
-    assert not daemon.app.hub.summary_pending
+    assert not daemon.app.summarizer._sending
 
 
 @pytest_twisted.ensureDeferred
