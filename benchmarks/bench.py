@@ -293,10 +293,10 @@ def status_loop(host: str, port: int, stop: Any, fetches: Any) -> None:
                 fetches.value += 1
 
 
-def checkout_env() -> dict[str, str]:
-    """The environment for a daemon that runs this checkout's code."""
+def checkout_env(checkout: str | Path = REPO) -> dict[str, str]:
+    """The environment for a daemon that runs the code of C{checkout} (this one)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(checkout), env.get("PYTHONPATH")]))
     return env
 
 
@@ -438,7 +438,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  str(min(args.clients + 100, default_max_streams())),
                  *(["--workers", str(args.workers)] if args.workers > 1 else []),
                  *args.server_args],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=checkout_env()))
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env=checkout_env(args.server_checkout or REPO)))
             wait_port(host, port)
             server_pid = procs[-1].pid
         worker_pids = workers_of(server_pid, args.workers) if server_pid else []
@@ -703,6 +704,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drain-max", type=float, default=120,
                         help="longest wait for the backlog to drain before counting loss")
     parser.add_argument("--client-procs", type=int, default=2)
+    parser.add_argument("--server-checkout", metavar="DIR",
+                        help="run the daemon from another checkout's code (e.g. a git "
+                             "worktree of an older commit), to compare it with this one")
     parser.add_argument("--status-loop", action="store_true",
                         help="over the window, one more client fetches /admin/status.json "
                              "in a loop")
