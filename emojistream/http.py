@@ -319,8 +319,8 @@ class QuietSite(Site):
 
     def __init__(self, resource: IResource, send_buffer: int = 0,
                  request_timeout: float | None = None,
-                 gate: ConnectionGate | None = None) -> None:
-        super().__init__(resource)
+                 gate: ConnectionGate | None = None, reactor: Any = None) -> None:
+        super().__init__(resource, reactor=reactor)
         #: SO_SNDBUF of each client socket (0: the system's).
         self.send_buffer = send_buffer
         #: Seconds a request head may take (None: no deadline).

@@ -203,6 +203,8 @@ class Emojistream:
 
         self.web = MultiService()
         self.web.setServiceParent(self.service)
+        #: The HTTP sites, main then admin (tests drive them in memory).
+        self.sites: list[QuietSite] = []
         streams = StreamRoutes(self.hub, settings, clock=clock, batcher=self.batcher,
                                drain=self.drain).app.resource()
         admin = AdminRoutes(
@@ -218,7 +220,9 @@ class Emojistream:
     def _listen(self, reactor: Any, description: str, root: Root) -> _RecordingEndpoint:
         endpoint = _RecordingEndpoint(serverFromString(reactor, description), self.gate)
         site = QuietSite(root, send_buffer=self.settings.send_buffer,
-                         request_timeout=self.settings.request_timeout, gate=self.gate)
+                         request_timeout=self.settings.request_timeout, gate=self.gate,
+                         reactor=reactor)
+        self.sites.append(site)
         listener = _Listener(description, endpoint, site)
         listener.setServiceParent(self.web)
         return endpoint

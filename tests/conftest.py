@@ -161,3 +161,22 @@ def logs() -> Iterator[LogCapture]:
         yield capture
     finally:
         globalLogPublisher.removeObserver(capture)
+
+
+#: Fixtures that start real parts: a test using one is in the slow tier.
+_SLOW_FIXTURES = {"redis_server", "daemon", "client", "publisher", "daemon_env",
+                  "redis_server_with_password", "browser", "h2_browser", "nginx", "workers"}
+#: Modules whose every test crosses a process boundary.
+_SLOW_MODULES = {"test_bench", "test_lint", "test_twistd", "test_systemd", "test_workers",
+                 "test_floods", "test_nginx", "test_tls", "test_http2", "test_browser",
+                 "test_churn_and_stop", "test_slow_clients", "test_reporting",
+                 "test_redis_outage"}
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    """Mark the slow tier: what starts Redis, processes, a browser, nginx (the fast
+    tier, C{pytest -m "not slow"}, drives the daemon in memory)."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in _SLOW_MODULES or _SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
