@@ -16,7 +16,7 @@ from typing import Any, cast
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
-from emojistream.stream import Stream, SummaryStream, chunk
+from emojistream.stream import Stream, SummaryStream
 
 #: Emoji IDs as they appear in detail paths and channel names: 1F1FA-1F1F8, 2665...
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -115,16 +115,13 @@ class Hub:
                 self._lineages[namespace] = chain
         sent = 0
         index = self._index
-        chunked: bytes | None = None
         for name in chain:
             pool = index.get(name)
             if pool:
-                if chunked is None:
-                    chunked = chunk(frame)
                 # A copy: a write may end a stream and so change the pool.
                 targets = tuple(pool)
                 for stream in targets:
-                    stream.send(frame, chunked)
+                    stream.send(frame)
                 sent += len(targets)
         return sent
 
@@ -140,20 +137,20 @@ class Hub:
         if not pool:
             return None
         targets = cast(tuple[SummaryStream, ...], tuple(pool))
-        return self._send_summary(targets, 0, frame, counts, chunk(frame), None)
+        return self._send_summary(targets, 0, frame, counts, None)
 
     def _send_summary(self, targets: tuple[SummaryStream, ...], start: int, frame: bytes,
-                      counts: dict[str, int], chunked: bytes, done: Deferred[None] | None
+                      counts: dict[str, int], done: Deferred[None] | None
                       ) -> Deferred[None] | None:
         end = len(targets) if self._reactor is None else start + self._summary_slice
         for stream in targets[start:end]:
-            stream.send_summary(frame, counts, chunked)
+            stream.send_summary(frame, counts)
         if end < len(targets):
             assert self._reactor is not None
             if done is None:
                 done = Deferred()
             self._reactor.callLater(0, self._send_summary, targets, end, frame, counts,
-                                    chunked, done)
+                                    done)
             return done
         if done is not None:
             done.callback(None)

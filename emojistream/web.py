@@ -35,6 +35,7 @@ from emojistream.lifecycle import Drain
 from emojistream.sse import encode_retry
 from emojistream.status import StatusReport
 from emojistream.stream import Batcher, Stream, SummaryStream
+from emojistream.writers import ChunkFramer
 
 SSE_HEADERS = (
     (b"Content-Type", b"text/event-stream; charset=utf-8"),
@@ -181,6 +182,8 @@ class StreamRoutes:
                  batcher: Batcher | None = None, drain: Drain | None = None) -> None:
         self._hub = hub
         self._drain = drain
+        # One per site: a broadcast's frame is chunked once for all HTTP/1.1 streams.
+        self._framer = ChunkFramer()
         self._batcher = batcher
         self._settings = settings
         self._clock = clock
@@ -252,6 +255,7 @@ class StreamRoutes:
             tag=tag,
             max_queue=settings.max_queue,
             batcher=self._batcher,
+            framer=self._framer,
         )
         self._hub.add(stream)
         request.notifyFinish().addBoth(self._finished, stream)

@@ -153,7 +153,7 @@ async def test_ten_eventsources_to_one_origin_all_receive_over_http2(
             assert reactor.seconds() - published < 2
             got = h2_browser.execute_script("return window.got")
             # All ten requests came over HTTP/2.
-            assert {s._request.clientproto for s in d.app.hub.streams()} == {b"HTTP/2"}
+            assert {s.writer.request.clientproto for s in d.app.hub.streams()} == {b"HTTP/2"}
             # Closing the EventSources resets their HTTP/2 streams: the server lets
             # each go, while the connection stays.
             finished = gatherResults([s.when_finished() for s in d.app.hub.streams()])

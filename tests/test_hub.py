@@ -13,7 +13,6 @@ class FakeStream:
         self.client_ip = "192.0.2.1"
         self.dropped = False
         self.frames: list[bytes] = []
-        self.chunks: list[bytes | None] = []
         self.msgs_sent = 0
         self.discarded = 0
 
@@ -21,9 +20,8 @@ class FakeStream:
     def written(self) -> int:
         return len(self.frames)
 
-    def send(self, frame: bytes, chunked: bytes | None = None) -> None:
+    def send(self, frame: bytes) -> None:
         self.frames.append(frame)
-        self.chunks.append(chunked)
 
     def send_control(self, frame: bytes) -> None:
         self.frames.append(frame)
@@ -48,9 +46,9 @@ def test_publish_reaches_the_namespace_and_its_ancestors_only():
     assert hub.publish("/details/2665", frame) == 2
     assert exact.frames == [frame] and parent.frames == [frame]
     assert sibling.frames == [] and prefix.frames == []
-    # The very same bytes object goes to every stream: encoded (and chunked) once.
-    assert exact.frames[0] is parent.frames[0]
-    assert exact.chunks[0] is parent.chunks[0] == b"10\r\n" + frame + b"\r\n"
+    # The very same bytes object goes to every stream: encoded once, and SSE only (the
+    # HTTP framing is each writer's).
+    assert exact.frames[0] is parent.frames[0] is frame
     assert hub.message_counts() == {"written": 2, "conflated": 0, "discarded": 0}
 
 
@@ -74,8 +72,8 @@ def test_a_stream_removed_during_a_broadcast_is_not_written_again():
     victims: list[FakeStream] = []
 
     class Closing(FakeStream):
-        def send(self, frame: bytes, chunked: bytes | None = None) -> None:
-            super().send(frame, chunked)
+        def send(self, frame: bytes) -> None:
+            super().send(frame)
             for v in victims:
                 hub.remove(v)  # type: ignore[arg-type]
 
@@ -91,8 +89,7 @@ def test_a_stream_removed_during_a_broadcast_is_not_written_again():
 
 
 class FakeSummaryStream(FakeStream):
-    def send_summary(self, frame: bytes, counts: dict[str, int],
-                     chunked: bytes | None = None) -> None:
+    def send_summary(self, frame: bytes, counts: dict[str, int]) -> None:
         self.frames.append(frame)
 
 

@@ -184,12 +184,12 @@ def test_conflation_merges_counts_while_paused():
                            created_at=0, client_ip="x", user_agent="")
     stream.start()
     stream.send_summary(summary_frame({"A": 1}), {"A": 1})
-    stream.pauseProducing()
+    stream.writer.pauseProducing()
     stream.send_summary(summary_frame({"A": 2, "B": 1}), {"A": 2, "B": 1})
     stream.send_summary(summary_frame({"B": 4}), {"B": 4})
     assert b"".join(request.written) == b'data:{"A":1}\n\n'
     assert stream.backed_up
-    stream.resumeProducing()
+    stream.writer.resumeProducing()
     assert b"".join(request.written) == b'data:{"A":1}\n\ndata:{"A":2,"B":5}\n\n'
     assert stream.msgs_sent == 2
 
@@ -197,7 +197,7 @@ def test_conflation_merges_counts_while_paused():
 def test_direct_writer_falls_back_where_it_cannot_send_directly():
     from twisted.internet.testing import StringTransport
 
-    from emojistream.stream import chunk, direct_writer
+    from emojistream.writers import chunk, direct_writer
 
     # Not a TCP connection (or a TLS one): the caller keeps the transport's write.
     assert direct_writer(StringTransport()) is None
@@ -261,11 +261,11 @@ def test_a_stream_paused_within_a_read_keeps_its_order():
     batcher.begin_round()
     stream.send(b"data:1\n\n")
     stream.send(b"data:2\n\n")
-    stream.pauseProducing()
+    stream.writer.pauseProducing()
     stream.send(b"data:3\n\n")
     batcher.end_round()
     assert b"".join(request.written) == b"data:1\n\n"
-    stream.resumeProducing()
+    stream.writer.resumeProducing()
     assert b"".join(request.written) == b"data:1\n\ndata:2\n\ndata:3\n\n"
 
 
@@ -294,7 +294,7 @@ def test_a_server_side_close_still_sends_what_a_backed_up_stream_holds():
     request = FakeRequest()
     stream = raw_stream(request)
     stream.start()
-    stream.pauseProducing()
+    stream.writer.pauseProducing()
     stream.send(b"data:1\n\n")
     stream.send(b"data:2\n\n")
     assert b"".join(request.written) == b""
@@ -305,7 +305,7 @@ def test_a_server_side_close_still_sends_what_a_backed_up_stream_holds():
     eps = SummaryStream(request, namespace="/eps", kind="eps", request_path="/subscribe/eps",
                         created_at=0, client_ip="x", user_agent="")
     eps.start()
-    eps.pauseProducing()
+    eps.writer.pauseProducing()
     eps.send_summary(summary_frame({"A": 1}), {"A": 1})
     eps.send_summary(summary_frame({"A": 2}), {"A": 2})
     eps.close()

@@ -57,7 +57,7 @@ async def test_a_tls_stream_with_a_small_send_buffer(certificate, redis_server, 
         await conn.wait_bytes(lambda data: b"\r\n\r\n" in data)
         assert conn.received.startswith(b"HTTP/1.1 200 ")
         (stream,) = d.app.hub.in_namespace("/details/2665")
-        handle = tcp_socket(stream._request.channel.transport)
+        handle = tcp_socket(stream.writer.request.channel.transport)
         assert handle is not None
         # Linux doubles what it is asked for, for bookkeeping.
         assert handle.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 4096

@@ -1,0 +1,452 @@
+"""How bytes reach one client: framing, buffering, backpressure, and what happens to
+the messages of a client that stops reading.
+
+A L{Writer} is its response's push producer. While the client reads, a message goes
+out at once (over HTTP/1.1 straight onto the socket, as a chunk of the chunked
+response; over HTTP/2 through the request, which frames it as DATA). Once the
+transport's buffer is full the writer is paused and holds further messages itself, up
+to C{max_queue} bytes in all; past that an event stream's writer drops the client
+(aborts the connection, frees its buffers). A L{SummaryWriter} (/eps) never drops:
+while paused it merges the summaries into one pending summary (counts added per ID), so
+that a client that drains still gets exact totals, in fewer messages. This module is
+the one place that decides.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from emojistream.summarizer import summary_frame
+
+#: What a transport buffers before it pauses its producer (Twisted's bufferSize).
+TRANSPORT_BUFFER = 65536
+
+
+def chunk(frame: bytes) -> bytes:
+    """C{frame} as one HTTP/1.1 chunk (streams to HTTP/1.1 clients are chunked)."""
+    return b"%x\r\n%s\r\n" % (len(frame), frame)
+
+
+def direct_writer(transport: Any) -> Callable[[bytes], None] | None:
+    """A write function for C{transport} that sends at once on its socket while
+    nothing is queued in the transport, and hands only an unsent remainder to
+    C{transport.write} (which keeps the order and applies backpressure).
+
+    Twisted's own path registers an idle socket with epoll, sends from a reactor
+    callback and unregisters it again: several times the cost for the one small
+    write per message that fan-out is made of. This reads two attributes Twisted
+    keeps private (its write buffer); where they are missing, or the transport is
+    not a plain TCP or UNIX connection (TLS must encrypt), it returns None and the
+    caller uses the transport's public C{write}.
+    """
+    from twisted.internet import tcp
+
+    if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", True):
+        return None
+    if not hasattr(transport, "dataBuffer") or not hasattr(transport, "_tempDataLen"):
+        return None
+    try:
+        sock = transport.getHandle()
+    except AttributeError:
+        return None
+    if not isinstance(sock, socket.socket):
+        return None
+    send = sock.send
+    write = transport.write
+
+    def write_now(data: bytes) -> None:
+        if transport._tempDataLen or transport.dataBuffer or transport.disconnecting:
+            write(data)
+            return
+        try:
+            sent = send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            # Let the transport meet the error itself and close as it does.
+            write(data)
+            return
+        if sent < len(data):
+            write(data[sent:])
+
+    return write_now
+
+
+class ChunkFramer:
+    """Frames SSE messages as HTTP/1.1 chunks, remembering the last one: a broadcast
+    hands the same frame to every writer, which is chunked once for all of them."""
+
+    __slots__ = ("chunked", "frame")
+
+    def __init__(self) -> None:
+        self.frame = b""
+        self.chunked = chunk(b"")
+
+    def __call__(self, frame: bytes) -> bytes:
+        if frame is not self.frame:
+            self.frame = frame
+            self.chunked = chunk(frame)
+        return self.chunked
+
+
+class Batcher:
+    """Collects what streams are sent and writes each stream's share as one write.
+
+    Always on for reads from Redis (a I{round}): within one read, a stream's first
+    message goes out at once and any later ones wait for the end of the read, so a
+    read that brings a backlog of N messages costs each client one or two sends, not
+    N. With C{hold_all} (the latency budget, C{--batch-writes}) every write waits for
+    the next C{flush}, driven by the 1/60 s tick.
+    """
+
+    def __init__(self, hold_all: bool = False) -> None:
+        self.hold_all = hold_all
+        #: Odd while a round is in progress; a stream that has written in this
+        #: round holds its value.
+        self.round = 0
+        self._dirty: list[Writer] = []
+
+    def add(self, writer: Writer, data: bytes) -> None:
+        """Hold C{data} for C{writer} until the next flush."""
+        batch = writer._batch
+        if not batch:
+            self._dirty.append(writer)
+        batch.append(data)
+
+    def begin_round(self) -> None:
+        """A read from Redis starts: streams' second and later writes are held."""
+        self.round = (self.round | 1) + 2
+
+    def end_round(self) -> None:
+        """The read is handled: write what it held (unless the tick does)."""
+        if self.round & 1:
+            self.round += 1
+        if not self.hold_all:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every writer's held data, one write per writer."""
+        dirty, self._dirty = self._dirty, []
+        for writer in dirty:
+            writer.flush_batch()
+
+
+@implementer(IPushProducer)
+class Writer:
+    """How one event stream's bytes reach its client (see the module docstring).
+
+    It ends its response itself (L{close}); the web route tells Klein the response is
+    under way (C{NOT_DONE_YET}), so no per-request Deferred chain stays alive as long
+    as the connection does.
+    """
+
+    __slots__ = (
+        "_active_tick",
+        "_backlog",
+        "_backlog_bytes",
+        "_backlog_msgs",
+        "_batch",
+        "_batch_msgs",
+        "_batcher",
+        "_framer",
+        "_idle_mark",
+        "_limit",
+        "_out",
+        "_paused",
+        "_request",
+        "_round",
+        "discarded",
+        "dropped",
+        "handed",
+        "open",
+    )
+
+    def __init__(self, request: Request, *, max_queue: int = 1 << 20,
+                 batcher: Batcher | None = None, framer: ChunkFramer | None = None) -> None:
+        self._request = request
+        self._batcher = batcher
+        self._batch: list[bytes] = []
+        # Messages (not keepalives or hints) among what the batch and backlog hold.
+        self._batch_msgs = 0
+        self._backlog_msgs = 0
+        self._round = 0
+        #: Messages handed to this writer to write (see L{written}).
+        self.handed = 0
+        #: Of those, the ones never written: held when the connection ended.
+        self.discarded = 0
+        # handed at the last keepalive tick (unchanged: idle since then), and the last
+        # tick that found the stream had been written to. -1: the response head
+        # written at the start counts as a write.
+        self._idle_mark = -1
+        self._active_tick = 0
+        self.open = True
+        #: True once the server dropped this client for not keeping up.
+        self.dropped = False
+        self._paused = False
+        # HTTP/1.1 chunk framing (None: frames go as they are).
+        self._framer: ChunkFramer | None = None
+        self._out: Callable[[bytes], None] = request.write
+        self._backlog: deque[tuple[bytes, int]] | None = None
+        self._backlog_bytes = 0
+        # The transport holds up to TRANSPORT_BUFFER before pausing us; we hold the rest.
+        self._limit = max(0, max_queue - TRANSPORT_BUFFER)
+        if framer is not None:
+            self._framer = framer
+
+    @property
+    def request(self) -> Request:
+        """The response this writer writes."""
+        return self._request
+
+    def start(self, first: bytes = b"") -> None:
+        """Register as the response's producer and send the status line, headers
+        and C{first} (possibly empty) at once, before any event."""
+        request = self._request
+        request.registerProducer(self, True)
+        request.write(first)
+        # They are on the wire and nothing reads them again; each client's copy of
+        # the response headers would cost about a kilobyte for the life of the stream.
+        request.responseHeaders = Headers()
+        # From here on the response body is ours to frame and write: over HTTP/1.x
+        # straight to the connection (as chunks of a chunked response), over HTTP/2
+        # through the request, which frames it as DATA on the request's stream.
+        channel = getattr(request, "channel", None)
+        if not isinstance(channel, HTTPChannel):
+            self._framer = None
+            return
+        if getattr(request, "chunked", False):
+            if self._framer is None:
+                self._framer = ChunkFramer()
+        else:
+            self._framer = None
+        transport = channel.transport
+        if transport is not None:
+            self._out = direct_writer(transport) or transport.write
+
+    def when_finished(self) -> Deferred[None]:
+        """A Deferred that fires once the response is over, whoever ended it."""
+        d: Deferred[None] = Deferred()
+        self._request.notifyFinish().addBoth(lambda _: d.callback(None))
+        return d
+
+    @property
+    def backed_up(self) -> bool:
+        """Whether the client's transport is full and this writer is holding back."""
+        return self._paused
+
+    @property
+    def queued(self) -> int:
+        """Bytes this writer holds back because the client is not reading."""
+        return self._backlog_bytes
+
+    @property
+    def written(self) -> int:
+        """Messages written to the client's connection (handed to its transport)."""
+        return self.handed - self.discarded - self._batch_msgs - self._backlog_msgs
+
+    def _wire(self, frame: bytes) -> bytes:
+        """C{frame} as it goes on the wire: one chunk of a chunked response, or as is."""
+        framer = self._framer
+        return frame if framer is None else framer(frame)
+
+    def message(self, frame: bytes) -> None:
+        """Write one encoded message (held back while paused); counted in C{handed}."""
+        if not self.open:
+            return
+        self.handed += 1
+        framer = self._framer
+        if framer is not None:
+            frame = framer.chunked if frame is framer.frame else framer(frame)
+        self._emit(frame, 1)
+
+    def _emit(self, data: bytes, msgs: int = 0) -> None:
+        """Write wire bytes now, or at the batcher's flush, or hold them while paused;
+        C{msgs} is how many messages they carry (0 for a keepalive or a hint)."""
+        if self._paused:
+            if self._batch:
+                # Behind what the batcher holds: its flush passes it all on in order.
+                self._batch.append(data)
+                self._batch_msgs += msgs
+            else:
+                self._hold(data, msgs)
+            return
+        batcher = self._batcher
+        if batcher is not None:
+            if batcher.hold_all:
+                batcher.add(self, data)
+                self._batch_msgs += msgs
+                return
+            current = batcher.round
+            if current & 1:
+                if self._round == current:
+                    batcher.add(self, data)
+                    self._batch_msgs += msgs
+                    return
+                self._round = current
+        self._out(data)
+
+    def _hold(self, data: bytes, msgs: int) -> None:
+        if self._backlog is None:
+            self._backlog = deque()
+        self._backlog.append((data, msgs))
+        self._backlog_bytes += len(data)
+        self._backlog_msgs += msgs
+        if self._backlog_bytes > self._limit:
+            self.drop()
+
+    def flush_batch(self) -> None:
+        """Write what the batcher held for this stream, in one write."""
+        batch = self._batch
+        if not batch:
+            return
+        self._batch = []
+        msgs, self._batch_msgs = self._batch_msgs, 0
+        if not self.open:
+            self.discarded += msgs
+            return
+        data = batch[0] if len(batch) == 1 else b"".join(batch)
+        if self._paused:
+            self._hold(data, msgs)
+        else:
+            self._out(data)
+
+    def keepalive(self, frame: bytes, tick: int, idle_ticks: int) -> None:
+        """Keepalive tick number C{tick}: write the comment C{frame} if nothing went
+        out for C{idle_ticks} ticks. A stream that carries messages needs none.
+
+        What was written is noticed at the next tick, so a stream written to just
+        after tick M gets its keepalive at tick M + 1 + C{idle_ticks} at the latest:
+        with C{idle_ticks} one less than the ticks per keepalive interval, no stream
+        goes longer than the interval without a byte, and the hot path pays nothing.
+        """
+        if self.handed != self._idle_mark:
+            self._idle_mark = self.handed
+            self._active_tick = tick
+        elif tick - self._active_tick >= idle_ticks:
+            self.control(frame)
+            self._active_tick = tick
+
+    def control(self, frame: bytes) -> None:
+        """Write bytes that are not a message (keepalive); skipped while backed up,
+        since a backed-up connection is not idle."""
+        if self.open and not self._paused:
+            self._emit(self._wire(frame))
+
+    def close(self, hang_up: bool = False) -> None:
+        """End the response from the server side (the client sees the stream end);
+        with C{hang_up}, close the connection too once the end is sent."""
+        if self.open:
+            # What is held back goes out before the end of the response: the
+            # transport buffers it (at most max_queue) and sends it as the client reads.
+            self.flush_batch()
+            self._flush(force=True)
+            self.open = False
+            self._release()
+            self._request.finish()
+            transport = getattr(self._request, "transport", None)
+            if hang_up and transport is not None:
+                transport.loseConnection()
+
+    def drop(self) -> None:
+        """Abort the connection of a client that does not keep up, freeing its buffers."""
+        if self.open:
+            self.open = False
+            self.dropped = True
+            self._discard()
+            transport = getattr(self._request, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+
+    def lost(self) -> None:
+        """Note that the response is over, whoever ended it."""
+        self.open = False
+        self._discard()
+        self._release()
+
+    def _discard(self) -> None:
+        """Forget what is held: the connection is gone, or going for not reading."""
+        self.discarded += self._backlog_msgs + self._batch_msgs
+        self._backlog = None
+        self._backlog_bytes = 0
+        self._backlog_msgs = 0
+        self._batch = []
+        self._batch_msgs = 0
+
+    def _release(self) -> None:
+        """Stop being the response's producer (it must not end with one registered)."""
+        request = self._request
+        if request.producer is self and getattr(request, "channel", None) is not None:
+            request.unregisterProducer()
+
+    # IPushProducer: called by the transport as its buffer fills and drains.
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._flush()
+
+    def stopProducing(self) -> None:
+        self.open = False
+
+    def _flush(self, force: bool = False) -> None:
+        """Write what is held back while the client takes it (all of it if C{force})."""
+        backlog = self._backlog
+        while backlog and (force or not self._paused) and self.open:
+            data, msgs = backlog.popleft()
+            self._backlog_bytes -= len(data)
+            self._backlog_msgs -= msgs
+            self._out(data)
+
+
+
+class SummaryWriter(Writer):
+    """The /eps stream's writer: never drops its client for being slow, conflates.
+
+    While paused, summaries merge into one pending summary (counts added per ID),
+    sent as one message once the client drains.
+    """
+
+    __slots__ = ("_pending", "conflated")
+
+    def __init__(self, request: Request, **kwargs: Any) -> None:
+        super().__init__(request, **kwargs)
+        self._pending: dict[str, int] | None = None
+        #: Summaries merged into another rather than written as their own message.
+        self.conflated = 0
+
+    def summary(self, frame: bytes, counts: dict[str, int]) -> None:
+        """Write the summary, or fold C{counts} into the pending one while paused."""
+        if not self.open:
+            return
+        if not self._paused and self._pending is None:
+            self.handed += 1
+            self._emit(self._wire(frame), 1)
+            return
+        pending = self._pending
+        if pending is None:
+            self._pending = dict(counts)
+        else:
+            self.conflated += 1
+            for emoji_id, n in counts.items():
+                pending[emoji_id] = pending.get(emoji_id, 0) + n
+        if not self._paused:
+            self._flush()
+
+    def _flush(self, force: bool = False) -> None:
+        super()._flush(force)
+        if self._pending is not None and (force or not self._paused) and self.open:
+            pending, self._pending = self._pending, None
+            self.handed += 1
+            self._out(self._wire(summary_frame(pending)))
