@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import statistics
 import sys
 import time
@@ -67,11 +68,18 @@ class MemoryRequest:
 def streams(hub: Hub, n: int, kind: str, namespace: str, batcher: Batcher | None
             ) -> list[Stream]:
     made = []
+    # As the web routes make them: one framer shared by a site's streams, where the
+    # code has one (it chunks a broadcast's frame once for all of them).
+    shared: dict[str, Any] = {}
+    if "framer" in inspect.signature(Stream.__init__).parameters:
+        from emojistream.writers import ChunkFramer
+
+        shared["framer"] = ChunkFramer()
     for i in range(n):
         cls = SummaryStream if kind == "eps" else Stream
         stream = cls(MemoryRequest(), namespace=namespace, kind=kind,  # type: ignore[arg-type]
                      request_path="/subscribe" + namespace, created_at=i, client_ip="x",
-                     user_agent="", batcher=batcher)
+                     user_agent="", batcher=batcher, **shared)
         stream.start()
         hub.add(stream)
         made.append(stream)

@@ -432,7 +432,10 @@ class SummaryWriter(Writer):
             return
         if not self._paused and self._pending is None:
             self.handed += 1
-            self._emit(self._wire(frame), 1)
+            framer = self._framer
+            if framer is not None:
+                frame = framer.chunked if frame is framer.frame else framer(frame)
+            self._emit(frame, 1)
             return
         pending = self._pending
         if pending is None:
