@@ -326,3 +326,49 @@ def test_keepalives_go_only_to_streams_idle_for_the_ticks_asked():
     stream.keepalive(KEEPALIVE, 5, 2)
     stream.keepalive(KEEPALIVE, 6, 2)  # idle two ticks again
     assert b"".join(request.written) == KEEPALIVE + b"data:1\n\n" + KEEPALIVE
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_direct_writer_over_a_real_socket_partial_send_and_full_buffer():
+    """HTTP/1.1's fast path: send() straight on the socket while the transport holds
+    nothing; a partial send hands the rest to the transport, after which every write
+    goes through it (in order) until it has drained."""
+    import socket as socketlib
+
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from twisted.internet.protocol import Factory, Protocol
+
+    from emojistream.writers import direct_writer
+
+    accepted: Deferred[Protocol] = Deferred()
+
+    class Server(Protocol):
+        def connectionMade(self) -> None:
+            handle = self.transport.getHandle()
+            handle.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_SNDBUF, 4096)
+            accepted.callback(self)
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Server), interface="127.0.0.1")
+    client = slow_connect(port.getHost().port)  # not reading yet, small receive buffer
+    try:
+        server = await accepted
+        transport = server.transport
+        write = direct_writer(transport)
+        assert write is not None
+        pieces = [bytes([65 + i % 26]) * 10_000 for i in range(60)]  # 600 KB
+        sent_directly = []
+        for piece in pieces:
+            sent_directly.append(not (transport._tempDataLen or transport.dataBuffer))
+            write(piece)
+        # The first went straight out; once the kernel's buffers were full a send was
+        # partial and the rest queued in the transport, behind which all others wait.
+        assert sent_directly[0] and not all(sent_directly)
+        assert transport._tempDataLen or transport.dataBuffer
+        client.transport.resumeProducing()
+        expected = b"".join(pieces)
+        await client.wait_bytes(lambda data: len(data) >= len(expected), seconds=30)
+        assert client.received == expected
+    finally:
+        client.close()
+        await port.stopListening()
