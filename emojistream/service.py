@@ -17,7 +17,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 
-from emojistream.config import Settings
+from emojistream.config import RedisAddress, Settings
 from emojistream.demo import EmbeddedRedis, Feeder, find_redis_server, free_port
 from emojistream.http import ConnectionGate, PerAddressRate, QuietSite
 from emojistream.hub import KEEPALIVE_TICKS, POOLS, Hub
@@ -136,71 +136,92 @@ class Emojistream:
         self.service = OrderedStop()
         self.core = MultiService()
         self.core.setServiceParent(self.service)
+
+        # A message's way (docs/ARCHITECTURE.md): a Redis read → the router → the hub's
+        # namespace index → each stream's writer → the socket.
         self.hub = Hub(reactor)
-        # Every listener's connections count together against the open-file limit.
-        soft_limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        self.gate = ConnectionGate(per_ip=settings.max_connections_per_ip,
-                                   fd_limit=None if soft_limit == resource.RLIM_INFINITY
-                                   else soft_limit, clock=clock)
         self.summarizer = ScoreSummarizer(
-            lambda counts, frame: self.hub.publish_summary("/eps", frame, counts)
-        )
+            lambda counts, frame: self.hub.publish_summary("/eps", frame, counts))
         # What one read from Redis brings leaves in one write per client at its end;
         # with the latency budget, everything waits for the tick.
         self.batcher = Batcher(hold_all=settings.batch_writes)
         self.router = Router(self.hub, self.summarizer, raw_stream=settings.raw_stream,
                              kiosk_stream=settings.kiosk_stream,
                              max_payload=settings.max_payload, batcher=self.batcher)
-
-        redis_address = settings.redis
-        redis_parent: MultiService = self.core
-        self.embedded_redis: EmbeddedRedis | None = None
-        self.feeder: Feeder | None = None
-        if settings.demo:
-            if not settings.redis_given:
-                self.embedded_redis = EmbeddedRedis(reactor, find_redis_server(), free_port())
-                self.embedded_redis.setServiceParent(self.core)
-                redis_parent = self.embedded_redis
-                redis_address = self.embedded_redis.address
-            self.feeder = Feeder(redis_address, reactor=reactor, rate=settings.demo_rate)
-            self.feeder.setServiceParent(redis_parent)
-
+        redis_address, redis_parent = self._redis(reactor)
         patterns = (DETAIL_PATTERN, KIOSK_PATTERN) if settings.kiosk_stream else (DETAIL_PATTERN,)
         self.feed = RedisFeed(redis_address, self.router, reactor=reactor,
                               channels=(SCORE_CHANNEL,), patterns=patterns)
         self.feed.setServiceParent(redis_parent)
 
+        # Time: the score tick, and keepalives to idle streams.
         Ticker(1 / RATE, self._tick, clock).setServiceParent(self.core)
         self._timer(settings.keepalive / KEEPALIVE_TICKS, self.hub.keepalive, clock,
                     "Keepalive", KEEPALIVE)
 
+        # Every listener's connections count together against the open-file limit.
+        soft_limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.gate = ConnectionGate(per_ip=settings.max_connections_per_ip,
+                                   fd_limit=None if soft_limit == resource.RLIM_INFINITY
+                                   else soft_limit, clock=clock)
+
+        # What the daemon says of itself: status, the admin cluster's hash, graphite.
         self.status = StatusReport(self.hub, self.feed, node=settings.node_name, clock=clock,
                                    counters=self._counters, turns=reactor)
-
-        self.admin_reporter: AdminReporter | None = None
-        if settings.admin_report:
-            admin_redis = RedisConnection(settings.admin_redis or redis_address,
-                                          reactor=reactor, purpose="admin report")
-            admin_redis.setServiceParent(redis_parent)
-            self.admin_reporter = AdminReporter(admin_redis, self.status.encoded,
-                                                settings.node_name)
-            self._timer(ADMIN_INTERVAL, self.admin_reporter.report, clock, "Admin report")
-
+        self.admin_reporter = self._admin_report(reactor, clock, redis_address, redis_parent)
         self.carbon: TcpCarbon | UdpCarbon | None = None
-        if settings.graphite is not None:
-            carbon_type = TcpCarbon if settings.graphite.transport == "tcp" else UdpCarbon
-            self.carbon = carbon_type(settings.graphite, reactor=reactor)
-            self.carbon.setServiceParent(self.core)
-            reporter = CarbonReporter(
-                self.carbon.send, prefix=carbon_prefix(settings.graphite_prefix,
-                                                       settings.node_name),
-                clock=clock, gauges=self._gauges, counters=self._counters,
-            )
-            self._timer(settings.graphite_interval, reporter.report, clock, "Carbon report")
+        self._carbon(reactor, clock)
 
+        # Stopping drains the streams; the web goes first (it stops in reverse order).
         self.drain = Drain(self.hub, clock=clock, period=settings.drain)
         self.drain.setServiceParent(self.service)
+        self._web(reactor, clock)
 
+    def _redis(self, reactor: Any) -> tuple[RedisAddress, MultiService]:
+        """Where Redis is, and the service its clients run under: in demo mode an
+        embedded redis-server (its clients start once it accepts) and the feeder."""
+        settings = self.settings
+        self.embedded_redis: EmbeddedRedis | None = None
+        self.feeder: Feeder | None = None
+        address, parent = settings.redis, self.core
+        if settings.demo:
+            if not settings.redis_given:
+                self.embedded_redis = EmbeddedRedis(reactor, find_redis_server(), free_port())
+                self.embedded_redis.setServiceParent(self.core)
+                parent, address = self.embedded_redis, self.embedded_redis.address
+            self.feeder = Feeder(address, reactor=reactor, rate=settings.demo_rate)
+            self.feeder.setServiceParent(parent)
+        return address, parent
+
+    def _admin_report(self, reactor: Any, clock: Any, redis_address: RedisAddress,
+                      redis_parent: MultiService) -> AdminReporter | None:
+        """With --admin-report: this node's status into Redis every 5 s."""
+        settings = self.settings
+        if not settings.admin_report:
+            return None
+        connection = RedisConnection(settings.admin_redis or redis_address, reactor=reactor,
+                                     purpose="admin report")
+        connection.setServiceParent(redis_parent)
+        reporter = AdminReporter(connection, self.status.encoded, settings.node_name)
+        self._timer(ADMIN_INTERVAL, reporter.report, clock, "Admin report")
+        return reporter
+
+    def _carbon(self, reactor: Any, clock: Any) -> None:
+        """With --graphite: pool sizes and counters to carbon every interval."""
+        settings = self.settings
+        if settings.graphite is None:
+            return
+        carbon_type = TcpCarbon if settings.graphite.transport == "tcp" else UdpCarbon
+        self.carbon = carbon = carbon_type(settings.graphite, reactor=reactor)
+        carbon.setServiceParent(self.core)
+        reporter = CarbonReporter(
+            carbon.send, prefix=carbon_prefix(settings.graphite_prefix, settings.node_name),
+            clock=clock, gauges=self._gauges, counters=self._counters)
+        self._timer(settings.graphite_interval, reporter.report, clock, "Carbon report")
+
+    def _web(self, reactor: Any, clock: Any) -> None:
+        """The routes, on the main endpoint (and the admin ones on their own, if asked)."""
+        settings = self.settings
         self.web = MultiService()
         self.web.setServiceParent(self.service)
         #: The HTTP sites, main then admin (tests drive them in memory).
