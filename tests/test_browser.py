@@ -45,15 +45,15 @@ window.finish = () => {
 </script></body></html>"""
 
 
-@pytest.fixture
-def browser() -> Iterator[object]:
+def headless_chromium(*extra: str) -> Iterator[object]:
+    """Debian's Chromium driven by its chromedriver, headless; quit at the end."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update",
-                "--disable-sync"):
+                "--disable-sync", *extra):
         options.add_argument(arg)
     options.binary_location = CHROMIUM
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -61,6 +61,11 @@ def browser() -> Iterator[object]:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    yield from headless_chromium()
 
 
 def wait_until(driver, predicate, seconds: float = 20):

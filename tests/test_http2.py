@@ -21,7 +21,7 @@ from twisted.web.static import Data
 
 from conftest import running
 from sseclient import within
-from test_browser import CHROMEDRIVER, CHROMIUM, wait_until
+from test_browser import CHROMEDRIVER, CHROMIUM, headless_chromium, wait_until
 from test_tls import make_certificate
 
 CURL = shutil.which("curl")
@@ -105,24 +105,12 @@ def h2_browser(tls):
         pytest.skip("headless Chromium tests need Debian's chromium and chromium-driver")
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
 
     _key, cert = tls
     public = x509.load_pem_x509_certificate(cert.read_bytes()).public_key()
     spki = public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    options = webdriver.ChromeOptions()
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                "--disable-background-networking",
-                "--ignore-certificate-errors-spki-list="
-                + base64.b64encode(hashlib.sha256(spki).digest()).decode()):
-        options.add_argument(arg)
-    options.binary_location = CHROMIUM
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+    yield from headless_chromium("--ignore-certificate-errors-spki-list="
+                                 + base64.b64encode(hashlib.sha256(spki).digest()).decode())
 
 
 @pytest_twisted.ensureDeferred
