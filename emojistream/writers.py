@@ -353,7 +353,7 @@ class Writer:
             self.open = False
             self._release()
             self._request.finish()
-            transport = getattr(self._request, "transport", None)
+            transport = self._connection()
             if hang_up and transport is not None:
                 transport.loseConnection()
 
@@ -363,7 +363,7 @@ class Writer:
             self.open = False
             self.dropped = True
             self._discard()
-            transport = getattr(self._request, "transport", None)
+            transport = self._connection()
             if transport is not None:
                 transport.abortConnection()
 
@@ -372,6 +372,12 @@ class Writer:
         self.open = False
         self._discard()
         self._release()
+
+    def _connection(self) -> Any:
+        """What to close or abort: the TCP (or TLS) connection of an HTTP/1.x response;
+        over HTTP/2 the request's stream (a reset of it, not of the connection)."""
+        request = self._request
+        return getattr(request, "transport", None) or getattr(request, "channel", None)
 
     def _discard(self) -> None:
         """Forget what is held: the connection is gone, or going for not reading."""

@@ -155,3 +155,32 @@ async def test_ten_eventsources_to_one_origin_all_receive_over_http2(
     assert json.loads(got["/subscribe/eps"]) == {"2665": 1}
     for emoji_id in ids:
         assert got[f"/subscribe/details/{emoji_id}"] == f"tweet {emoji_id}"
+
+
+@pytest.mark.skipif(not CURL, reason="needs curl")
+@pytest_twisted.ensureDeferred
+async def test_the_drain_over_http2_hints_and_ends_each_stream(tls, redis_server):
+    """Over HTTP/2 a stream's end is its own (the connection may carry others)."""
+    from conftest import start_daemon
+
+    key, cert = tls
+    d = await start_daemon({"REDIS_URL": redis_server.url, "SSE_DRAIN_SEC": "0.5"},
+                           {"listen": listen_tls(key, cert)})
+    stream = curl("--cacert", str(cert.parent / "ca.pem"), "-N", "--max-time", "20",
+                  f"https://127.0.0.1:{d.port}/subscribe/raw")
+    try:
+        while not d.app.hub.in_namespace("/raw"):
+            await deferLater(reactor, 0.01, lambda: None)
+        (server_side,) = d.app.hub.in_namespace("/raw")
+        assert server_side.writer.request.clientproto == b"HTTP/2"
+        ended = threads.deferToThread(stream.communicate, timeout=20)
+        await d.app.service.stopService()
+        out, err = await ended
+    finally:
+        if stream.poll() is None:
+            stream.kill()
+            stream.communicate()
+    # curl saw the retry hint, then the end of the response (and exits 0).
+    assert stream.returncode == 0, err
+    assert out.startswith(b"retry:") and out.endswith(b"\n\n")
+    assert 1000 <= int(out[len(b"retry:"):].split(b"\n")[0]) <= 4000
