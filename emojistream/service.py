@@ -44,7 +44,7 @@ from emojistream.sse import KEEPALIVE
 from emojistream.status import StatusReport
 from emojistream.stream import Batcher
 from emojistream.summarizer import RATE, ScoreSummarizer, Ticker
-from emojistream.web import AdminRoutes, Root, StreamRoutes, client_ip_of
+from emojistream.web import AdminRoutes, Health, Root, StreamRoutes, client_ip_of
 
 
 class _RecordingEndpoint:
@@ -232,8 +232,10 @@ class Emojistream:
             self.status, settings.admin_token,
             whole_rate=PerAddressRate(AdminRoutes.WHOLE_PER_SECOND, 1.0, clock),
             client_ip=client_ip_of(settings)).app.resource()
-        self.endpoint = self._listen(reactor, settings.listen,
-                                     Root(streams, None if settings.admin_listen else admin))
+        health = Health(lambda: self.feed.state == "up")
+        self.endpoint = self._listen(
+            reactor, settings.listen,
+            Root(streams, None if settings.admin_listen else admin, health))
         self.admin_endpoint: _RecordingEndpoint | None = None
         if settings.admin_listen:
             self.admin_endpoint = self._listen(reactor, settings.admin_listen, Root(None, admin))

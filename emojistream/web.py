@@ -428,16 +428,38 @@ def _preflight(request: IRequest) -> bytes:
     return b""
 
 
+class Health:
+    """C{/health/live} and C{/health/ready}, for balancers and orchestrators: tiny
+    bodies, no token, on the port they balance.
+
+    Live answers 200 whenever it answers at all (the reactor is turning); ready
+    answers 200 while the daemon is subscribed to Redis, 503 at once otherwise.
+    """
+
+    def __init__(self, subscribed: Callable[[], bool]) -> None:
+        self._subscribed = subscribed
+
+    def render(self, request: IRequest, which: bytes) -> bytes:
+        request.setHeader(b"Cache-Control", b"no-cache")
+        if which == b"live":
+            return _text(request, 200, "OK")
+        if self._subscribed():
+            return _text(request, 200, "OK")
+        return _text(request, 503, "503 Service Unavailable: not subscribed to Redis")
+
+
 class Root(Resource):
     """Every request's entry: sets the CORS header, then hands the whole request to
-    the admin routes (paths under /admin) or the stream routes."""
+    the health checks, the admin routes (paths under /admin) or the stream routes."""
 
     isLeaf = True
 
-    def __init__(self, streams: IResource | None, admin: IResource | None) -> None:
+    def __init__(self, streams: IResource | None, admin: IResource | None,
+                 health: Health | None = None) -> None:
         super().__init__()
         self._streams = streams
         self._admin = admin
+        self._health = health
 
     def render(self, request: IRequest) -> Any:
         request.setHeader(*CORS)
@@ -452,6 +474,11 @@ class Root(Resource):
             return _text(request, 400, "400 Bad Request: the Host header is not valid")
         if request.method == b"OPTIONS":
             return _preflight(request)
+        if self._health is not None and path in (b"/health/live", b"/health/ready"):
+            if request.method not in (b"GET", b"HEAD"):
+                request.setHeader(b"Allow", b"GET, HEAD")
+                return _text(request, 405, "405 Method Not Allowed")
+            return self._health.render(request, path.rsplit(b"/", 1)[1])
         is_admin = path == b"/admin" or path.startswith(b"/admin/")
         target = self._admin if is_admin else self._streams
         if target is None:

@@ -171,3 +171,17 @@ def test_the_drain_hints_and_closes_every_stream_within_its_period():
     late = d.connect()
     late.get("/subscribe/eps")
     assert response_events(bytes(late.received)).retries and late.closed
+
+
+def test_health_live_always_and_ready_only_when_subscribed():
+    d = MemoryDaemon()
+    live, ready = d.connect(), d.connect()
+    live.get("/health/live")
+    ready.get("/health/ready")  # never started: not subscribed to Redis
+    assert live.head[0] == "HTTP/1.1 200 OK"
+    assert live.head[1]["access-control-allow-origin"] == "*"
+    assert bytes(live.received).endswith(b"Content-Length: 3\r\n\r\nOK\n")
+    assert ready.head[0] == "HTTP/1.1 503 Service Unavailable"
+    post = d.connect()
+    post.get("/health/live", method="POST")
+    assert post.head[0] == "HTTP/1.1 405 Method Not Allowed"

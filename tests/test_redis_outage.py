@@ -328,3 +328,26 @@ def redis_server_with_password():
         yield server
     finally:
         server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_ready_follows_the_redis_subscription(daemon, client, redis_server):
+    import time
+
+    async def ready() -> int:
+        response, _ = await client.text("GET", "/health/ready")
+        return int(response.code)
+
+    assert await ready() == 200
+    killed = time.monotonic()
+    redis_server.kill()
+    await within(daemon.app.feed.when_state("down"))
+    assert await ready() == 503
+    assert time.monotonic() - killed < 1
+    response, body = await client.text("GET", "/health/live")
+    assert response.code == 200 and body == b"OK\n"
+    redis_server.start()
+    await within(daemon.app.feed.when_state("up"))
+    subscribed = time.monotonic()
+    assert await ready() == 200
+    assert time.monotonic() - subscribed < 1
