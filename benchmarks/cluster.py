@@ -22,10 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from bench import (  # noqa: E402
+# bench (beside this script) puts the checkout on sys.path for emojistream.
+from bench import (
+    REPO,
     checkout_env,
     parse_args,
     resp,
@@ -35,7 +34,7 @@ from bench import (  # noqa: E402
     wait_port,
 )
 
-from emojistream.demo import find_redis_server, free_port, redis_server_args  # noqa: E402
+from emojistream.demo import find_redis_server, free_port, redis_server_args
 
 
 def redis_command(port: int, *args: bytes) -> bytes:

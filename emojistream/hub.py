@@ -186,11 +186,6 @@ class Hub:
     def __len__(self) -> int:
         return sum(self._pool_sizes.values())
 
-    def snapshot_json(self, now: float) -> list[bytes]:
-        """Every connection as compact JSON, oldest first (see L{snapshot})."""
-        streams = sorted(self.streams(), key=lambda s: s.created_at)
-        return [s.describe_json(now) for s in streams]
-
     def snapshot(self, now: float) -> list[dict[str, Any]]:
         """Every connection as the status report lists it, oldest first."""
         streams = sorted(self.streams(), key=lambda s: s.created_at)

@@ -193,15 +193,13 @@ class Writer:
         #: True once the server dropped this client for not keeping up.
         self.dropped = False
         self._paused = False
-        # HTTP/1.1 chunk framing (None: frames go as they are).
-        self._framer: ChunkFramer | None = None
+        # HTTP/1.1 chunk framing, decided at start (None: frames go as they are).
+        self._framer: ChunkFramer | None = framer
         self._out: Callable[[bytes], None] = request.write
         self._backlog: deque[tuple[bytes, int]] | None = None
         self._backlog_bytes = 0
         # The transport holds up to TRANSPORT_BUFFER before pausing us; we hold the rest.
         self._limit = max(0, max_queue - TRANSPORT_BUFFER)
-        if framer is not None:
-            self._framer = framer
 
     @property
     def request(self) -> Request:
