@@ -434,6 +434,18 @@ SPECS: tuple[Spec, ...] = (
          "Run this many worker processes on the --listen port (SO_REUSEPORT), each "
          "subscribed to Redis and reporting as <node>-<i>; the parent restarts any that "
          "dies and stops all on SIGTERM", metavar="N"),
+    Spec("event_ids", "event-ids", "SSE_EVENT_IDS", parse_bool, "false",
+         "Resumable streams: every event carries an id:, and a client reconnecting with "
+         "Last-Event-ID (or ?last_event_id=) first gets what it missed", is_flag=True),
+    Spec("replay_events", "replay-events", "SSE_REPLAY_EVENTS", parse_positive_int, "10000",
+         "With --event-ids: events kept for replay per namespace at most", metavar="N"),
+    Spec("replay_age", "replay-sec", "SSE_REPLAY_SEC", parse_positive_float, "300",
+         "With --event-ids: seconds an event is kept for replay at most", metavar="SECONDS"),
+    Spec("replay_bytes", "replay-bytes", "SSE_REPLAY_BYTES", parse_positive_int, "33554432",
+         "With --event-ids: memory all replay buffers hold at most (the largest give up "
+         "their oldest events first)", metavar="BYTES"),
+    Spec("demo_page", "demo-page", "DEMO_PAGE", parse_bool, None,
+         "Serve the live emoji grid at / (default: on with --demo)", is_flag=True),
     Spec("demo", "demo", None, parse_bool, "false",
          "Start a private redis-server and a synthetic feeder publishing into it "
          "(with --redis, feed that Redis instead)", is_flag=True),
@@ -481,6 +493,11 @@ class Settings:
     admin_token: str = ""
     drain: float = 10.0
     workers: int = 1
+    event_ids: bool = False
+    replay_events: int = 10_000
+    replay_age: float = 300.0
+    replay_bytes: int = 32 << 20
+    demo_page: bool = False
     demo: bool = False
     demo_rate: float = 250.0
 
@@ -516,8 +533,8 @@ def resolve(env: Mapping[str, str], options: Mapping[str, str | None]) -> Settin
             elif spec.key == "max_streams":
                 given = str(default_max_streams())
                 source = "the open-file limit"
-            elif spec.key == "admin_report":
-                # Decided below, once the environment name is known.
+            elif spec.key in ("admin_report", "demo_page"):
+                # Decided below, once what they depend on is known.
                 continue
             else:
                 assert spec.default is not None
@@ -528,6 +545,8 @@ def resolve(env: Mapping[str, str], options: Mapping[str, str | None]) -> Settin
             raise ConfigError(f"{source}: {e}") from None
     if "admin_report" not in values:
         values["admin_report"] = values["env"] in ("staging", "production")
+    if "demo_page" not in values:
+        values["demo_page"] = values["demo"]
     values["redis_given"] = (
         options.get("redis") is not None or "REDIS_URL" in env
     )

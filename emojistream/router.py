@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from emojistream.hub import ID_PATTERN, Hub
+from emojistream.metrics import Delays
+from emojistream.replay import Journal
 from emojistream.sse import encode_event
 from emojistream.stream import Batcher
 from emojistream.summarizer import ScoreSummarizer
@@ -43,8 +46,16 @@ class Router:
 
     def __init__(self, hub: Hub, summarizer: ScoreSummarizer, *, raw_stream: bool,
                  kiosk_stream: bool = False, max_payload: int = 65536,
-                 batcher: Batcher | None = None) -> None:
+                 batcher: Batcher | None = None, journal: Journal | None = None,
+                 clock: IReactorTime | None = None, delays: Delays | None = None) -> None:
         self._hub = hub
+        # With both: how long a read's detail updates take from the read to the writes.
+        self._clock = clock if delays is not None else None
+        self._delays = delays
+        self._read_at = 0.0
+        self._details_in_read = 0
+        # With event IDs (--event-ids), every event is encoded and kept by the journal.
+        self._journal = journal
         self._batcher = batcher
         self._max_payload = max_payload
         self._summarizer = summarizer
@@ -63,6 +74,9 @@ class Router:
         """Messages of one read from Redis follow: a stream's second and later
         messages of the read wait for its end (the batcher's round)."""
         self._raw_later = []
+        if self._clock is not None:
+            self._read_at = self._clock.seconds()
+            self._details_in_read = 0
         if self._batcher is not None:
             self._batcher.begin_round()
 
@@ -76,6 +90,10 @@ class Router:
         finally:
             if self._batcher is not None:
                 self._batcher.end_round()
+            if self._clock is not None and self._details_in_read:
+                assert self._delays is not None
+                self._delays.observe(self._clock.seconds() - self._read_at,
+                                     self._details_in_read)
 
     def message(self, channel: bytes, payload: bytes) -> None:
         """Handle one pub/sub message."""
@@ -108,17 +126,20 @@ class Router:
             return
         self._summarizer.hit(emoji_id)
         if self._raw_stream:
+            frame = (encode_event(payload) if self._journal is None
+                     else self._journal.event("/raw", payload))
             if self._raw_later is not None:
-                self._raw_later.append(encode_event(payload))
+                self._raw_later.append(frame)
             else:
-                self._hub.publish("/raw", encode_event(payload))
+                self._hub.publish("/raw", frame)
 
     def detail(self, channel: bytes, payload: bytes) -> None:
         """A detail update, for C{/details/<ID>} and its ancestors, named by its channel."""
         emoji_id = self._emoji_id(channel[len(DETAIL_PREFIX):])
         if emoji_id is None:
             return
-        self._hub.publish("/details/" + emoji_id, encode_event(valid_utf8(payload), channel))
+        self._details_in_read += 1
+        self._publish("/details/" + emoji_id, valid_utf8(payload), channel)
 
     def kiosk(self, channel: bytes, payload: bytes) -> None:
         """A kiosk interaction, for C{/kiosk_interaction}, named by its channel (made
@@ -126,5 +147,9 @@ class Router:
         if b"\n" in channel or b"\r" in channel:
             self.dropped += 1
             return
-        self._hub.publish("/kiosk_interaction",
-                          encode_event(valid_utf8(payload), valid_utf8(channel)))
+        self._publish("/kiosk_interaction", valid_utf8(payload), valid_utf8(channel))
+
+    def _publish(self, namespace: str, data: bytes, event: bytes) -> None:
+        journal = self._journal
+        self._hub.publish(namespace, encode_event(data, event) if journal is None
+                          else journal.event(namespace, data, event))

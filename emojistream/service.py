@@ -29,8 +29,10 @@ from emojistream.lifecycle import (
     SystemdNotifier,
     prepare_process,
 )
+from emojistream.metrics import Delays, Metrics, MetricSources
 from emojistream.redisconn import RedisConnection
 from emojistream.redisfeed import RedisFeed
+from emojistream.replay import Journal
 from emojistream.reporting import (
     ADMIN_INTERVAL,
     AdminReporter,
@@ -140,14 +142,23 @@ class Emojistream:
         # A message's way (docs/ARCHITECTURE.md): a Redis read → the router → the hub's
         # namespace index → each stream's writer → the socket.
         self.hub = Hub(reactor)
+        # With --event-ids every event gets its ID, and is kept for resuming clients.
+        self.journal: Journal | None = None
+        if settings.event_ids:
+            self.journal = Journal(clock, max_events=settings.replay_events,
+                                   max_age=settings.replay_age,
+                                   max_bytes=settings.replay_bytes)
         self.summarizer = ScoreSummarizer(
-            lambda counts, frame: self.hub.publish_summary("/eps", frame, counts))
+            lambda counts, frame: self.hub.publish_summary("/eps", frame, counts),
+            **({} if self.journal is None else {"encode": self.journal.summary}))
         # What one read from Redis brings leaves in one write per client at its end;
         # with the latency budget, everything waits for the tick.
         self.batcher = Batcher(hold_all=settings.batch_writes)
+        self.delays = Delays()
         self.router = Router(self.hub, self.summarizer, raw_stream=settings.raw_stream,
                              kiosk_stream=settings.kiosk_stream,
-                             max_payload=settings.max_payload, batcher=self.batcher)
+                             max_payload=settings.max_payload, batcher=self.batcher,
+                             journal=self.journal, clock=reactor, delays=self.delays)
         redis_address, redis_parent = self._redis(reactor)
         patterns = (DETAIL_PATTERN, KIOSK_PATTERN) if settings.kiosk_stream else (DETAIL_PATTERN,)
         self.feed = RedisFeed(redis_address, self.router, reactor=reactor,
@@ -155,7 +166,8 @@ class Emojistream:
         self.feed.setServiceParent(redis_parent)
 
         # Time: the score tick, and keepalives to idle streams.
-        Ticker(1 / RATE, self._tick, clock).setServiceParent(self.core)
+        self.ticker = Ticker(1 / RATE, self._tick, clock)
+        self.ticker.setServiceParent(self.core)
         self._timer(settings.keepalive / KEEPALIVE_TICKS, self.hub.keepalive, clock,
                     "Keepalive", KEEPALIVE)
 
@@ -169,6 +181,10 @@ class Emojistream:
         self.status = StatusReport(self.hub, self.feed, node=settings.node_name, clock=clock,
                                    counters=self._counters, turns=reactor)
         self.admin_reporter = self._admin_report(reactor, clock, redis_address, redis_parent)
+        self.metrics = Metrics(MetricSources(
+            pools=self.hub.pool_sizes, counters=self._counters,
+            redis_subscribed=lambda: self.feed.state == "up",
+            tick_lag=lambda: self.ticker.lag, delays=self.delays, replay=self.journal))
         self.carbon: TcpCarbon | UdpCarbon | None = None
         self._carbon(reactor, clock)
 
@@ -227,11 +243,11 @@ class Emojistream:
         #: The HTTP sites, main then admin (tests drive them in memory).
         self.sites: list[QuietSite] = []
         streams = StreamRoutes(self.hub, settings, clock=clock, batcher=self.batcher,
-                               drain=self.drain).app.resource()
+                               drain=self.drain, journal=self.journal).app.resource()
         admin = AdminRoutes(
             self.status, settings.admin_token,
             whole_rate=PerAddressRate(AdminRoutes.WHOLE_PER_SECOND, 1.0, clock),
-            client_ip=client_ip_of(settings)).app.resource()
+            client_ip=client_ip_of(settings), metrics=self.metrics.exposition).app.resource()
         health = Health(lambda: self.feed.state == "up")
         self.endpoint = self._listen(
             reactor, settings.listen,

@@ -49,3 +49,10 @@ def encode_retry(milliseconds: int) -> bytes:
     if milliseconds < 0:
         raise ValueError("a retry delay cannot be negative")
     return b"retry:%d\n\n" % milliseconds
+
+
+def id_line_of(frame: bytes) -> bytes:
+    """The C{id:} line a frame starts with (newline included), or C{b""}."""
+    if frame[:3] != b"id:":
+        return b""
+    return frame[:frame.index(b"\n") + 1]

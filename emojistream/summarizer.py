@@ -16,10 +16,11 @@ from emojistream.sse import encode_event
 RATE = 60
 
 
-def summary_frame(counts: Mapping[str, int]) -> bytes:
-    """The SSE message for a summary: C{data:{"2665":3,"1F602":1}} (compact JSON)."""
+def summary_frame(counts: Mapping[str, int], id_line: bytes = b"") -> bytes:
+    """The SSE message for a summary: C{data:{"2665":3,"1F602":1}} (compact JSON),
+    after C{id_line} (its C{id:} field, with C{--event-ids})."""
     text = json.dumps(counts, separators=(",", ":"), ensure_ascii=False)
-    return encode_event(text.encode("utf-8"))
+    return id_line + encode_event(text.encode("utf-8"))
 
 
 class ScoreSummarizer:
@@ -29,14 +30,16 @@ class ScoreSummarizer:
     C{tick} is driven by a timer (a L{Ticker} at 1/60 s in the daemon, a C{Clock} in
     tests). Everything runs on the reactor thread, so swapping the counter at a tick
     loses and double-counts nothing. C{emit} gets the counts and their encoded SSE
-    message (encoded once, for every client), and returns a Deferred while the
+    message (encoded once, for every client, by C{encode}: with event IDs, the
+    journal's), and returns a Deferred while the
     summary is still going out (in slices): a tick that comes meanwhile adds its
     hits to the next summary, which goes as soon as that one is out.
     """
 
-    def __init__(self, emit: Callable[[dict[str, int], bytes], Deferred[None] | None]
-                 ) -> None:
+    def __init__(self, emit: Callable[[dict[str, int], bytes], Deferred[None] | None],
+                 encode: Callable[[dict[str, int]], bytes] = summary_frame) -> None:
         self._emit = emit
+        self._encode = encode
         self._counts: dict[str, int] = {}
         self._sending = False
         self._owed = False
@@ -58,7 +61,7 @@ class ScoreSummarizer:
         if not self._counts:
             return
         counts, self._counts = self._counts, {}
-        going = self._emit(counts, summary_frame(counts))
+        going = self._emit(counts, self._encode(counts))
         if going is not None:
             self._sending = True
             going.addCallback(self._sent)
@@ -88,6 +91,8 @@ class Ticker(Service):
         self._clock = clock
         self._due = 0.0
         self._pending: Any = None
+        #: Seconds the last tick ran after it was due.
+        self.lag = 0.0
 
     def startService(self) -> None:
         super().startService()
@@ -109,6 +114,7 @@ class Ticker(Service):
         self._pending = self._clock.callLater(max(0.0, self._due - now), self._tick)
 
     def _tick(self) -> None:
+        self.lag = max(0.0, self._clock.seconds() - self._due)
         try:
             self._call()
         except Exception:

@@ -32,6 +32,8 @@ from emojistream.config import Settings
 from emojistream.http import PerAddressRate
 from emojistream.hub import ID_PATTERN, Hub
 from emojistream.lifecycle import Drain
+from emojistream.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from emojistream.replay import Journal, Resume
 from emojistream.sse import encode_retry
 from emojistream.status import StatusReport
 from emojistream.stream import Batcher, Stream, SummaryStream
@@ -45,6 +47,8 @@ SSE_HEADERS = (
     (b"X-Accel-Buffering", b"no"),
 )
 CORS = (b"Access-Control-Allow-Origin", b"*")
+#: With event IDs, what a script reading a stream with fetch() may see of the headers.
+EXPOSE = (b"Access-Control-Expose-Headers", b"X-Sse-Gap")
 
 class _Streaming(Resource):
     """What a stream route answers once its stream has started: rendered by Klein
@@ -179,9 +183,11 @@ class StreamRoutes:
     log = Logger()
 
     def __init__(self, hub: Hub, settings: Settings, *, clock: IReactorTime,
-                 batcher: Batcher | None = None, drain: Drain | None = None) -> None:
+                 batcher: Batcher | None = None, drain: Drain | None = None,
+                 journal: Journal | None = None) -> None:
         self._hub = hub
         self._drain = drain
+        self._journal = journal
         # One per site: a broadcast's frame is chunked once for all HTTP/1.1 streams.
         self._framer = ChunkFramer()
         self._batcher = batcher
@@ -243,7 +249,10 @@ class StreamRoutes:
             _close_after(request)
             return _text(request, 429, "429 Too Many Requests: too many streams from "
                                        "this address")
+        resume = self._resume(request, namespace)
         self._stream_headers(request)
+        if resume is not None and resume.gap is not None:
+            request.setHeader(b"X-Sse-Gap", resume.gap.encode("ascii"))
         stream = (SummaryStream if kind == "eps" else Stream)(
             request,
             namespace=namespace,
@@ -265,12 +274,30 @@ class StreamRoutes:
             first = encode_retry(settings.score_retry_ms if scores else settings.detail_retry_ms)
             stream.expiry = self._clock.callLater(
                 settings.score_max_age if scores else settings.detail_max_age, stream.close)
-        # The status line and headers go out now, before the first event.
+        # The status line and headers go out now, before the first event; then what a
+        # resuming client missed, before any live event (all within this one call).
         stream.start(first)
+        if resume is not None:
+            stream.writer.replay(resume.frames)
         if settings.verbose:
             self.log.info("connect {path} from {ip}", path=stream.request_path,
                           ip=stream.client_ip)
         return STREAMING
+
+    def _resume(self, request: Request, namespace: str) -> Resume | None:
+        """With event IDs, what a client reconnecting with C{Last-Event-ID} (or, for
+        clients that cannot set it, C{?last_event_id=}) missed; else None."""
+        if self._journal is None:
+            return None
+        # The header first: a browser sends it on each reconnect, newer than the URL's.
+        last = request.getHeader(b"last-event-id")
+        if not last:
+            given = request.args.get(b"last_event_id")
+            last = given[0] if given else None
+        if not last:
+            return None
+        return self._journal.resume(namespace, last.decode("latin-1"),
+                                    self._settings.max_queue)
 
     def _stream_headers(self, request: Request) -> None:
         for name, value in SSE_HEADERS:
@@ -283,6 +310,8 @@ class StreamRoutes:
             request.setHeader(b"Connection", b"close")
         if self._settings.force_refresh:
             request.setHeader(b"X-Sse-Cleanup-Requested", b"true")
+        if self._journal is not None:
+            request.setHeader(*EXPOSE)
 
     def _finished(self, result: object, stream: Stream) -> None:
         stream.lost()
@@ -338,8 +367,10 @@ class AdminRoutes:
 
     def __init__(self, status: StatusReport, token: str = "", *,
                  whole_rate: PerAddressRate | None = None,
-                 client_ip: Callable[[Request], str] = peer_ip) -> None:
+                 client_ip: Callable[[Request], str] = peer_ip,
+                 metrics: Callable[[], bytes] | None = None) -> None:
         self._status = status
+        self._metrics = metrics
         self._token = token.encode("ascii")
         self._whole_rate = whole_rate
         self._client_ip = client_ip
@@ -380,6 +411,17 @@ class AdminRoutes:
         except ValueError:
             return _text(request, 400, "400 Bad Request: limit and offset are whole numbers")
         return self._status.page(offset, min(limit, 10_000))
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: Request) -> bytes:
+        """Prometheus text exposition (L{emojistream.metrics})."""
+        if not self._authorized(request):
+            return self._refuse(request)
+        if self._metrics is None:
+            return _text(request, 404, "404 Not Found")
+        request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE)
+        request.setHeader(b"Cache-Control", b"no-cache")
+        return self._metrics()
 
     @app.route("/admin/", methods=["GET"])
     def page(self, request: Request) -> bytes:
@@ -479,7 +521,7 @@ class Root(Resource):
                 request.setHeader(b"Allow", b"GET, HEAD")
                 return _text(request, 405, "405 Method Not Allowed")
             return self._health.render(request, path.rsplit(b"/", 1)[1])
-        is_admin = path == b"/admin" or path.startswith(b"/admin/")
+        is_admin = path in (b"/admin", b"/metrics") or path.startswith(b"/admin/")
         target = self._admin if is_admin else self._streams
         if target is None:
             return _text(request, 404, "404 Not Found")

@@ -26,6 +26,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from emojistream.sse import id_line_of
 from emojistream.summarizer import summary_frame
 
 #: What a transport buffers before it pauses its producer (Twisted's bufferSize).
@@ -267,6 +268,17 @@ class Writer:
             frame = framer.chunked if frame is framer.frame else framer(frame)
         self._emit(frame, 1)
 
+    def replay(self, frames: list[bytes]) -> None:
+        """Write what a resuming client missed, as one write, before any live message.
+
+        Its size was bounded by the caller; it goes to the transport whole (which
+        pauses this writer if it must), not into the held-back queue.
+        """
+        if not self.open or not frames:
+            return
+        self.handed += len(frames)
+        self._emit(self._wire(b"".join(frames)), len(frames))
+
     def _emit(self, data: bytes, msgs: int = 0) -> None:
         """Write wire bytes now, or at the batcher's flush, or hold them while paused;
         C{msgs} is how many messages they carry (0 for a keepalive or a hint)."""
@@ -422,11 +434,13 @@ class SummaryWriter(Writer):
     sent as one message once the client drains.
     """
 
-    __slots__ = ("_pending", "conflated")
+    __slots__ = ("_pending", "_pending_id", "conflated")
 
     def __init__(self, request: Request, **kwargs: Any) -> None:
         super().__init__(request, **kwargs)
         self._pending: dict[str, int] | None = None
+        # The id: line of the newest summary merged into the pending one (with IDs).
+        self._pending_id = b""
         #: Summaries merged into another rather than written as their own message.
         self.conflated = 0
 
@@ -448,6 +462,7 @@ class SummaryWriter(Writer):
             self.conflated += 1
             for emoji_id, n in counts.items():
                 pending[emoji_id] = pending.get(emoji_id, 0) + n
+        self._pending_id = id_line_of(frame)
         if not self._paused:
             self._flush()
 
@@ -456,4 +471,4 @@ class SummaryWriter(Writer):
         if self._pending is not None and (force or not self._paused) and self.open:
             pending, self._pending = self._pending, None
             self.handed += 1
-            self._out(self._wire(summary_frame(pending)))
+            self._out(self._wire(summary_frame(pending, self._pending_id)))

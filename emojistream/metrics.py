@@ -1,0 +1,155 @@
+"""Prometheus metrics: what C{/metrics} serves, read from the daemon's own counters at
+scrape time (nothing is counted twice, and the hot path pays nothing for it).
+
+Names follow Prometheus conventions: an C{emojistream_} prefix, C{_total} on
+counters, seconds and bytes as base units. The library's process, platform and GC
+collectors come along, in a registry of this daemon's own (no global state).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+__all__ = ["CONTENT_TYPE", "Delays", "MetricSources", "Metrics"]
+
+#: The Content-Type of the text exposition format.
+CONTENT_TYPE = CONTENT_TYPE_LATEST.encode("ascii")
+
+#: Upper bounds (seconds) of the delivery delay histogram's buckets.
+DELAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Delays:
+    """A histogram of delays that costs a bisect per observation (no locks, no
+    labels): observed once per Redis read, weighted by the messages it carried."""
+
+    def __init__(self, buckets: tuple[float, ...] = DELAY_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float, times: int = 1) -> None:
+        self.counts[bisect_left(self.buckets, seconds)] += times
+        self.sum += seconds * times
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(upper bound, observations at or below it), ending with C{+Inf}."""
+        out, running = [], 0
+        for bound, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            running += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return out
+
+
+@dataclass
+class MetricSources:
+    """Where each figure comes from: callables read at scrape time."""
+
+    pools: Callable[[], Mapping[str, int]]
+    counters: Callable[[], Mapping[str, float]]
+    redis_subscribed: Callable[[], bool]
+    tick_lag: Callable[[], float]
+    delays: Delays
+    replay: Any = None  # the Journal, with --event-ids
+
+
+#: Counter name, help, and the key of the daemon's counters it reads.
+_COUNTERS = (
+    ("messages_received", "Messages received from Redis", "messages.received"),
+    ("messages_unusable", "Messages dropped for a channel or payload that makes no sense",
+     "messages.dropped"),
+    ("messages_oversized", "Messages dropped for a payload over --max-payload-bytes",
+     "messages.oversized"),
+    ("messages_delivered", "Messages written to clients (one per message per client)",
+     "messages.delivered"),
+    ("messages_conflated", "Score summaries merged into another for a backed-up client",
+     "messages.conflated"),
+    ("messages_discarded", "Messages never written: held when their connection ended",
+     "messages.discarded"),
+    ("connections_closed", "Streams ended, for whatever reason", "connections.closed"),
+    ("connections_dropped", "Streams dropped for not keeping up", "connections.dropped"),
+    ("redis_reconnects", "Times the Redis subscriber was lost and replaced",
+     "redis.subscriber_losses"),
+    ("accept_pauses", "Times accepting paused at the open-file limit",
+     "connections.accept_pauses"),
+)
+_REFUSED = (("per_ip", "connections.refused_per_ip"), ("at_limit", "connections.refused_at_limit"))
+
+
+class _DaemonCollector(Collector):
+    def __init__(self, sources: MetricSources) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._sources
+        streams = GaugeMetricFamily("emojistream_streams", "Open streams, by pool",
+                                    labels=["pool"])
+        for pool, n in s.pools().items():
+            streams.add_metric([pool], n)
+        yield streams
+        counters = s.counters()
+        for name, text, key in _COUNTERS:
+            yield CounterMetricFamily(f"emojistream_{name}", text, value=counters.get(key, 0))
+        refused = CounterMetricFamily("emojistream_connections_refused",
+                                      "TCP connections closed at once, by why",
+                                      labels=["reason"])
+        for reason, key in _REFUSED:
+            refused.add_metric([reason], counters.get(key, 0))
+        yield refused
+        yield GaugeMetricFamily("emojistream_redis_subscribed",
+                                "1 while subscribed to Redis, else 0",
+                                value=1 if s.redis_subscribed() else 0)
+        yield GaugeMetricFamily("emojistream_score_tick_lag_seconds",
+                                "How late the last score tick ran", value=s.tick_lag())
+        delays = HistogramMetricFamily(
+            "emojistream_delivery_delay_seconds",
+            "Detail updates: from the Redis read that brought one to its write to clients",
+            buckets=s.delays.cumulative(), sum_value=s.delays.sum)
+        yield delays
+        journal = s.replay
+        if journal is not None:
+            yield CounterMetricFamily("emojistream_replay_hits",
+                                      "Resumes filled from the replay buffers",
+                                      value=journal.hits)
+            misses = CounterMetricFamily("emojistream_replay_misses",
+                                         "Resumes that could not be filled, by why",
+                                         labels=["reason"])
+            for reason, n in journal.misses.items():
+                misses.add_metric([reason], n)
+            yield misses
+            yield GaugeMetricFamily("emojistream_replay_buffer_bytes",
+                                    "Memory the replay buffers hold (estimated)",
+                                    value=journal.size)
+            yield GaugeMetricFamily("emojistream_replay_buffer_events",
+                                    "Events the replay buffers hold", value=journal.events)
+
+
+class Metrics:
+    """This daemon's registry: its own figures and the process's."""
+
+    def __init__(self, sources: MetricSources) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_DaemonCollector(sources))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+
+    def exposition(self) -> bytes:
+        """The text exposition format, as C{/metrics} serves it."""
+        return generate_latest(self.registry)

@@ -1,0 +1,263 @@
+"""Resumable streams (C{--event-ids}): event IDs, and the replay buffers behind
+C{Last-Event-ID}.
+
+An ID is C{<epoch>-<sequence>}: the epoch is random per process, so an ID from
+another process (another node, a restart) is known as foreign; the sequence counts
+every event of the process, so IDs of all namespaces are ordered together. Each
+namespace keeps its recent events (at most C{max_events}, none older than
+C{max_age}), and all of them together at most about C{max_bytes}: the largest
+buffers give up their oldest events first, so a busy /raw does not push a quiet
+detail stream's history out. A buffer remembers the newest sequence it gave up,
+which is how a resume knows that it cannot be filled.
+
+/eps keeps the counts of its summaries instead of their bytes: a resuming /eps client
+gets one catch-up summary with every hit it missed, per ID.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+import secrets
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from emojistream.hub import lineage
+from emojistream.sse import encode_event
+from emojistream.summarizer import summary_frame
+
+#: What an event costs in a buffer besides its bytes (the entry tuple, the deque slot).
+ENTRY_OVERHEAD = 120
+#: A summary is kept as a dict of counts: roughly this many times its frame's bytes.
+SUMMARY_FACTOR = 8
+#: Namespaces with a buffer at most; past it the oldest buffer is forgotten.
+MAX_NAMESPACES = 20_000
+#: The namespace of score summaries.
+SUMMARY_NAMESPACE = "/eps"
+
+_ID = re.compile(r"([0-9a-f]{8})-([0-9]{1,18})")
+
+#: Why a resume cannot be filled, as the gap event and header say it.
+EXPIRED = "expired"  # events after the ID were given up (too old, too many, too big)
+FOREIGN = "foreign"  # the ID is another process's (another node, an earlier run)
+INVALID = "invalid"  # not an ID this daemon writes
+
+
+class _Buffer:
+    """One namespace's recent events, oldest first: (sequence, time, item, size)."""
+
+    __slots__ = ("entries", "lost", "size")
+
+    def __init__(self) -> None:
+        self.entries: deque[tuple[int, float, Any, int]] = deque()
+        self.size = 0
+        #: The newest sequence given up from this buffer (0: none).
+        self.lost = 0
+
+
+@dataclass
+class Resume:
+    """What a reconnecting client is sent before its live events."""
+
+    #: Encoded SSE messages to send first (the missed events, or one gap event).
+    frames: list[bytes] = field(default_factory=list)
+    #: Why the gap could not be filled (L{EXPIRED}, L{FOREIGN}, L{INVALID}), or None.
+    gap: str | None = None
+
+
+class Journal:
+    """Gives every event its ID and keeps what a reconnecting client may have missed.
+
+    @param clock: stamps events, for the age bound.
+    @param epoch: eight hex digits; random unless a test fixes it.
+    """
+
+    def __init__(self, clock: IReactorTime, *, max_events: int = 10_000,
+                 max_age: float = 300.0, max_bytes: int = 32 << 20,
+                 epoch: str | None = None) -> None:
+        self._clock = clock
+        self._max_events = max_events
+        self._max_age = max_age
+        self._max_bytes = max_bytes
+        self.epoch = epoch if epoch is not None else secrets.token_hex(4)
+        self._id_prefix = b"id:" + self.epoch.encode("ascii") + b"-"
+        self._sequence = 0
+        self._buffers: dict[str, _Buffer] = {}
+        # Namespaces that are ancestors of a buffered one (/details): a resume there
+        # merges its descendants' buffers.
+        self._ancestors: set[str] = set()
+        # The newest sequence given up along with a whole forgotten buffer.
+        self._floor = 0
+        #: Bytes (estimated) the buffers hold now.
+        self.size = 0
+        #: Resumes that were filled (perhaps with nothing), and those that were not.
+        self.hits = 0
+        self.misses: dict[str, int] = {EXPIRED: 0, FOREIGN: 0, INVALID: 0}
+
+    @property
+    def events(self) -> int:
+        """Events (and summaries) the buffers hold now."""
+        return sum(len(b.entries) for b in self._buffers.values())
+
+    def _id_line(self, sequence: int) -> bytes:
+        return self._id_prefix + b"%d\n" % sequence
+
+    def event_id(self, sequence: int | None = None) -> str:
+        """The ID of event C{sequence} (default: the newest so far)."""
+        return f"{self.epoch}-{self._sequence if sequence is None else sequence}"
+
+    # -- recording ------------------------------------------------------------
+
+    def event(self, namespace: str, data: bytes, event: bytes | None = None) -> bytes:
+        """The next event of C{namespace}, encoded with its ID and kept for replay."""
+        self._sequence = sequence = self._sequence + 1
+        frame = self._id_line(sequence) + encode_event(data, event)
+        self._keep(namespace, sequence, frame, len(frame) + ENTRY_OVERHEAD)
+        return frame
+
+    def summary(self, counts: dict[str, int]) -> bytes:
+        """The next score summary, encoded with its ID; its counts are kept for replay."""
+        self._sequence = sequence = self._sequence + 1
+        frame = summary_frame(counts, self._id_line(sequence))
+        self._keep(SUMMARY_NAMESPACE, sequence, counts,
+                   len(frame) * SUMMARY_FACTOR + ENTRY_OVERHEAD)
+        return frame
+
+    def _keep(self, namespace: str, sequence: int, item: Any, size: int) -> None:
+        buffer = self._buffers.get(namespace)
+        if buffer is None:
+            buffer = self._new_buffer(namespace)
+        now = self._clock.seconds()
+        entries = buffer.entries
+        entries.append((sequence, now, item, size))
+        buffer.size += size
+        self.size += size
+        if len(entries) > self._max_events or entries[0][1] < now - self._max_age:
+            self._expire(buffer, now)
+        if self.size > self._max_bytes:
+            self._shrink()
+
+    def _new_buffer(self, namespace: str) -> _Buffer:
+        if len(self._buffers) >= MAX_NAMESPACES:
+            oldest = next(iter(self._buffers))
+            gone = self._buffers.pop(oldest)
+            self.size -= gone.size
+            newest = gone.entries[-1][0] if gone.entries else 0
+            self._floor = max(self._floor, gone.lost, newest)
+        buffer = self._buffers[namespace] = _Buffer()
+        self._ancestors.update(lineage(namespace)[1:])
+        return buffer
+
+    def _give_up(self, buffer: _Buffer) -> None:
+        sequence, _, _, size = buffer.entries.popleft()
+        buffer.lost = sequence
+        buffer.size -= size
+        self.size -= size
+
+    def _expire(self, buffer: _Buffer, now: float) -> None:
+        """Give up what is over the count or the age bound."""
+        entries, oldest = buffer.entries, now - self._max_age
+        while entries and (len(entries) > self._max_events or entries[0][1] < oldest):
+            self._give_up(buffer)
+
+    def _shrink(self) -> None:
+        """Over the memory bound: the largest buffers give up their oldest events,
+        down to nine tenths of the bound (so that this runs now and then, not per event)."""
+        target = self._max_bytes * 9 // 10
+        by_size = sorted(self._buffers.values(), key=lambda b: b.size, reverse=True)
+        for i, buffer in enumerate(by_size):
+            # Trim this one down to the next one's size, or as far as the target needs.
+            next_size = by_size[i + 1].size if i + 1 < len(by_size) else 0
+            while buffer.entries and self.size > target and buffer.size > next_size:
+                self._give_up(buffer)
+            if self.size <= target:
+                return
+        # Several buffers of equal size: trim them in turn.
+        for buffer in by_size:
+            while buffer.entries and self.size > target:
+                self._give_up(buffer)
+
+    # -- resuming ---------------------------------------------------------------
+
+    def resume(self, namespace: str, last_event_id: str, max_bytes: int) -> Resume:
+        """What a client of C{namespace} that last saw C{last_event_id} missed: the
+        events after it, in order (at most C{max_bytes} of them, else a gap).
+
+        /eps gets one summary of all the hits it missed instead of the summaries.
+        """
+        sequence, gap = self._parse(last_event_id)
+        buffers: list[_Buffer] = []
+        if gap is None:
+            buffers = self._buffers_of(namespace)
+            now = self._clock.seconds()
+            for buffer in buffers:
+                self._expire(buffer, now)
+            if sequence < self._floor or any(sequence < b.lost for b in buffers):
+                gap = EXPIRED
+        if gap is not None:
+            return self._gap(gap)
+        missed = list(_after(buffers, sequence))
+        if namespace == SUMMARY_NAMESPACE:
+            frames = self._catch_up(missed)
+        else:
+            frames = [frame for _, _, frame, _ in missed]
+        if sum(len(f) for f in frames) > max_bytes:
+            return self._gap(EXPIRED)
+        self.hits += 1
+        return Resume(frames)
+
+    def _parse(self, last_event_id: str) -> tuple[int, str | None]:
+        match = _ID.fullmatch(last_event_id.strip())
+        if match is None:
+            return 0, INVALID
+        if match.group(1) != self.epoch:
+            return 0, FOREIGN
+        sequence = int(match.group(2))
+        if sequence > self._sequence:
+            return 0, INVALID
+        return sequence, None
+
+    def _buffers_of(self, namespace: str) -> list[_Buffer]:
+        """The buffers a client of C{namespace} hears: its own and its descendants'."""
+        if namespace not in self._ancestors:
+            buffer = self._buffers.get(namespace)
+            return [] if buffer is None else [buffer]
+        prefix = namespace + "/"
+        return [b for ns, b in self._buffers.items() if ns == namespace or ns.startswith(prefix)]
+
+    def _catch_up(self, missed: list[tuple[int, float, Any, int]]) -> list[bytes]:
+        if not missed:
+            return []
+        total: dict[str, int] = {}
+        for _, _, counts, _ in missed:
+            for emoji_id, n in counts.items():
+                total[emoji_id] = total.get(emoji_id, 0) + n
+        return [summary_frame(total, self._id_line(missed[-1][0]))]
+
+    def _gap(self, reason: str) -> Resume:
+        """The gap event: why, and an ID from which a later resume can go on."""
+        self.misses[reason] += 1
+        frame = self._id_line(self._sequence) + encode_event(
+            b'{"reason":"%s"}' % reason.encode("ascii"), b"gap")
+        return Resume([frame], reason)
+
+
+def _after(buffers: Iterable[_Buffer], sequence: int) -> Iterator[tuple[int, float, Any, int]]:
+    """The entries of C{buffers} newer than C{sequence}, merged in sequence order."""
+    tails = []
+    for buffer in buffers:
+        tail: list[tuple[int, float, Any, int]] = []
+        for entry in reversed(buffer.entries):
+            if entry[0] <= sequence:
+                break
+            tail.append(entry)
+        if tail:
+            tail.reverse()
+            tails.append(tail)
+    if len(tails) == 1:
+        return iter(tails[0])
+    return heapq.merge(*tails, key=lambda entry: entry[0])

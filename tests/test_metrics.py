@@ -1,0 +1,94 @@
+"""/metrics: Prometheus text that the prometheus-client parser reads, whose counters
+move with traffic; behind the admin token when one is set."""
+
+from __future__ import annotations
+
+import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import running
+from emojistream.metrics import Delays
+from memory import MemoryDaemon
+from redisproc import RedisProcess
+from sseclient import dechunk, split_response, within
+
+
+def samples(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition, by name and labels."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode("utf-8"))
+            for s in family.samples}
+
+
+def body_of(raw: bytearray) -> bytes:
+    _, headers, body = split_response(bytes(raw))
+    chunked = ("Transfer-Encoding", "chunked") in headers
+    return dechunk(body) if chunked else body
+
+
+def test_metrics_parse_and_move_with_traffic_in_memory():
+    d = MemoryDaemon({"SSE_EVENT_IDS": "1"})
+    d.connect().get("/subscribe/details/2665")
+    d.connect().get("/subscribe/details/2665")
+    d.connect().get("/subscribe/raw", headers="Last-Event-ID: 00000000-1\r\n")
+    before = d.connect()
+    before.get("/metrics")
+    assert before.head[1]["content-type"].startswith("text/plain; version=")
+    first = samples(body_of(before.received))
+    d.publish(b"stream.tweet_updates.2665", b"{}")
+    d.publish(b"stream.tweet_updates.nope!", b"{}")
+    after = d.connect()
+    after.get("/metrics")
+    second = samples(body_of(after.received))
+    assert second[("emojistream_streams", (("pool", "detail"),))] == 2
+    assert second[("emojistream_messages_received_total", ())] - \
+        first[("emojistream_messages_received_total", ())] == 2
+    assert second[("emojistream_messages_unusable_total", ())] == 1
+    assert second[("emojistream_messages_delivered_total", ())] - \
+        first[("emojistream_messages_delivered_total", ())] == 2
+    assert second[("emojistream_delivery_delay_seconds_count", ())] == 1
+    assert second[("emojistream_replay_misses_total", (("reason", "foreign"),))] == 1
+    assert second[("emojistream_replay_buffer_events", ())] == 1
+    assert second[("emojistream_redis_subscribed", ())] == 0
+    assert ("process_resident_memory_bytes", ()) in second
+
+
+def test_metrics_want_the_admin_token_when_one_is_set():
+    d = MemoryDaemon({"ADMIN_TOKEN": "s3cret-token-0123456789"})
+    anonymous, wrong, right = d.connect(), d.connect(), d.connect()
+    anonymous.get("/metrics")
+    wrong.get("/metrics", headers="Authorization: Bearer nope\r\n")
+    right.get("/metrics", headers="Authorization: Bearer s3cret-token-0123456789\r\n")
+    assert anonymous.head[0] == wrong.head[0] == "HTTP/1.1 401 Unauthorized"
+    assert right.head[0] == "HTTP/1.1 200 OK"
+    assert ("emojistream_messages_received_total", ()) in samples(body_of(right.received))
+
+
+def test_the_delay_histogram_buckets_weighted_observations():
+    delays = Delays((0.001, 0.01))
+    delays.observe(0.0005, 3)
+    delays.observe(0.005)
+    delays.observe(2.0)
+    assert delays.cumulative() == [("0.001", 3), ("0.01", 4), ("+Inf", 5)]
+    assert abs(delays.sum - 2.0065) < 1e-9
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_over_http_count_what_redis_published(redis_server: RedisProcess,
+                                                            publisher: object) -> None:
+    env = {"REDIS_URL": redis_server.url, "NODE_NAME": "m"}
+    async with running(env) as (_daemon, client):
+        _, reader = await client.stream("/subscribe/details/2665")
+        _, before = await client.text("GET", "/metrics")
+        for n in range(5):
+            await within(publisher.publish("stream.tweet_updates.2665",  # type: ignore[attr-defined]
+                                           b'{"n":%d}' % n))
+        await reader.wait_events(5)
+        _, after = await client.text("GET", "/metrics")
+        first, second = samples(before), samples(after)
+        received = ("emojistream_messages_received_total", ())
+        delivered = ("emojistream_messages_delivered_total", ())
+        assert second[received] - first[received] == 5
+        assert second[delivered] - first[delivered] == 5
+        assert second[("emojistream_redis_subscribed", ())] == 1
+        assert second[("emojistream_delivery_delay_seconds_count", ())] >= 1

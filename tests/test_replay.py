@@ -1,0 +1,170 @@
+"""Resumable streams (--event-ids): the journal's IDs and bounds, and resuming routes,
+driven in memory (fast tier). The real-socket, real-Redis resume is in test_resume.py."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.task import Clock
+
+from emojistream.replay import EXPIRED, FOREIGN, INVALID, Journal
+from memory import MemoryDaemon
+
+EPOCH = "0badcafe"
+
+
+def journal(clock: Clock | None = None, **bounds: float) -> Journal:
+    return Journal(clock or Clock(), epoch=EPOCH, **bounds)  # type: ignore[arg-type]
+
+
+def sequences(frames: list[bytes]) -> list[int]:
+    return [int(f.split(b"\n", 1)[0].rsplit(b"-", 1)[1]) for f in frames]
+
+
+def test_every_event_gets_the_next_id_of_this_process():
+    j = journal()
+    assert j.event("/raw", b"2665") == b"id:0badcafe-1\ndata:2665\n\n"
+    assert j.event("/details/2665", b"{}", b"stream.tweet_updates.2665") == (
+        b"id:0badcafe-2\nevent:stream.tweet_updates.2665\ndata:{}\n\n")
+    assert j.summary({"2665": 2}) == b'id:0badcafe-3\ndata:{"2665":2}\n\n'
+    assert Journal(Clock()).epoch != Journal(Clock()).epoch  # random per process
+
+
+def test_a_resume_gets_the_events_after_its_id_of_its_namespace_and_descendants():
+    j = journal()
+    frames = [j.event(f"/details/{n % 3}", b"%d" % n, b"e") for n in range(1, 10)]
+    got = j.resume("/details/1", "0badcafe-1", 1 << 20)
+    assert got.gap is None and got.frames == [frames[3], frames[6]]
+    everything = j.resume("/details", "0badcafe-4", 1 << 20)
+    assert everything.frames == frames[4:]
+    assert j.resume("/details/1", f"0badcafe-{9}", 1 << 20).frames == []
+    assert j.hits == 3
+
+
+def test_eps_gets_one_catch_up_summary_of_exactly_the_hits_it_missed():
+    j = journal()
+    j.summary({"2665": 1})
+    j.summary({"2665": 2, "1F602": 1})
+    j.event("/raw", b"1F602")
+    j.summary({"1F602": 4})
+    got = j.resume("/eps", "0badcafe-1", 1 << 20)
+    assert len(got.frames) == 1
+    assert got.frames[0].startswith(b"id:0badcafe-4\n")
+    assert json.loads(got.frames[0].split(b"data:", 1)[1]) == {"2665": 2, "1F602": 5}
+    assert j.resume("/eps", "0badcafe-4", 1 << 20).frames == []  # never {}
+
+
+def test_a_gap_that_cannot_be_filled_is_said_with_an_id_to_go_on_from():
+    clock = Clock()
+    j = journal(clock, max_events=3, max_age=60)
+    for n in range(5):
+        j.event("/raw", b"%d" % n)
+    too_old = j.resume("/raw", "0badcafe-1", 1 << 20)  # 2 was given up
+    assert too_old.gap == EXPIRED
+    assert too_old.frames == [b'id:0badcafe-5\nevent:gap\ndata:{"reason":"expired"}\n\n']
+    assert j.resume("/raw", "0badcafe-2", 1 << 20).frames == sequences_frames(j, 3, 5)
+    assert j.resume("/raw", "deadbeef-3", 1 << 20).gap == FOREIGN
+    for nonsense in ("0badcafe-99", "", "x-1", "0badcafe-1\nevent:x"):
+        assert j.resume("/raw", nonsense, 1 << 20).gap == INVALID
+    clock.advance(61)  # the age bound, without new events
+    assert j.resume("/raw", "0badcafe-4", 1 << 20).gap == EXPIRED
+    assert j.misses == {EXPIRED: 2, FOREIGN: 1, INVALID: 4}
+    # More than the client may be sent at once is a gap too.
+    assert j.resume("/raw", "0badcafe-5", 0).gap is None
+    j.event("/raw", b"x")
+    assert j.resume("/raw", "0badcafe-5", 5).gap == EXPIRED
+
+
+def sequences_frames(j: Journal, first: int, last: int) -> list[bytes]:
+    got = j.resume("/raw", f"0badcafe-{first - 1}", 1 << 20).frames
+    assert sequences(got) == list(range(first, last + 1))
+    return got
+
+
+def test_memory_is_bounded_and_the_largest_buffer_gives_way_first():
+    j = journal(max_bytes=50_000)
+    j.event("/details/quiet", b"q" * 100, b"e")
+    for _ in range(5000):
+        j.event("/raw", b"2665")
+    assert j.size <= 50_000
+    # The quiet namespace kept its event; the busy one gave up its oldest.
+    assert j.resume("/details/quiet", "0badcafe-0", 1 << 20).frames[0].endswith(
+        b"q" * 100 + b"\n\n")
+    assert j.resume("/raw", "0badcafe-2", 1 << 20).gap == EXPIRED
+
+
+def test_without_event_ids_the_bytes_are_unchanged():
+    d = MemoryDaemon()
+    raw = d.connect()
+    raw.get("/subscribe/raw", headers="Last-Event-ID: 0badcafe-1\r\n")
+    d.publish(b"stream.score_updates", b"2665")
+    assert raw.received.endswith(b"b\r\ndata:2665\n\n\r\n")
+    assert "x-sse-gap" not in raw.head[1]
+
+
+def test_a_client_resumes_by_header_or_query_with_no_gap_and_no_duplicate():
+    d = MemoryDaemon({"SSE_EVENT_IDS": "1"})
+    first = d.connect()
+    first.get("/subscribe/details/2665")
+    d.publish(b"stream.tweet_updates.2665", b'{"n":1}')
+    [seen] = first.events()
+    assert seen.last_event_id.endswith("-1")
+    first.close()
+    for n in (2, 3):
+        d.publish(b"stream.tweet_updates.2665", b'{"n":%d}' % n)
+    by_header, by_query = d.connect(), d.connect()
+    by_header.get("/subscribe/details/2665",
+                  headers=f"Last-Event-ID: {seen.last_event_id}\r\n")
+    by_query.get(f"/subscribe/details/2665?last_event_id={seen.last_event_id}")
+    d.publish(b"stream.tweet_updates.2665", b'{"n":4}')
+    for client in (by_header, by_query):
+        assert [json.loads(e.data)["n"] for e in client.events()] == [2, 3, 4]
+        assert "x-sse-gap" not in client.head[1]
+
+
+def test_a_foreign_id_gets_the_gap_event_and_header_then_live_events():
+    d = MemoryDaemon({"SSE_EVENT_IDS": "1"})
+    client = d.connect()
+    client.get("/subscribe/raw", headers="Last-Event-ID: 12345678-40\r\n")
+    d.publish(b"stream.score_updates", b"2665")
+    assert client.head[1]["x-sse-gap"] == "foreign"
+    gap, live = client.events()
+    assert (gap.type, json.loads(gap.data)) == ("gap", {"reason": "foreign"})
+    assert live.data == "2665" and live.last_event_id > gap.last_event_id
+
+
+def test_eps_resumes_with_one_catch_up_summary():
+    d = MemoryDaemon({"SSE_EVENT_IDS": "1"})
+    eps = d.connect()
+    eps.get("/subscribe/eps")
+    d.publish(b"stream.score_updates", b"2665")
+    d.app.summarizer.tick()
+    d.flush()
+    [first] = eps.events()
+    eps.close()
+    for emoji_id in (b"2665", b"1F602", b"1F602"):
+        d.publish(b"stream.score_updates", emoji_id)
+        d.app.summarizer.tick()
+    again = d.connect()
+    again.get("/subscribe/eps", headers=f"Last-Event-ID: {first.last_event_id}\r\n")
+    d.publish(b"stream.score_updates", b"2665")
+    d.app.summarizer.tick()
+    d.flush()
+    assert [json.loads(e.data) for e in again.events()] == [{"2665": 1, "1F602": 2},
+                                                            {"2665": 1}]
+
+
+def test_a_backed_up_eps_client_gets_the_merged_summary_with_the_newest_id():
+    d = MemoryDaemon({"SSE_EVENT_IDS": "1"})
+    eps = d.connect()
+    eps.get("/subscribe/eps")
+    [stream] = d.app.hub.streams()
+    stream.writer.pauseProducing()
+    for emoji_id in (b"2665", b"1F602"):
+        d.publish(b"stream.score_updates", emoji_id)
+        d.app.summarizer.tick()
+    stream.writer.resumeProducing()
+    d.flush()
+    [merged] = eps.events()
+    assert json.loads(merged.data) == {"2665": 1, "1F602": 1}
+    assert merged.last_event_id == d.app.journal.event_id()  # type: ignore[union-attr]
