@@ -30,8 +30,10 @@ from emojistream.hub import lineage
 from emojistream.sse import encode_event
 from emojistream.summarizer import summary_frame
 
-#: What an event costs in a buffer besides its bytes (the entry tuple, the deque slot).
-ENTRY_OVERHEAD = 120
+#: What an event costs in a buffer besides its frame's bytes (the bytes object, the
+#: entry tuple, its time and sequence objects, the deque slot), as tracemalloc
+#: measures it (tests/test_replay.py checks that the estimate is not short).
+ENTRY_OVERHEAD = 190
 #: A summary is kept as a dict of counts: roughly this many times its frame's bytes.
 SUMMARY_FACTOR = 8
 #: Namespaces with a buffer at most; past it the oldest buffer is forgotten.

@@ -4,6 +4,7 @@ driven in memory (fast tier). The real-socket, real-Redis resume is in test_resu
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from twisted.internet.task import Clock
 
@@ -168,3 +169,37 @@ def test_a_backed_up_eps_client_gets_the_merged_summary_with_the_newest_id():
     [merged] = eps.events()
     assert json.loads(merged.data) == {"2665": 1, "1F602": 1}
     assert merged.last_event_id == d.app.journal.event_id()  # type: ignore[union-attr]
+
+
+def test_the_memory_bound_counts_what_the_buffers_really_hold():
+    import random
+    import tracemalloc
+
+    def measured(fill: Any) -> tuple[int, int]:
+        tracemalloc.start()
+        try:
+            j = journal(max_events=10**9, max_bytes=10**12)
+            before = tracemalloc.get_traced_memory()[0]
+            fill(j)
+            return tracemalloc.get_traced_memory()[0] - before, j.size
+        finally:
+            tracemalloc.stop()
+
+    rng = random.Random(7)
+
+    def details(j: Journal) -> None:
+        for i in range(3000):
+            j.event(f"/details/{i % 50}", b"x" * 1000, b"e")
+
+    def raw(j: Journal) -> None:
+        for _ in range(20000):
+            j.event("/raw", b"2665")
+
+    def summaries(j: Journal) -> None:
+        for _ in range(5000):
+            j.summary({str(rng.randint(1000, 9999)): 1 for _ in range(6)})
+
+    for fill in (details, raw, summaries):
+        actual, estimated = measured(fill)
+        # Per event the estimate is not short; 64 KiB for what is allocated once.
+        assert actual <= estimated + 65536, (fill.__name__, actual, estimated)
