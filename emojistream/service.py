@@ -17,6 +17,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 
+from emojistream.cluster import ClusterView
 from emojistream.config import RedisAddress, Settings
 from emojistream.demo import EmbeddedRedis, Feeder, find_redis_server, free_port
 from emojistream.http import ConnectionGate, PerAddressRate, QuietSite
@@ -211,13 +212,16 @@ class Emojistream:
 
     def _admin_report(self, reactor: Any, clock: Any, redis_address: RedisAddress,
                       redis_parent: MultiService) -> AdminReporter | None:
-        """With --admin-report: this node's status into Redis every 5 s."""
+        """The admin cluster: its view (every node's report) and, with
+        --admin-report, this node's status into Redis every 5 s."""
         settings = self.settings
+        connection = RedisConnection(
+            settings.admin_redis or redis_address, reactor=reactor,
+            purpose="admin report" if settings.admin_report else "admin cluster view")
+        connection.setServiceParent(redis_parent)
+        self.cluster = ClusterView(connection, clock=clock)
         if not settings.admin_report:
             return None
-        connection = RedisConnection(settings.admin_redis or redis_address, reactor=reactor,
-                                     purpose="admin report")
-        connection.setServiceParent(redis_parent)
         reporter = AdminReporter(connection, self.status.encoded, settings.node_name)
         self._timer(ADMIN_INTERVAL, reporter.report, clock, "Admin report")
         return reporter
@@ -247,7 +251,8 @@ class Emojistream:
         admin = AdminRoutes(
             self.status, settings.admin_token,
             whole_rate=PerAddressRate(AdminRoutes.WHOLE_PER_SECOND, 1.0, clock),
-            client_ip=client_ip_of(settings), metrics=self.metrics.exposition).app.resource()
+            client_ip=client_ip_of(settings), metrics=self.metrics.exposition,
+            cluster=self.cluster).app.resource()
         health = Health(lambda: self.feed.state == "up")
         self.endpoint = self._listen(
             reactor, settings.listen,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -26,6 +26,17 @@ CACHE_SECONDS = 1.0
 SLICE = 1000
 
 
+class _Built(NamedTuple):
+    """One status document as built: when, its head, each connection encoded, the
+    whole, and each connection's (request path, client IP) for filtering pages."""
+
+    at: float
+    head: bytes
+    connections: list[bytes]
+    whole: bytes
+    keys: list[tuple[str, str]]
+
+
 class StatusReport:
     """Builds this node's status: identity, health, and every open connection.
 
@@ -45,7 +56,7 @@ class StatusReport:
         self._clock = clock
         self._turns = turns
         self._counters = counters
-        self._cached: tuple[float, bytes, list[bytes], bytes] | None = None
+        self._cached: _Built | None = None
         self._waiting: list[Deferred[None]] | None = None
         self._cached_state = ""
         #: Documents built for the web since start (not counting cache hits).
@@ -56,7 +67,7 @@ class StatusReport:
         now = self._clock.seconds()
         cached = self._cached
         # A change of the Redis state shows at once (status is "OK" only while up).
-        if cached is not None and 0 <= now - cached[0] < CACHE_SECONDS \
+        if cached is not None and 0 <= now - cached.at < CACHE_SECONDS \
                 and self._cached_state == self._feed.state:
             return succeed(None)
         d: Deferred[None] = Deferred()
@@ -78,7 +89,9 @@ class StatusReport:
             self._turns.callLater(0, self._build, now, head, streams, done, end)
             return
         self.builds += 1
-        self._cached = (now, head, done, head + b',"connections":[' + b",".join(done) + b"]}")
+        self._cached = _Built(now, head, done,
+                              head + b',"connections":[' + b",".join(done) + b"]}",
+                              [(s.request_path, s.client_ip) for s in streams])
         waiting, self._waiting = self._waiting or [], None
         for d in waiting:
             d.callback(None)
@@ -91,16 +104,24 @@ class StatusReport:
     def encoded(self) -> Deferred[bytes]:
         """The whole document as compact JSON, at most a second old (also what the
         admin report writes to Redis)."""
-        return self._current().addCallback(lambda _: self._fresh()[3])
+        return self._current().addCallback(lambda _: self._fresh().whole)
 
-    def page(self, offset: int, limit: int) -> Deferred[bytes]:
+    def page(self, offset: int, limit: int, path: str = "", client_ip: str = ""
+             ) -> Deferred[bytes]:
         """The document with only connections C{offset} to C{offset + limit} (oldest
-        first), and C{connections_total}: for a page that shows a few at a time."""
+        first) of those whose request path starts with C{path} and whose client is
+        C{client_ip} (when given), and C{connections_total}, how many match: for a page
+        that shows a few at a time."""
 
         def paged(_: object) -> bytes:
-            _now, head, connections, _whole = self._fresh()
+            built = self._fresh()
+            connections = built.connections
+            if path or client_ip:
+                connections = [
+                    c for c, (p, ip) in zip(connections, built.keys, strict=True)
+                    if p.startswith(path) and (not client_ip or ip == client_ip)]
             return b'%s,"connections_total":%d,"offset":%d,"connections":[%s]}' % (
-                head, len(connections), offset,
+                built.head, len(connections), offset,
                 b",".join(connections[offset:offset + limit]))
 
         return self._current().addCallback(paged)
@@ -108,9 +129,9 @@ class StatusReport:
     @property
     def size(self) -> int:
         """Bytes of the whole document as last built (0 before the first)."""
-        return len(self._cached[3]) if self._cached is not None else 0
+        return len(self._cached.whole) if self._cached is not None else 0
 
-    def _fresh(self) -> tuple[float, bytes, list[bytes], bytes]:
+    def _fresh(self) -> _Built:
         assert self._cached is not None
         return self._cached
 

@@ -28,6 +28,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import RequestRedirect
 
+from emojistream.cluster import ClusterUnavailable, ClusterView
 from emojistream.config import Settings
 from emojistream.http import PerAddressRate
 from emojistream.hub import ID_PATTERN, Hub
@@ -194,6 +195,20 @@ class StreamRoutes:
         self._settings = settings
         self._clock = clock
         self._client_ip = client_ip_of(settings)
+        self._demo_page = (files("emojistream") / "data" / "demo.html").read_bytes() \
+            if settings.demo_page else b""
+
+    # -- the demo page ----------------------------------------------------------
+
+    @app.route("/", methods=["GET"])
+    def index(self, request: Request) -> bytes:
+        """The live emoji grid (C{--demo}, or C{--demo-page}): a page that uses the
+        streams as any client would."""
+        if not self._settings.demo_page:
+            return _text(request, 404, "404 Not Found")
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        return self._demo_page
 
     # -- streams -----------------------------------------------------------
 
@@ -350,10 +365,12 @@ class StreamRoutes:
 
 
 class AdminRoutes:
-    """C{/admin/}: the status page and C{status.json}, optionally behind a bearer token.
+    """C{/admin/}: the status page, C{status.json}, C{cluster.json} and C{/metrics},
+    optionally behind a bearer token.
 
     C{status.json} serves the status built at most once a second; C{?limit=N}
-    (with C{&offset=M}) lists only that page of the connections, as the page does.
+    (with C{&offset=M}, and C{&path=} a request path prefix, C{&client_ip=}) lists
+    only that page of the connections, as the page does.
     The whole document, once it is big, goes to one address at most
     L{WHOLE_PER_SECOND} times a second.
     """
@@ -368,9 +385,11 @@ class AdminRoutes:
     def __init__(self, status: StatusReport, token: str = "", *,
                  whole_rate: PerAddressRate | None = None,
                  client_ip: Callable[[Request], str] = peer_ip,
-                 metrics: Callable[[], bytes] | None = None) -> None:
+                 metrics: Callable[[], bytes] | None = None,
+                 cluster: ClusterView | None = None) -> None:
         self._status = status
         self._metrics = metrics
+        self._cluster = cluster
         self._token = token.encode("ascii")
         self._whole_rate = whole_rate
         self._client_ip = client_ip
@@ -408,9 +427,28 @@ class AdminRoutes:
         try:
             limit = _count_arg(args, b"limit", 100)
             offset = _count_arg(args, b"offset", 0)
+            path, client_ip = _text_arg(args, b"path"), _text_arg(args, b"client_ip")
         except ValueError:
-            return _text(request, 400, "400 Bad Request: limit and offset are whole numbers")
-        return self._status.page(offset, min(limit, 10_000))
+            return _text(request, 400, "400 Bad Request: limit and offset are whole numbers, "
+                                       "path and client_ip UTF-8 text")
+        return self._status.page(offset, min(limit, 10_000), path, client_ip)
+
+    @app.route("/admin/cluster.json", methods=["GET"])
+    def cluster_json(self, request: Request) -> bytes | Deferred[bytes]:
+        """Every node reporting into C{admin_stream_status} (L{emojistream.cluster})."""
+        if not self._authorized(request):
+            return self._refuse(request)
+        if self._cluster is None:
+            return _text(request, 404, "404 Not Found")
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-cache")
+
+        def unavailable(failure: Failure) -> bytes:
+            failure.trap(ClusterUnavailable)
+            request.setHeader(b"Retry-After", b"5")
+            return _text(request, 503, f"503 Service Unavailable: {failure.value}")
+
+        return self._cluster.encoded().addErrback(unavailable)
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: Request) -> bytes:
@@ -428,6 +466,12 @@ class AdminRoutes:
         # The page itself holds no data; its script sends the token for status.json.
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         return self._page
+
+
+def _text_arg(args: dict[bytes, list[bytes]], name: bytes) -> str:
+    """A query parameter as text (empty when absent)."""
+    values = args.get(name)
+    return values[0].decode("utf-8") if values else ""
 
 
 def _count_arg(args: dict[bytes, list[bytes]], name: bytes, default: int) -> int:

@@ -13,7 +13,7 @@ from twisted.test import iosim
 
 from emojistream.config import resolve
 from emojistream.service import Emojistream
-from sseclient import response_events, split_response
+from sseclient import dechunk, response_events, split_response
 
 
 class MemoryClient(Protocol):
@@ -51,6 +51,14 @@ class MemoryClient(Protocol):
     def head(self) -> tuple[str, dict[str, str]]:
         status, headers, _ = split_response(bytes(self.received))
         return status, {name.lower(): value for name, value in headers}
+
+    @property
+    def body(self) -> bytes:
+        """The response body received so far, de-chunked if it is chunked."""
+        _, headers, body = split_response(bytes(self.received))
+        chunked = any(n.lower() == "transfer-encoding" and v.lower() == "chunked"
+                      for n, v in headers)
+        return dechunk(body) if chunked else body
 
     def events(self) -> list[Any]:
         return response_events(bytes(self.received)).events

@@ -185,3 +185,29 @@ def test_health_live_always_and_ready_only_when_subscribed():
     post = d.connect()
     post.get("/health/live", method="POST")
     assert post.head[0] == "HTTP/1.1 405 Method Not Allowed"
+
+
+def test_the_demo_page_is_served_at_the_root_only_when_asked_for():
+    plain, demo = MemoryDaemon(), MemoryDaemon({"DEMO_PAGE": "yes"})
+    off, on = plain.connect(), demo.connect()
+    off.get("/")
+    on.get("/")
+    assert off.head[0] == "HTTP/1.1 404 Not Found"
+    assert on.head[0] == "HTTP/1.1 200 OK"
+    assert on.head[1]["content-type"] == "text/html; charset=utf-8"
+    assert b'new EventSource(new URL("subscribe/eps", base))' in on.received
+
+
+def test_status_pages_filter_by_path_prefix_and_client():
+    d = MemoryDaemon()
+    for peer, path in (("10.0.0.1", "/subscribe/eps"), ("10.0.0.2", "/subscribe/details/1"),
+                       ("10.0.0.1", "/subscribe/details/2")):
+        d.connect(peer).get(path)
+    d.advance(0)
+    for query, expected in (("path=/subscribe/details", 2), ("client_ip=10.0.0.1", 2),
+                            ("path=/subscribe/details&client_ip=10.0.0.1", 1), ("", 3)):
+        client = d.connect()
+        client.get(f"/admin/status.json?limit=10&{query}")
+        d.advance(0)
+        body = json.loads(client.body)
+        assert body["connections_total"] == expected == len(body["connections"]), query

@@ -1,0 +1,196 @@
+"""The cluster view: every node's latest report in C{admin_stream_status}, at a glance.
+
+Each node HSETs its status document there every L{ADMIN_INTERVAL} seconds (this one
+too, with C{--admin-report}). The view keeps what an overview needs of each: its
+state, pools and totals, how many connections it holds, its message rates (from its
+two latest reports) and whether it is stale (no report for three intervals: stopped,
+or cut off from Redis). Documents of other implementations lack pools and totals;
+they are listed with what they have.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from emojistream.reporting import ADMIN_INTERVAL, ADMIN_KEY
+
+#: Report intervals without a report after which a node is stale.
+STALE_INTERVALS = 3
+#: Seconds one read of the hash serves every request for.
+CACHE_SECONDS = 1.0
+#: Totals whose per-second rates the view shows: in from Redis, out to clients, drops.
+RATES = {"in": "messages.received", "out": "messages.delivered",
+         "dropped": "connections.dropped"}
+
+
+class ClusterUnavailable(Exception):
+    """Redis cannot be read now; the message says why, in one line."""
+
+
+class ClusterView:
+    """Reads the C{admin_stream_status} hash at most once per L{CACHE_SECONDS}.
+
+    @param connection: a kept Redis connection (its C{protocol} is None while down).
+    """
+
+    log = Logger()
+
+    def __init__(self, connection: Any, *, clock: IReactorTime,
+                 interval: float = ADMIN_INTERVAL) -> None:
+        self._connection = connection
+        self._clock = clock
+        self._interval = interval
+        self._cached: tuple[float, bytes] | None = None
+        self._reading: Deferred[bytes] | None = None
+        self._waiting: list[Deferred[bytes]] = []
+        # Per node: its two latest distinct reports, (reported_at, totals).
+        self._history: dict[str, list[tuple[float, Mapping[str, float]]]] = {}
+
+    def encoded(self) -> Deferred[bytes]:
+        """The cluster document as compact JSON, at most L{CACHE_SECONDS} old; fails
+        with L{ClusterUnavailable} while Redis is down."""
+        now = self._clock.seconds()
+        if self._cached is not None and 0 <= now - self._cached[0] < CACHE_SECONDS:
+            return succeed(self._cached[1])
+        if self._reading is None:
+            protocol = self._connection.protocol
+            if protocol is None:
+                return fail(ClusterUnavailable(
+                    f"Redis is {self._connection.state}: the cluster view is unavailable"))
+            self._reading = protocol.hgetall(ADMIN_KEY)
+            self._reading.addCallbacks(self._read, self._failed)
+        d: Deferred[bytes] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def _read(self, reports: Mapping[bytes, bytes]) -> None:
+        now = self._clock.seconds()
+        encoded = json.dumps(self.document(reports, now), separators=(",", ":")).encode()
+        self._cached = (now, encoded)
+        self._reading = None
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(encoded)
+
+    def _failed(self, reason: Failure) -> None:
+        self._reading = None
+        error = ClusterUnavailable(f"reading {ADMIN_KEY} failed: {reason.getErrorMessage()}")
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(Failure(error))
+
+    def document(self, reports: Mapping[bytes, bytes], now: float) -> dict[str, Any]:
+        """The view of C{reports} (node name -> status JSON) at time C{now}."""
+        nodes = []
+        for name, raw in sorted(reports.items()):
+            node = self._node(name.decode("utf-8", "replace"), raw, now)
+            nodes.append(node)
+        seen = {n["node"] for n in nodes}
+        for gone in set(self._history) - seen:
+            del self._history[gone]
+        fresh = [n for n in nodes if not n["stale"]]
+        pools: dict[str, int] = {}
+        for node in fresh:
+            for pool, n in node["pools"].items():
+                pools[pool] = pools.get(pool, 0) + n
+        return {
+            "reported_at": int(now),
+            "stale_after": STALE_INTERVALS * self._interval,
+            "nodes": nodes,
+            "totals": {
+                "nodes": len(nodes), "stale": len(nodes) - len(fresh), "pools": pools,
+                "connections": sum(n["connections"] for n in fresh),
+                "rates": {key: round(sum(n["rates"].get(key, 0.0) for n in fresh), 1)
+                          for key in RATES},
+            },
+        }
+
+    def _node(self, name: str, raw: bytes, now: float) -> dict[str, Any]:
+        try:
+            report = parse_report(raw)
+        except ValueError:
+            return {"node": name, "status": "UNREADABLE", "stale": True, "reported_at": None,
+                    "age": None, "redis": None, "pools": {}, "connections": 0,
+                    "totals": {}, "rates": {}}
+        reported_at = _number(report.get("reported_at"))
+        totals: dict[str, Any] = _object(report.get("totals"))
+        pools: dict[str, Any] = _object(report.get("pools"))
+        connections = report.get("connections")
+        count = (len(connections) if isinstance(connections, list)
+                 else _number(report.get("connections_total")) or 0)
+        age = None if reported_at is None else max(0.0, now - reported_at)
+        return {
+            "node": str(report.get("node") or name),
+            "status": str(report.get("status", "")),
+            "redis": report.get("redis"),
+            "reported_at": reported_at,
+            "age": None if age is None else round(age, 1),
+            "stale": age is None or age > STALE_INTERVALS * self._interval,
+            "pools": {str(k): int(v) for k, v in pools.items() if _number(v) is not None},
+            "connections": int(count),
+            "totals": {str(k): v for k, v in totals.items() if _number(v) is not None},
+            "rates": self._rates(name, reported_at, totals),
+        }
+
+    def _rates(self, name: str, reported_at: float | None, totals: Mapping[str, Any]
+               ) -> dict[str, float]:
+        """Per second, between this node's two latest distinct reports."""
+        if reported_at is None:
+            return {}
+        history = self._history.setdefault(name, [])
+        if not history or history[-1][0] != reported_at:
+            history.append((reported_at, dict(totals)))
+            del history[:-2]
+        if len(history) < 2:
+            return {}
+        (t0, old), (t1, new) = history
+        if t1 <= t0:
+            return {}
+        return {key: round(max(0.0, (_number(new.get(total)) or 0)
+                               - (_number(old.get(total)) or 0)) / (t1 - t0), 1)
+                for key, total in RATES.items()}
+
+
+#: Where an emojistream status document's connections begin: they come last.
+_CONNECTIONS = b',"connections":['
+
+
+def parse_report(raw: bytes) -> dict[str, Any]:
+    """A node's status document, its connections counted (C{connections_total}) rather
+    than decoded: 20,000 of them are megabytes, and the view needs only how many.
+
+    A document whose connections do not come last (another implementation's) is
+    decoded whole. Raises ValueError if it is not a JSON object.
+    """
+    cut = raw.find(_CONNECTIONS)
+    report: Any = None
+    if cut > 0:
+        try:
+            report = json.loads(raw[:cut] + b"}")
+        except ValueError:
+            report = None
+        if isinstance(report, dict):
+            # Inside a JSON string a quote is escaped, so this counts keys only.
+            report["connections_total"] = raw.count(b'"request_path":', cut)
+            return report
+    report = json.loads(raw)
+    if not isinstance(report, dict):
+        raise ValueError("not a JSON object")
+    return report
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)

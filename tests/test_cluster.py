@@ -1,0 +1,106 @@
+"""The cluster view: /admin/cluster.json from the admin_stream_status hash that every
+node reports into; stale nodes flagged after three report intervals."""
+
+from __future__ import annotations
+
+import json
+from contextlib import AsyncExitStack
+from typing import Any
+
+import pytest_twisted
+from twisted.internet.task import Clock
+
+from conftest import running
+from emojistream.cluster import STALE_INTERVALS, ClusterView, parse_report
+from emojistream.reporting import ADMIN_INTERVAL
+from redisproc import RedisProcess
+from sseclient import within
+
+
+def report(node: str, at: float, received: int, **more: Any) -> bytes:
+    return json.dumps({"node": node, "status": "OK", "reported_at": at, "redis": "up",
+                       "pools": {"eps": 2, "raw": 0, "detail": 1, "kiosk": 0},
+                       "totals": {"messages.received": received,
+                                  "messages.delivered": 3 * received},
+                       **more, "connections": [{"request_path": "/subscribe/eps"}] * 3},
+                      separators=(",", ":")).encode()
+
+
+def test_the_view_lists_nodes_rates_and_stale_ones():
+    view = ClusterView(None, clock=Clock())
+    first = view.document({b"a": report("a", 100, 1000), b"b": report("b", 80, 50)}, 101)
+    assert [n["node"] for n in first["nodes"]] == ["a", "b"]
+    assert [n["stale"] for n in first["nodes"]] == [False, True]  # 21 s > 15 s
+    assert first["nodes"][0]["connections"] == 3
+    assert first["nodes"][0]["rates"] == {}  # one report: no rate yet
+    second = view.document({b"a": report("a", 105, 1500), b"b": report("b", 80, 50)}, 106)
+    a = second["nodes"][0]
+    assert a["rates"] == {"in": 100.0, "out": 300.0, "dropped": 0.0}
+    assert second["totals"] == {"nodes": 2, "stale": 1, "connections": 3,
+                                "pools": {"eps": 2, "raw": 0, "detail": 1, "kiosk": 0},
+                                "rates": {"in": 100.0, "out": 300.0, "dropped": 0.0}}
+    assert second["stale_after"] == STALE_INTERVALS * ADMIN_INTERVAL
+
+
+def test_reports_of_other_implementations_and_garbage_are_listed_too():
+    view = ClusterView(None, clock=Clock())
+    legacy = json.dumps({"node": "go-1", "connections": [{"client_ip": "1.2.3.4",
+                                                          "request_path": "/x"}],
+                         "status": "OK", "reported_at": 100}).encode()
+    document = view.document({b"go-1": legacy, b"junk": b"[1,2"}, 101)
+    go, junk = document["nodes"]
+    assert (go["connections"], go["pools"], go["stale"]) == (1, {}, False)
+    assert (junk["status"], junk["stale"]) == ("UNREADABLE", True)
+
+
+def test_connections_are_counted_not_decoded():
+    raw = report("a", 1, 1, user_agent='say "request_path":')
+    parsed = parse_report(raw)
+    assert parsed["connections_total"] == 3 and "connections" not in parsed
+    assert parsed["node"] == "a"
+
+
+@pytest_twisted.ensureDeferred
+async def test_three_daemons_are_listed_and_a_stopped_one_turns_stale(
+        redis_server: RedisProcess) -> None:
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    async with AsyncExitStack() as stack:
+        daemons = []
+        for n in range(3):
+            env = {"REDIS_URL": redis_server.url, "ADMIN_REPORT": "true",
+                   "NODE_NAME": f"web.{n}"}
+            daemons.append(await stack.enter_async_context(running(env, clock=clock)))
+
+        async def reports() -> None:
+            clock.advance(ADMIN_INTERVAL)
+            for d, _ in daemons:
+                reporter = d.app.admin_reporter
+                if d.app.service.running and reporter is not None:
+                    await within(reporter._connection.when_up())
+                    if reporter.last_report is None or reporter.last_report.called:
+                        reporter.report()
+                    await within(reporter.last_report)
+
+        await reports()
+        _, client = daemons[0]
+        response, body = await client.text("GET", "/admin/cluster.json")
+        assert response.code == 200
+        cluster = json.loads(body)
+        names = [n["node"] for n in cluster["nodes"]]
+        assert names == [f"twisted-development-web.{n}" for n in range(3)]
+        assert not any(n["stale"] for n in cluster["nodes"])
+        assert cluster["totals"]["stale"] == 0
+
+        stopped, _ = daemons.pop()
+        await stopped.stop()
+        for _ in range(STALE_INTERVALS):
+            await reports()
+        clock.advance(1)  # past three intervals since its last report
+        _, body = await client.text("GET", "/admin/cluster.json")
+        cluster = json.loads(body)
+        stale = {n["node"]: n["stale"] for n in cluster["nodes"]}
+        assert stale == {"twisted-development-web.0": False,
+                         "twisted-development-web.1": False,
+                         "twisted-development-web.2": True}
+        assert cluster["totals"]["nodes"] == 3 and cluster["totals"]["stale"] == 1
