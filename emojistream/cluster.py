@@ -2,10 +2,10 @@
 
 Each node HSETs its status document there every L{ADMIN_INTERVAL} seconds (this one
 too, with C{--admin-report}). The view keeps what an overview needs of each: its
-state, pools and totals, how many connections it holds, its message rates (from its
-two latest reports) and whether it is stale (no report for three intervals: stopped,
-or cut off from Redis). Documents of other implementations lack pools and totals;
-they are listed with what they have.
+state, pools and totals, how many connections it holds, its message rates (as it
+reported them, or from its two latest reports) and whether it is stale (no report
+for three intervals: stopped, or cut off from Redis). Documents of other
+implementations lack pools and totals; they are listed with what they have.
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from emojistream.reporting import ADMIN_INTERVAL, ADMIN_KEY
+from emojistream.status import RATES
 
 #: Report intervals without a report after which a node is stale.
 STALE_INTERVALS = 3
 #: Seconds one read of the hash serves every request for.
 CACHE_SECONDS = 1.0
-#: Totals whose per-second rates the view shows: in from Redis, out to clients, drops.
-RATES = {"in": "messages.received", "out": "messages.delivered",
-         "dropped": "connections.dropped"}
 
 
 class ClusterUnavailable(Exception):
@@ -136,18 +134,21 @@ class ClusterView:
             "pools": {str(k): int(v) for k, v in pools.items() if _number(v) is not None},
             "connections": int(count),
             "totals": {str(k): v for k, v in totals.items() if _number(v) is not None},
-            "rates": self._rates(name, reported_at, totals),
+            "rates": self._rates(name, reported_at, totals, _object(report.get("rates"))),
         }
 
-    def _rates(self, name: str, reported_at: float | None, totals: Mapping[str, Any]
-               ) -> dict[str, float]:
-        """Per second, between this node's two latest distinct reports."""
+    def _rates(self, name: str, reported_at: float | None, totals: Mapping[str, Any],
+               reported: Mapping[str, Any]) -> dict[str, float]:
+        """Per second: as the node reported them (emojistream measures its own), else
+        between the node's two latest distinct reports that this view has read."""
         if reported_at is None:
             return {}
         history = self._history.setdefault(name, [])
         if not history or history[-1][0] != reported_at:
             history.append((reported_at, dict(totals)))
             del history[:-2]
+        if all(_number(reported.get(key)) is not None for key in RATES):
+            return {key: float(reported[key]) for key in RATES}
         if len(history) < 2:
             return {}
         (t0, old), (t1, new) = history

@@ -44,7 +44,7 @@ from emojistream.reporting import (
 )
 from emojistream.router import DETAIL_PATTERN, KIOSK_PATTERN, SCORE_CHANNEL, Router
 from emojistream.sse import KEEPALIVE
-from emojistream.status import StatusReport
+from emojistream.status import RateMeter, StatusReport
 from emojistream.stream import Batcher
 from emojistream.summarizer import RATE, ScoreSummarizer, Ticker
 from emojistream.web import AdminRoutes, Health, Root, StreamRoutes, client_ip_of
@@ -179,8 +179,11 @@ class Emojistream:
                                    else soft_limit, clock=clock)
 
         # What the daemon says of itself: status, the admin cluster's hash, graphite.
+        self.rates = RateMeter(self._counters, clock)
+        self._timer(1.0, self.rates.sample, clock, "Rate sample")
         self.status = StatusReport(self.hub, self.feed, node=settings.node_name, clock=clock,
-                                   counters=self._counters, turns=reactor)
+                                   counters=self._counters, turns=reactor,
+                                   rates=self.rates.rates)
         self.admin_reporter = self._admin_report(reactor, clock, redis_address, redis_parent)
         self.metrics = Metrics(MetricSources(
             pools=self.hub.pool_sizes, counters=self._counters,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 
@@ -24,6 +25,37 @@ CACHE_SECONDS = 1.0
 
 #: Connections encoded per reactor turn while a status document is built.
 SLICE = 1000
+
+
+#: Totals whose per-second rates status and the cluster view show: in from Redis,
+#: out to clients, clients dropped.
+RATES = {"in": "messages.received", "out": "messages.delivered",
+         "dropped": "connections.dropped"}
+
+
+class RateMeter:
+    """Messages per second in and out, over the last C{window} seconds: sampled on a
+    timer from the daemon's running totals."""
+
+    def __init__(self, counters: Callable[[], Mapping[str, float]], clock: IReactorTime,
+                 window: int = 5) -> None:
+        self._counters = counters
+        self._clock = clock
+        self._samples: deque[tuple[float, dict[str, float]]] = deque(maxlen=window + 1)
+
+    def sample(self) -> None:
+        totals = self._counters()
+        self._samples.append((self._clock.seconds(),
+                              {key: totals.get(total, 0) for key, total in RATES.items()}))
+
+    def rates(self) -> dict[str, float]:
+        """Per second, between the oldest and newest samples (empty before two)."""
+        if len(self._samples) < 2:
+            return {}
+        (t0, old), (t1, new) = self._samples[0], self._samples[-1]
+        if t1 <= t0:
+            return {}
+        return {key: round((new[key] - old[key]) / (t1 - t0), 1) for key in RATES}
 
 
 class _Built(NamedTuple):
@@ -49,13 +81,15 @@ class StatusReport:
 
     def __init__(self, hub: Hub, feed: HasState, *, node: str, clock: IReactorTime,
                  counters: Callable[[], Mapping[str, float]] = dict,
-                 turns: IReactorTime | None = None) -> None:
+                 turns: IReactorTime | None = None,
+                 rates: Callable[[], Mapping[str, float]] = dict) -> None:
         self._hub = hub
         self._feed = feed
         self._node = node
         self._clock = clock
         self._turns = turns
         self._counters = counters
+        self._rates = rates
         self._cached: _Built | None = None
         self._waiting: list[Deferred[None]] | None = None
         self._cached_state = ""
@@ -148,6 +182,7 @@ class StatusReport:
             "redis": redis,
             "pools": self._hub.pool_sizes(),
             "totals": dict(self._counters()),
+            "rates": dict(self._rates()),
         }
         if connections:
             document["connections"] = self._hub.snapshot(now)

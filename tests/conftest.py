@@ -43,12 +43,14 @@ class Daemon:
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
 
-    async def stop(self) -> None:
+    async def stop(self, wait: bool = True) -> None:
         """Stop the daemon once the server has seen its clients go (so that the drain,
-        whose timers may run on a test's Clock, has nothing left to wait for)."""
+        whose timers may run on a test's Clock, has nothing left to wait for); without
+        C{wait} (a test that failed), at once."""
         try:
-            await within(gatherResults([s.when_finished() for s in self.app.hub.streams()]),
-                         5)
+            if wait:
+                await within(gatherResults(
+                    [s.when_finished() for s in self.app.hub.streams()]), 5)
         finally:
             # A test that failed may have left connections open: cut them.
             for stream in list(self.app.hub.streams()):
@@ -77,13 +79,16 @@ async def running(env: dict[str, str], options: dict[str, str | None] | None = N
     client for it; both closed and stopped at the end, also on failure."""
     d = await start_daemon(env, options, clock)
     c = Client(d.base)
+    failed = True
     try:
         if subscribed:
             await within(d.app.feed.when_subscribed())
         yield d, c
+        failed = False
     finally:
         await c.close()
-        await d.stop()
+        # After a failure its streams may be open still: no waiting that would hide it.
+        await d.stop(wait=not failed)
 
 
 @pytest.fixture
@@ -170,7 +175,7 @@ _SLOW_FIXTURES = {"redis_server", "daemon", "client", "publisher", "daemon_env",
 _SLOW_MODULES = {"test_bench", "test_lint", "test_twistd", "test_systemd", "test_workers",
                  "test_floods", "test_nginx", "test_tls", "test_http2", "test_browser",
                  "test_churn_and_stop", "test_slow_clients", "test_reporting",
-                 "test_redis_outage"}
+                 "test_redis_outage", "test_pages", "test_resume"}
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:

@@ -42,6 +42,13 @@ def test_the_view_lists_nodes_rates_and_stale_ones():
     assert second["stale_after"] == STALE_INTERVALS * ADMIN_INTERVAL
 
 
+def test_a_node_s_own_rates_are_taken_as_reported():
+    view = ClusterView(None, clock=Clock())
+    rates = {"in": 12.5, "out": 50.0, "dropped": 0.2}
+    [node] = view.document({b"a": report("a", 100, 1000, rates=rates)}, 101)["nodes"]
+    assert node["rates"] == rates
+
+
 def test_reports_of_other_implementations_and_garbage_are_listed_too():
     view = ClusterView(None, clock=Clock())
     legacy = json.dumps({"node": "go-1", "connections": [{"client_ip": "1.2.3.4",
