@@ -382,8 +382,8 @@ SPECS: tuple[Spec, ...] = (
          "X-Forwarded-For", "With --trust-proxy: the header the proxy sets "
          "(e.g. X-Real-IP)", metavar="NAME"),
     Spec("admin_report", "admin-report", "ADMIN_REPORT", parse_bool, None,
-         "HSET this node's status into admin_stream_status every 5 s "
-         "(default: on when the environment is staging or production)", is_flag=True),
+         "HSET this node's status into admin_stream_status every 5 s, and serve the "
+         "cluster view (default: on in staging, production and --demo)", is_flag=True),
     Spec("admin_redis", "admin-redis", "ADMIN_REDIS_URL", parse_optional_redis_url, "",
          "Redis the admin reports are written to (default: --redis); for a node "
          "subscribed to a read-only replica, name the primary", metavar="URL"),
@@ -544,7 +544,8 @@ def resolve(env: Mapping[str, str], options: Mapping[str, str | None]) -> Settin
         except ValueError as e:
             raise ConfigError(f"{source}: {e}") from None
     if "admin_report" not in values:
-        values["admin_report"] = values["env"] in ("staging", "production")
+        # In demo mode too: the admin page's cluster view then shows the demo node.
+        values["admin_report"] = values["env"] in ("staging", "production") or values["demo"]
     if "demo_page" not in values:
         values["demo_page"] = values["demo"]
     values["redis_given"] = (

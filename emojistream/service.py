@@ -215,16 +215,16 @@ class Emojistream:
 
     def _admin_report(self, reactor: Any, clock: Any, redis_address: RedisAddress,
                       redis_parent: MultiService) -> AdminReporter | None:
-        """The admin cluster: its view (every node's report) and, with
-        --admin-report, this node's status into Redis every 5 s."""
+        """With --admin-report: this node's status into Redis every 5 s, and the
+        cluster view (every node's report) over the same connection."""
         settings = self.settings
-        connection = RedisConnection(
-            settings.admin_redis or redis_address, reactor=reactor,
-            purpose="admin report" if settings.admin_report else "admin cluster view")
-        connection.setServiceParent(redis_parent)
-        self.cluster = ClusterView(connection, clock=clock)
+        self.cluster: ClusterView | None = None
         if not settings.admin_report:
             return None
+        connection = RedisConnection(settings.admin_redis or redis_address, reactor=reactor,
+                                     purpose="admin report")
+        connection.setServiceParent(redis_parent)
+        self.cluster = ClusterView(connection, clock=clock)
         reporter = AdminReporter(connection, self.status.encoded, settings.node_name)
         self._timer(ADMIN_INTERVAL, reporter.report, clock, "Admin report")
         return reporter

@@ -439,7 +439,8 @@ class AdminRoutes:
         if not self._authorized(request):
             return self._refuse(request)
         if self._cluster is None:
-            return _text(request, 404, "404 Not Found")
+            return _text(request, 404, "404 Not Found: the cluster view comes with "
+                                       "--admin-report")
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-cache")
 

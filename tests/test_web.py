@@ -262,7 +262,7 @@ async def test_status_json_is_built_once_a_second_and_pages_its_connections(redi
         # ...a big one (thousands of streams) at most twice a second to one address.
         from emojistream.web import AdminRoutes
 
-        status._cached = (*status._cached[:3], b"x" * AdminRoutes.BIG_DOCUMENT)
+        status._cached = status._cached._replace(whole=b"x" * AdminRoutes.BIG_DOCUMENT)
         codes = [(await c.text("GET", "/admin/status.json"))[0].code for _ in range(3)]
         assert codes == [200, 200, 429]
         response, _ = await c.text("GET", "/admin/status.json?limit=1")
