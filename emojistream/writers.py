@@ -20,7 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
+from twisted.web._http2 import H2Stream
 from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
@@ -376,6 +379,12 @@ class Writer:
             transport = self._connection()
             if transport is not None:
                 transport.abortConnection()
+                if isinstance(transport, H2Stream):
+                    # Twisted resets the HTTP/2 stream and forgets it without telling
+                    # the request, whose notifyFinish would then never fire: the stream
+                    # would stay in the hub for good.
+                    transport.connectionLost(Failure(ConnectionAborted(
+                        "dropped for not reading")))
 
     def lost(self) -> None:
         """Note that the response is over, whoever ended it."""

@@ -184,3 +184,86 @@ async def test_the_drain_over_http2_hints_and_ends_each_stream(tls, redis_server
     assert stream.returncode == 0, err
     assert out.startswith(b"retry:") and out.endswith(b"\n\n")
     assert 1000 <= int(out[len(b"retry:"):].split(b"\n")[0]) <= 4000
+
+
+def h2_client(port: int, ca: Path, stalled_path: str, reading_path: str,
+              want_events: int, timeout: float = 20) -> dict[str, object]:
+    """A blocking HTTP/2 client (the h2 library, in a thread) with two streams on one
+    connection: it grants the connection window for everything it gets, but never the
+    stalled stream's own window, as a client that stopped reading that stream would;
+    the other stream it reads normally. Returns what it saw."""
+    import socket
+    import ssl
+    import time
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(["h2"])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock = context.wrap_socket(raw, server_hostname="localhost")
+    assert sock.selected_alpn_protocol() == "h2"
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    headers = [(":method", "GET"), (":scheme", "https"), (":authority", "localhost")]
+    conn.send_headers(1, [*headers, (":path", stalled_path)], end_stream=True)
+    conn.send_headers(3, [*headers, (":path", reading_path)], end_stream=True)
+    sock.sendall(conn.data_to_send())
+    seen: dict[str, object] = {"reset": None, "status": {}, "reading": b"", "stalled": 0}
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            data = sock.recv(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    seen["status"][event.stream_id] = dict(event.headers)[b":status"]  # type: ignore[index]
+                elif isinstance(event, h2.events.DataReceived):
+                    if event.stream_id == 1:
+                        seen["stalled"] += event.flow_controlled_length  # type: ignore[operator]
+                        conn.increment_flow_control_window(event.flow_controlled_length)
+                    else:
+                        seen["reading"] += event.data  # type: ignore[operator]
+                        conn.acknowledge_received_data(event.flow_controlled_length,
+                                                       event.stream_id)
+                elif isinstance(event, h2.events.StreamReset) and event.stream_id == 1:
+                    seen["reset"] = event.error_code
+            sock.sendall(conn.data_to_send())
+            if seen["reset"] is not None and \
+                    bytes(seen["reading"]).count(b"\n\n") >= want_events:  # type: ignore[arg-type]
+                break
+    finally:
+        sock.close()
+    return seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_http2_a_stream_that_is_not_read_is_reset_and_its_neighbour_goes_on(
+        tls, redis_server, publisher):
+    """HTTP/2 flow control: a stream whose window the client never reopens backs up
+    on the server, which resets that stream alone past --max-queue-bytes; the other
+    stream on the same connection keeps receiving."""
+    key, cert = tls
+    env = {"REDIS_URL": redis_server.url, "SSE_MAX_QUEUE_BYTES": "131072"}
+    async with running(env, {"listen": listen_tls(key, cert)}) as (d, _c):
+        client = threads.deferToThread(h2_client, d.port, cert.parent / "ca.pem",
+                                       "/subscribe/details/A", "/subscribe/details/B", 100)
+        while len(d.app.hub) < 2:
+            await deferLater(reactor, 0.01, lambda: None)
+        payload = b'"' + b"x" * 4000 + b'"'
+        for n in range(100):
+            # 400 KB for the stalled stream: its 64 KiB window, then the queue, then more.
+            await publisher.publish("stream.tweet_updates.A", payload)
+            await publisher.publish("stream.tweet_updates.B", b'{"n":%d}' % n)
+        seen = await within(client, 30)
+    assert seen["status"] == {1: b"200", 3: b"200"}
+    assert seen["reset"] is not None  # RST_STREAM for the stalled stream only
+    assert 60_000 <= seen["stalled"] < 400_000  # type: ignore[operator]
+    events = bytes(seen["reading"]).split(b"\n\n")  # type: ignore[arg-type]
+    assert [json.loads(e.split(b"data:", 1)[1])["n"] for e in events if b"data:" in e] \
+        == list(range(100))
+    # Dropped, and gone from the hub: Twisted does not tell a reset stream's request.
+    assert d.app.hub.dropped == 1 and len(d.app.hub) == 0
