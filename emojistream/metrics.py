@@ -63,7 +63,7 @@ class MetricSources:
 
     pools: Callable[[], Mapping[str, int]]
     counters: Callable[[], Mapping[str, float]]
-    redis_subscribed: Callable[[], bool]
+    redis_state: Callable[[], str]
     tick_lag: Callable[[], float]
     delays: Delays
     replay: Any = None  # the Journal, with --event-ids
@@ -72,9 +72,9 @@ class MetricSources:
 #: Counter name, help, and the key of the daemon's counters it reads.
 _COUNTERS = (
     ("messages_received", "Messages received from Redis", "messages.received"),
-    ("messages_unusable", "Messages dropped for a channel or payload that makes no sense",
-     "messages.dropped"),
-    ("messages_oversized", "Messages dropped for a payload over --max-payload-bytes",
+    ("messages_dropped", "Messages from Redis dropped: a channel or ID that makes no "
+     "sense, or a payload over --max-payload-bytes", "messages.dropped"),
+    ("messages_oversized", "Of the dropped, those over --max-payload-bytes",
      "messages.oversized"),
     ("messages_delivered", "Messages written to clients (one per message per client)",
      "messages.delivered"),
@@ -89,6 +89,8 @@ _COUNTERS = (
     ("accept_pauses", "Times accepting paused at the open-file limit",
      "connections.accept_pauses"),
 )
+#: The states of the Redis subscriber connection (emojistream.connection).
+REDIS_STATES = ("connecting", "up", "down", "stopped")
 _REFUSED = (("per_ip", "connections.refused_per_ip"), ("at_limit", "connections.refused_at_limit"))
 
 
@@ -112,9 +114,16 @@ class _DaemonCollector(Collector):
         for reason, key in _REFUSED:
             refused.add_metric([reason], counters.get(key, 0))
         yield refused
+        state = s.redis_state()
         yield GaugeMetricFamily("emojistream_redis_subscribed",
                                 "1 while subscribed to Redis, else 0",
-                                value=1 if s.redis_subscribed() else 0)
+                                value=1 if state == "up" else 0)
+        states = GaugeMetricFamily("emojistream_redis_state",
+                                   "The Redis subscriber's state: 1 for the current one",
+                                   labels=["state"])
+        for name in REDIS_STATES:
+            states.add_metric([name], 1 if state == name else 0)
+        yield states
         yield GaugeMetricFamily("emojistream_score_tick_lag_seconds",
                                 "How late the last score tick ran", value=s.tick_lag())
         delays = HistogramMetricFamily(

@@ -187,7 +187,7 @@ class Emojistream:
         self.admin_reporter = self._admin_report(reactor, clock, redis_address, redis_parent)
         self.metrics = Metrics(MetricSources(
             pools=self.hub.pool_sizes, counters=self._counters,
-            redis_subscribed=lambda: self.feed.state == "up",
+            redis_state=lambda: self.feed.state,
             tick_lag=lambda: self.ticker.lag, delays=self.delays, replay=self.journal))
         self.carbon: TcpCarbon | UdpCarbon | None = None
         self._carbon(reactor, clock)

@@ -37,13 +37,15 @@ def test_metrics_parse_and_move_with_traffic_in_memory():
     assert second[("emojistream_streams", (("pool", "detail"),))] == 2
     assert second[("emojistream_messages_received_total", ())] - \
         first[("emojistream_messages_received_total", ())] == 2
-    assert second[("emojistream_messages_unusable_total", ())] == 1
+    assert second[("emojistream_messages_dropped_total", ())] == 1
     assert second[("emojistream_messages_delivered_total", ())] - \
         first[("emojistream_messages_delivered_total", ())] == 2
     assert second[("emojistream_delivery_delay_seconds_count", ())] == 1
     assert second[("emojistream_replay_misses_total", (("reason", "foreign"),))] == 1
     assert second[("emojistream_replay_buffer_events", ())] == 1
     assert second[("emojistream_redis_subscribed", ())] == 0
+    assert second[("emojistream_redis_state", (("state", "connecting"),))] == 1
+    assert second[("emojistream_redis_state", (("state", "up"),))] == 0
     assert ("process_resident_memory_bytes", ()) in second
 
 
@@ -85,4 +87,5 @@ async def test_metrics_over_http_count_what_redis_published(redis_server: RedisP
         assert second[received] - first[received] == 5
         assert second[delivered] - first[delivered] == 5
         assert second[("emojistream_redis_subscribed", ())] == 1
+        assert second[("emojistream_redis_state", (("state", "up"),))] == 1
         assert second[("emojistream_delivery_delay_seconds_count", ())] >= 1

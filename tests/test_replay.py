@@ -203,3 +203,16 @@ def test_the_memory_bound_counts_what_the_buffers_really_hold():
         actual, estimated = measured(fill)
         # Per event the estimate is not short; 64 KiB for what is allocated once.
         assert actual <= estimated + 65536, (fill.__name__, actual, estimated)
+
+
+def test_kiosk_events_carry_ids_and_resume_too():
+    d = MemoryDaemon({"SSE_EVENT_IDS": "1", "ENABLE_KIOSK_INTERACTION_STREAM": "1"})
+    kiosk = d.connect()
+    kiosk.get("/subscribe/kiosk_interaction")
+    d.publish(b"stream.interaction.tap", b"1")
+    [first] = kiosk.events()
+    assert (first.type, first.data) == ("stream.interaction.tap", "1") and first.last_event_id
+    d.publish(b"stream.interaction.tap", b"2")
+    again = d.connect()
+    again.get("/subscribe/kiosk_interaction", headers=f"Last-Event-ID: {first.last_event_id}\r\n")
+    assert [e.data for e in again.events()] == ["2"]

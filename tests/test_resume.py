@@ -155,3 +155,22 @@ async def test_the_replay_buffers_keep_to_their_memory_bound_under_a_burst(
         recent = reader.events[-50].last_event_id
         assert journal.resume("/details", old, 1 << 30).gap == "expired"
         assert len(journal.resume("/details", recent, 1 << 30).frames) == 49
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_id_from_another_node_gets_the_gap_signal_there(
+        redis_server: RedisProcess, publisher: Any) -> None:
+    """Two nodes on one Redis, as behind a balancer without sticky routing."""
+    env = {"REDIS_URL": redis_server.url, "SSE_EVENT_IDS": "1"}
+    async with running(env) as (_one, first), running(env) as (_two, second):
+        _, reader = await first.stream("/subscribe/details/2665")
+        await within(publisher.publish("stream.tweet_updates.2665", b'{"n":1}'))
+        [event] = (await reader.wait_events(1)).events
+        response, elsewhere = await second.stream("/subscribe/details/2665",
+                                                  {"Last-Event-ID": event.last_event_id})
+        assert response.headers.getRawHeaders("X-Sse-Gap") == ["foreign"]
+        await within(publisher.publish("stream.tweet_updates.2665", b'{"n":2}'))
+        gap, live = (await elsewhere.wait_events(2)).events
+        assert (gap.type, json.loads(gap.data)) == ("gap", {"reason": "foreign"})
+        assert json.loads(live.data) == {"n": 2}
+        assert live.last_event_id.split("-")[0] != event.last_event_id.split("-")[0]
