@@ -99,6 +99,12 @@ async def test_demo_serves_eps_and_details_and_stops_its_redis(demo):
         _, details = await client.stream("/subscribe/details/1F602")
         await eps.wait_events(30)
         await details.wait_events(2)
+        # What the README's first command says to open: the grid, and the admin page
+        # whose cluster view (the admin report is on in demo mode) lists this node.
+        response, page = await client.text("GET", "/")
+        assert response.code == 200 and b"subscribe/eps" in page
+        response, cluster = await client.text("GET", "/admin/cluster.json")
+        assert response.code == 200
     finally:
         await client.close()
     for event in eps.events:
