@@ -64,7 +64,7 @@ class MetricSources:
     pools: Callable[[], Mapping[str, int]]
     counters: Callable[[], Mapping[str, float]]
     redis_state: Callable[[], str]
-    tick_lag: Callable[[], float]
+    tick_lags: Delays
     delays: Delays
     replay: Any = None  # the Journal, with --event-ids
 
@@ -124,13 +124,11 @@ class _DaemonCollector(Collector):
         for name in REDIS_STATES:
             states.add_metric([name], 1 if state == name else 0)
         yield states
-        yield GaugeMetricFamily("emojistream_score_tick_lag_seconds",
-                                "How late the last score tick ran", value=s.tick_lag())
-        delays = HistogramMetricFamily(
-            "emojistream_delivery_delay_seconds",
-            "Detail updates: from the Redis read that brought one to its write to clients",
-            buckets=s.delays.cumulative(), sum_value=s.delays.sum)
-        yield delays
+        yield _histogram("emojistream_score_tick_lag_seconds",
+                         "How late each score tick (60 a second) ran", s.tick_lags)
+        yield _histogram("emojistream_delivery_delay_seconds",
+                         "Detail updates: from the Redis read that brought one to its "
+                         "write to clients", s.delays)
         journal = s.replay
         if journal is not None:
             yield CounterMetricFamily("emojistream_replay_hits",
@@ -147,6 +145,11 @@ class _DaemonCollector(Collector):
                                     value=journal.size)
             yield GaugeMetricFamily("emojistream_replay_buffer_events",
                                     "Events the replay buffers hold", value=journal.events)
+
+
+def _histogram(name: str, text: str, delays: Delays) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, text, buckets=delays.cumulative(),
+                                 sum_value=delays.sum)
 
 
 class Metrics:

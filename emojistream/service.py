@@ -167,7 +167,8 @@ class Emojistream:
         self.feed.setServiceParent(redis_parent)
 
         # Time: the score tick, and keepalives to idle streams.
-        self.ticker = Ticker(1 / RATE, self._tick, clock)
+        self.tick_lags = Delays()
+        self.ticker = Ticker(1 / RATE, self._tick, clock, lateness=self.tick_lags.observe)
         self.ticker.setServiceParent(self.core)
         self._timer(settings.keepalive / KEEPALIVE_TICKS, self.hub.keepalive, clock,
                     "Keepalive", KEEPALIVE)
@@ -188,7 +189,7 @@ class Emojistream:
         self.metrics = Metrics(MetricSources(
             pools=self.hub.pool_sizes, counters=self._counters,
             redis_state=lambda: self.feed.state,
-            tick_lag=lambda: self.ticker.lag, delays=self.delays, replay=self.journal))
+            tick_lags=self.tick_lags, delays=self.delays, replay=self.journal))
         self.carbon: TcpCarbon | UdpCarbon | None = None
         self._carbon(reactor, clock)
 

@@ -85,14 +85,15 @@ class Ticker(Service):
 
     log = Logger()
 
-    def __init__(self, interval: float, call: Callable[[], object], clock: Any) -> None:
+    def __init__(self, interval: float, call: Callable[[], object], clock: Any,
+                 lateness: Callable[[float], None] | None = None) -> None:
         self._interval = interval
+        # Told how late each tick runs (seconds), for the tick-lag histogram.
+        self._lateness = lateness
         self._call = call
         self._clock = clock
         self._due = 0.0
         self._pending: Any = None
-        #: Seconds the last tick ran after it was due.
-        self.lag = 0.0
 
     def startService(self) -> None:
         super().startService()
@@ -114,7 +115,8 @@ class Ticker(Service):
         self._pending = self._clock.callLater(max(0.0, self._due - now), self._tick)
 
     def _tick(self) -> None:
-        self.lag = max(0.0, self._clock.seconds() - self._due)
+        if self._lateness is not None:
+            self._lateness(max(0.0, self._clock.seconds() - self._due))
         try:
             self._call()
         except Exception:

@@ -41,6 +41,7 @@ def test_metrics_parse_and_move_with_traffic_in_memory():
     assert second[("emojistream_messages_delivered_total", ())] - \
         first[("emojistream_messages_delivered_total", ())] == 2
     assert second[("emojistream_delivery_delay_seconds_count", ())] == 1
+    assert ("emojistream_score_tick_lag_seconds_count", ()) in second
     assert second[("emojistream_replay_misses_total", (("reason", "foreign"),))] == 1
     assert second[("emojistream_replay_buffer_events", ())] == 1
     assert second[("emojistream_redis_subscribed", ())] == 0
@@ -58,6 +59,21 @@ def test_metrics_want_the_admin_token_when_one_is_set():
     assert anonymous.head[0] == wrong.head[0] == "HTTP/1.1 401 Unauthorized"
     assert right.head[0] == "HTTP/1.1 200 OK"
     assert ("emojistream_messages_received_total", ()) in samples(right.body)
+
+
+def test_the_ticker_tells_how_late_each_tick_ran():
+    from twisted.internet.task import Clock
+
+    from emojistream.summarizer import Ticker
+
+    clock, lags = Clock(), Delays((0.01, 0.1))
+    ticker = Ticker(0.1, lambda: None, clock, lateness=lags.observe)
+    ticker.startService()
+    clock.advance(0.1)   # on time
+    clock.advance(0.15)  # 0.05 late
+    ticker.stopService()
+    assert lags.cumulative() == [("0.01", 1), ("0.1", 2), ("+Inf", 2)]
+    assert abs(lags.sum - 0.05) < 1e-9
 
 
 def test_the_delay_histogram_buckets_weighted_observations():

@@ -104,7 +104,7 @@ async def test_demo_serves_eps_and_details_and_stops_its_redis(demo):
         response, page = await client.text("GET", "/")
         assert response.code == 200 and b"subscribe/eps" in page
         response, cluster = await client.text("GET", "/admin/cluster.json")
-        assert response.code == 200
+        assert response.code == 200 and isinstance(json.loads(cluster)["nodes"], list)
     finally:
         await client.close()
     for event in eps.events:
