@@ -88,6 +88,8 @@ _COUNTERS = (
      "redis.subscriber_losses"),
     ("accept_pauses", "Times accepting paused at the open-file limit",
      "connections.accept_pauses"),
+    ("admin_status_refused", "Whole status documents refused (429) to an address asking "
+     "more than twice a second", "admin.status_refused"),
 )
 #: The states of the Redis subscriber connection (emojistream.connection).
 REDIS_STATES = ("connecting", "up", "down", "stopped")

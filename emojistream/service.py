@@ -179,6 +179,10 @@ class Emojistream:
                                    fd_limit=None if soft_limit == resource.RLIM_INFINITY
                                    else soft_limit, clock=clock)
 
+        # The whole status document, megabytes with thousands of streams, goes to one
+        # address a few times a second at most.
+        self.whole_status_rate = PerAddressRate(AdminRoutes.WHOLE_PER_SECOND, 1.0, clock)
+
         # What the daemon says of itself: status, the admin cluster's hash, graphite.
         self.rates = RateMeter(self._counters, clock)
         self._timer(1.0, self.rates.sample, clock, "Rate sample")
@@ -254,7 +258,7 @@ class Emojistream:
                                drain=self.drain, journal=self.journal).app.resource()
         admin = AdminRoutes(
             self.status, settings.admin_token,
-            whole_rate=PerAddressRate(AdminRoutes.WHOLE_PER_SECOND, 1.0, clock),
+            whole_rate=self.whole_status_rate,
             client_ip=client_ip_of(settings), metrics=self.metrics.exposition,
             cluster=self.cluster).app.resource()
         health = Health(lambda: self.feed.state == "up")
@@ -308,6 +312,7 @@ class Emojistream:
             "connections.refused_per_ip": self.gate.refused_per_ip,
             "connections.accept_pauses": self.gate.accept_pauses,
             "connections.refused_at_limit": self.gate.refused_at_limit,
+            "admin.status_refused": self.whole_status_rate.refused,
             **({"carbon.dropped_reports": self.carbon.dropped}
                if isinstance(self.carbon, TcpCarbon) else {}),
         }

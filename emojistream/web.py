@@ -301,13 +301,15 @@ class StreamRoutes:
 
     def _resume(self, request: Request, namespace: str) -> Resume | None:
         """With event IDs, what a client reconnecting with C{Last-Event-ID} (or, for
-        clients that cannot set it, C{?last_event_id=}) missed; else None."""
+        clients that cannot set it, C{?last_event_id=} or C{?lastEventID=}) missed;
+        else None."""
         if self._journal is None:
             return None
         # The header first: a browser sends it on each reconnect, newer than the URL's.
         last = request.getHeader(b"last-event-id")
         if not last:
-            given = request.args.get(b"last_event_id")
+            # lastEventID as Mercure's clients send it.
+            given = request.args.get(b"last_event_id") or request.args.get(b"lastEventID")
             last = given[0] if given else None
         if not last:
             return None

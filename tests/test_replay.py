@@ -113,12 +113,13 @@ def test_a_client_resumes_by_header_or_query_with_no_gap_and_no_duplicate():
     first.close()
     for n in (2, 3):
         d.publish(b"stream.tweet_updates.2665", b'{"n":%d}' % n)
-    by_header, by_query = d.connect(), d.connect()
+    by_header, by_query, mercure = d.connect(), d.connect(), d.connect()
     by_header.get("/subscribe/details/2665",
                   headers=f"Last-Event-ID: {seen.last_event_id}\r\n")
     by_query.get(f"/subscribe/details/2665?last_event_id={seen.last_event_id}")
+    mercure.get(f"/subscribe/details/2665?lastEventID={seen.last_event_id}")
     d.publish(b"stream.tweet_updates.2665", b'{"n":4}')
-    for client in (by_header, by_query):
+    for client in (by_header, by_query, mercure):
         assert [json.loads(e.data)["n"] for e in client.events()] == [2, 3, 4]
         assert "x-sse-gap" not in client.head[1]
 

@@ -137,7 +137,7 @@ class CarbonDatagrams(DatagramProtocol):
         self.sink.add(data)
 
 
-METRICS = 15
+METRICS = 16
 CARBON_INTERVAL = Settings().graphite_interval
 
 
@@ -191,7 +191,7 @@ async def test_carbon_lines_reach_a_real_socket(transport, redis_server, publish
         "messages.delivered": 6, "connections.closed": 0, "connections.dropped": 0,
         "messages.conflated": 0, "messages.discarded": 0, "redis.subscriber_losses": 0,
         "connections.refused_per_ip": 0, "connections.accept_pauses": 0,
-        "connections.refused_at_limit": 0,
+        "connections.refused_at_limit": 0, "admin.status_refused": 0,
     }
     # The second period saw no traffic: counters report the change, not the total.
     second = {path.removeprefix(prefix): v for path, v in sink.at(start + 20).items()}
