@@ -11,7 +11,6 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -25,6 +24,8 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+
+from emojistream.replay import Journal
 
 __all__ = ["CONTENT_TYPE", "Delays", "MetricSources", "Metrics"]
 
@@ -66,7 +67,8 @@ class MetricSources:
     redis_state: Callable[[], str]
     tick_lags: Delays
     delays: Delays
-    replay: Any = None  # the Journal, with --event-ids
+    #: With --event-ids, the journal (replay hits, misses, buffer sizes).
+    replay: Journal | None = None
 
 
 #: Counter name, help, and the key of the daemon's counters it reads.
