@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from emojistream.replay import Journal
 
-__all__ = ["CONTENT_TYPE", "Delays", "MetricSources", "Metrics"]
+__all__ = ["CONTENT_TYPE", "Delays", "DeliveryDelays", "MetricSources", "Metrics"]
 
 #: The Content-Type of the text exposition format.
 CONTENT_TYPE = CONTENT_TYPE_LATEST.encode("ascii")
@@ -59,6 +59,15 @@ class Delays:
 
 
 @dataclass
+class DeliveryDelays:
+    """Detail updates' time to their write to clients: from their publication when the
+    payload says when it was (C{published_at}), else from the Redis read."""
+
+    since_publish: Delays = field(default_factory=Delays)
+    since_read: Delays = field(default_factory=Delays)
+
+
+@dataclass
 class MetricSources:
     """Where each figure comes from: callables read at scrape time."""
 
@@ -66,7 +75,7 @@ class MetricSources:
     counters: Callable[[], Mapping[str, float]]
     redis_state: Callable[[], str]
     tick_lags: Delays
-    delays: Delays
+    delays: DeliveryDelays
     #: With --event-ids, the journal (replay hits, misses, buffer sizes).
     replay: Journal | None = None
 
@@ -130,9 +139,15 @@ class _DaemonCollector(Collector):
         yield states
         yield _histogram("emojistream_score_tick_lag_seconds",
                          "How late each score tick (60 a second) ran", s.tick_lags)
-        yield _histogram("emojistream_delivery_delay_seconds",
-                         "Detail updates: from the Redis read that brought one to its "
-                         "write to clients", s.delays)
+        delays = HistogramMetricFamily(
+            "emojistream_delivery_delay_seconds",
+            "Detail updates, to their write to clients: since their publication when the "
+            "payload carries published_at, else since the Redis read that brought them",
+            labels=["since"])
+        for since, histogram in (("publish", s.delays.since_publish),
+                                 ("read", s.delays.since_read)):
+            delays.add_metric([since], histogram.cumulative(), histogram.sum)
+        yield delays
         journal = s.replay
         if journal is not None:
             yield CounterMetricFamily("emojistream_replay_hits",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from emojistream.hub import ID_PATTERN, Hub
-from emojistream.metrics import Delays
+from emojistream.metrics import DeliveryDelays
 from emojistream.replay import Journal
 from emojistream.sse import encode_event
 from emojistream.stream import Batcher
@@ -32,6 +34,21 @@ def valid_utf8(payload: bytes) -> bytes:
     return payload
 
 
+_PUBLISHED_AT = b'"published_at":'
+_NUMBER = re.compile(rb"\s*([0-9]{9,11}(?:\.[0-9]{1,9})?)")
+
+
+def published_at(payload: bytes) -> float | None:
+    """The publish time (Unix seconds) a detail payload carries as a top-level
+    C{"published_at"} number, if a feeder adds one; else None (emojitracker's feeder
+    does not: C{created_at} is the tweet's own time, to the second)."""
+    at = payload.find(_PUBLISHED_AT)
+    if at < 0:
+        return None
+    match = _NUMBER.match(payload, at + len(_PUBLISHED_AT))
+    return float(match.group(1)) if match else None
+
+
 class Router:
     """Turns (channel, payload) from Redis into hub broadcasts and summarizer hits.
 
@@ -47,13 +64,16 @@ class Router:
     def __init__(self, hub: Hub, summarizer: ScoreSummarizer, *, raw_stream: bool,
                  kiosk_stream: bool = False, max_payload: int = 65536,
                  batcher: Batcher | None = None, journal: Journal | None = None,
-                 clock: IReactorTime | None = None, delays: Delays | None = None) -> None:
+                 clock: IReactorTime | None = None,
+                 delays: DeliveryDelays | None = None) -> None:
         self._hub = hub
-        # With both: how long a read's detail updates take from the read to the writes.
+        # With both: how long a read's detail updates take to be written, from their
+        # publication when the payload says when, else from the read.
         self._clock = clock if delays is not None else None
         self._delays = delays
         self._read_at = 0.0
         self._details_in_read = 0
+        self._published_in_read: list[float] = []
         # With event IDs (--event-ids), every event is encoded and kept by the journal.
         self._journal = journal
         self._batcher = batcher
@@ -77,6 +97,7 @@ class Router:
         if self._clock is not None:
             self._read_at = self._clock.seconds()
             self._details_in_read = 0
+            self._published_in_read = []
         if self._batcher is not None:
             self._batcher.begin_round()
 
@@ -90,10 +111,16 @@ class Router:
         finally:
             if self._batcher is not None:
                 self._batcher.end_round()
-            if self._clock is not None and self._details_in_read:
-                assert self._delays is not None
-                self._delays.observe(self._clock.seconds() - self._read_at,
-                                     self._details_in_read)
+            if self._clock is not None:
+                self._observe_delays()
+
+    def _observe_delays(self) -> None:
+        assert self._clock is not None and self._delays is not None
+        now = self._clock.seconds()
+        if self._details_in_read:
+            self._delays.since_read.observe(now - self._read_at, self._details_in_read)
+        for published in self._published_in_read:
+            self._delays.since_publish.observe(max(0.0, now - published))
 
     def message(self, channel: bytes, payload: bytes) -> None:
         """Handle one pub/sub message."""
@@ -138,7 +165,12 @@ class Router:
         emoji_id = self._emoji_id(channel[len(DETAIL_PREFIX):])
         if emoji_id is None:
             return
-        self._details_in_read += 1
+        if self._clock is not None:
+            published = published_at(payload)
+            if published is None:
+                self._details_in_read += 1
+            else:
+                self._published_in_read.append(published)
         self._publish("/details/" + emoji_id, valid_utf8(payload), channel)
 
     def kiosk(self, channel: bytes, payload: bytes) -> None:

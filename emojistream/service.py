@@ -30,7 +30,7 @@ from emojistream.lifecycle import (
     SystemdNotifier,
     prepare_process,
 )
-from emojistream.metrics import Delays, Metrics, MetricSources
+from emojistream.metrics import Delays, DeliveryDelays, Metrics, MetricSources
 from emojistream.redisconn import RedisConnection
 from emojistream.redisfeed import RedisFeed
 from emojistream.replay import Journal
@@ -155,7 +155,7 @@ class Emojistream:
         # What one read from Redis brings leaves in one write per client at its end;
         # with the latency budget, everything waits for the tick.
         self.batcher = Batcher(hold_all=settings.batch_writes)
-        self.delays = Delays()
+        self.delays = DeliveryDelays()
         self.router = Router(self.hub, self.summarizer, raw_stream=settings.raw_stream,
                              kiosk_stream=settings.kiosk_stream,
                              max_payload=settings.max_payload, batcher=self.batcher,

@@ -3,6 +3,8 @@ move with traffic; behind the admin token when one is set."""
 
 from __future__ import annotations
 
+import time
+
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -40,7 +42,7 @@ def test_metrics_parse_and_move_with_traffic_in_memory():
     assert second[("emojistream_messages_dropped_total", ())] == 1
     assert second[("emojistream_messages_delivered_total", ())] - \
         first[("emojistream_messages_delivered_total", ())] == 2
-    assert second[("emojistream_delivery_delay_seconds_count", ())] == 1
+    assert second[("emojistream_delivery_delay_seconds_count", (("since", "read"),))] == 1
     assert ("emojistream_score_tick_lag_seconds_count", ()) in second
     assert second[("emojistream_replay_misses_total", (("reason", "foreign"),))] == 1
     assert second[("emojistream_replay_buffer_events", ())] == 1
@@ -59,6 +61,27 @@ def test_metrics_want_the_admin_token_when_one_is_set():
     assert anonymous.head[0] == wrong.head[0] == "HTTP/1.1 401 Unauthorized"
     assert right.head[0] == "HTTP/1.1 200 OK"
     assert ("emojistream_messages_received_total", ()) in samples(right.body)
+
+
+def test_a_payload_that_says_when_it_was_published_is_timed_from_then():
+    from emojistream.router import published_at
+
+    assert published_at(b'{"id":"1","published_at":1700000000.25,"text":"x"}') == 1700000000.25
+    assert published_at(b'{"published_at": 1700000000}') == 1700000000.0
+    for no in (b'{"created_at":"2020-06-16T10:00:00Z"}', b'{"published_at":"soon"}',
+               b'{"published_at":12}'):
+        assert published_at(no) is None
+    d = MemoryDaemon()
+    d.connect().get("/subscribe/details/2665")
+    d.reactor.advance(1_700_000_010)
+    d.publish(b"stream.tweet_updates.2665", b'{"published_at":1700000000.5}')
+    d.publish(b"stream.tweet_updates.2665", b'{"n":2}')
+    client = d.connect()
+    client.get("/metrics")
+    got = samples(client.body)
+    assert got[("emojistream_delivery_delay_seconds_count", (("since", "publish"),))] == 1
+    assert got[("emojistream_delivery_delay_seconds_sum", (("since", "publish"),))] == 9.5
+    assert got[("emojistream_delivery_delay_seconds_count", (("since", "read"),))] == 1
 
 
 def test_the_ticker_tells_how_late_each_tick_ran():
@@ -95,13 +118,19 @@ async def test_metrics_over_http_count_what_redis_published(redis_server: RedisP
         for n in range(5):
             await within(publisher.publish("stream.tweet_updates.2665",  # type: ignore[attr-defined]
                                            b'{"n":%d}' % n))
-        await reader.wait_events(5)
+        # A feeder that says when it published: timed from then.
+        await within(publisher.publish(  # type: ignore[attr-defined]
+            "stream.tweet_updates.2665", b'{"n":5,"published_at":%.6f}' % time.time()))
+        await reader.wait_events(6)
         _, after = await client.text("GET", "/metrics")
         first, second = samples(before), samples(after)
         received = ("emojistream_messages_received_total", ())
         delivered = ("emojistream_messages_delivered_total", ())
-        assert second[received] - first[received] == 5
-        assert second[delivered] - first[delivered] == 5
+        assert second[received] - first[received] == 6
+        assert second[delivered] - first[delivered] == 6
         assert second[("emojistream_redis_subscribed", ())] == 1
         assert second[("emojistream_redis_state", (("state", "up"),))] == 1
-        assert second[("emojistream_delivery_delay_seconds_count", ())] >= 1
+        assert second[("emojistream_delivery_delay_seconds_count", (("since", "read"),))] == 5
+        since_publish = (("since", "publish"),)
+        assert second[("emojistream_delivery_delay_seconds_count", since_publish)] == 1
+        assert 0 <= second[("emojistream_delivery_delay_seconds_sum", since_publish)] < 1
