@@ -22,20 +22,23 @@ def samples(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]
             for s in family.samples}
 
 
+def scrape(d: MemoryDaemon) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The daemon's /metrics, parsed (after checking its content type)."""
+    client = d.connect()
+    client.get("/metrics")
+    assert client.head[1]["content-type"].startswith("text/plain; version=")
+    return samples(client.body)
+
+
 def test_metrics_parse_and_move_with_traffic_in_memory():
     d = MemoryDaemon({"SSE_EVENT_IDS": "1"})
     d.connect().get("/subscribe/details/2665")
     d.connect().get("/subscribe/details/2665")
     d.connect().get("/subscribe/raw", headers="Last-Event-ID: 00000000-1\r\n")
-    before = d.connect()
-    before.get("/metrics")
-    assert before.head[1]["content-type"].startswith("text/plain; version=")
-    first = samples(before.body)
+    first = scrape(d)
     d.publish(b"stream.tweet_updates.2665", b"{}")
     d.publish(b"stream.tweet_updates.nope!", b"{}")
-    after = d.connect()
-    after.get("/metrics")
-    second = samples(after.body)
+    second = scrape(d)
     assert second[("emojistream_streams", (("pool", "detail"),))] == 2
     assert second[("emojistream_messages_received_total", ())] - \
         first[("emojistream_messages_received_total", ())] == 2
@@ -76,9 +79,7 @@ def test_a_payload_that_says_when_it_was_published_is_timed_from_then():
     d.reactor.advance(1_700_000_010)
     d.publish(b"stream.tweet_updates.2665", b'{"published_at":1700000000.5}')
     d.publish(b"stream.tweet_updates.2665", b'{"n":2}')
-    client = d.connect()
-    client.get("/metrics")
-    got = samples(client.body)
+    got = scrape(d)
     assert got[("emojistream_delivery_delay_seconds_count", (("since", "publish"),))] == 1
     assert got[("emojistream_delivery_delay_seconds_sum", (("since", "publish"),))] == 9.5
     assert got[("emojistream_delivery_delay_seconds_count", (("since", "read"),))] == 1
