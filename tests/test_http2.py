@@ -9,7 +9,9 @@ import hashlib
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -186,58 +188,94 @@ async def test_the_drain_over_http2_hints_and_ends_each_stream(tls, redis_server
     assert 1000 <= int(out[len(b"retry:"):].split(b"\n")[0]) <= 4000
 
 
-def h2_client(port: int, ca: Path, stalled_path: str, reading_path: str,
-              want_events: int, timeout: float = 20) -> dict[str, object]:
-    """A blocking HTTP/2 client (the h2 library, in a thread) with two streams on one
-    connection: it grants the connection window for everything it gets, but never the
-    stalled stream's own window, as a client that stopped reading that stream would;
-    the other stream it reads normally. Returns what it saw."""
-    import socket
-    import ssl
-    import time
+class H2Client:
+    """A blocking HTTP/2 client over TLS (the h2 library; run it in a thread) that
+    keeps what each of its streams receives. It grants the connection window for
+    everything, and each stream's own window except for the streams in C{stalled}:
+    a client that stopped reading those."""
 
-    import h2.config
-    import h2.connection
-    import h2.events
+    def __init__(self, port: int, ca: Path, stalled: frozenset[int] = frozenset(),
+                 timeout: float = 20) -> None:
+        import socket
+        import ssl
 
-    context = ssl.create_default_context(cafile=str(ca))
-    context.set_alpn_protocols(["h2"])
-    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    sock = context.wrap_socket(raw, server_hostname="localhost")
-    assert sock.selected_alpn_protocol() == "h2"
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    headers = [(":method", "GET"), (":scheme", "https"), (":authority", "localhost")]
-    conn.send_headers(1, [*headers, (":path", stalled_path)], end_stream=True)
-    conn.send_headers(3, [*headers, (":path", reading_path)], end_stream=True)
-    sock.sendall(conn.data_to_send())
-    seen: dict[str, object] = {"reset": None, "status": {}, "reading": b"", "stalled": 0}
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            data = sock.recv(65536)
-            if not data:
+        import h2.config
+        import h2.connection
+
+        context = ssl.create_default_context(cafile=str(ca))
+        context.set_alpn_protocols(["h2"])
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock = context.wrap_socket(raw, server_hostname="localhost")
+        assert self.sock.selected_alpn_protocol() == "h2"
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.stalled = stalled
+        self.timeout = timeout
+        self.status: dict[int, bytes] = {}
+        self.headers: dict[int, dict[bytes, bytes]] = {}
+        self.data: dict[int, bytes] = {}
+        self.received: dict[int, int] = {}
+        self.reset: dict[int, int] = {}
+
+    def get(self, path: str) -> int:
+        """Send a GET for C{path}; its stream ID."""
+        stream_id = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(stream_id, [
+            (":method", "GET"), (":scheme", "https"), (":authority", "localhost"),
+            (":path", path)], end_stream=True)
+        self.sock.sendall(self.conn.data_to_send())
+        self.data[stream_id] = b""
+        self.received[stream_id] = 0
+        return stream_id
+
+    def read_until(self, done: Callable[[H2Client], bool]) -> H2Client:
+        """Read until C{done(self)} holds (or the peer closes, or the timeout)."""
+        import time
+
+        import h2.events
+
+        deadline = time.monotonic() + self.timeout
+        while not done(self) and time.monotonic() < deadline:
+            chunk = self.sock.recv(65536)
+            if not chunk:
                 break
-            for event in conn.receive_data(data):
+            for event in self.conn.receive_data(chunk):
                 if isinstance(event, h2.events.ResponseReceived):
-                    seen["status"][event.stream_id] = dict(event.headers)[b":status"]  # type: ignore[index]
+                    headers = dict(event.headers)
+                    self.status[event.stream_id] = headers[b":status"]
+                    self.headers[event.stream_id] = headers
                 elif isinstance(event, h2.events.DataReceived):
-                    if event.stream_id == 1:
-                        seen["stalled"] += event.flow_controlled_length  # type: ignore[operator]
-                        conn.increment_flow_control_window(event.flow_controlled_length)
+                    stream_id, size = event.stream_id, event.flow_controlled_length
+                    self.received[stream_id] += size
+                    if stream_id in self.stalled:
+                        self.conn.increment_flow_control_window(size)
                     else:
-                        seen["reading"] += event.data  # type: ignore[operator]
-                        conn.acknowledge_received_data(event.flow_controlled_length,
-                                                       event.stream_id)
-                elif isinstance(event, h2.events.StreamReset) and event.stream_id == 1:
-                    seen["reset"] = event.error_code
-            sock.sendall(conn.data_to_send())
-            if seen["reset"] is not None and \
-                    bytes(seen["reading"]).count(b"\n\n") >= want_events:  # type: ignore[arg-type]
-                break
-    finally:
-        sock.close()
-    return seen
+                        self.data[stream_id] += event.data
+                        self.conn.acknowledge_received_data(size, stream_id)
+                elif isinstance(event, h2.events.StreamReset):
+                    self.reset[event.stream_id] = event.error_code
+            self.sock.sendall(self.conn.data_to_send())
+        return self
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def in_thread(port: int, ca: Path, paths: list[str], done: Callable[[H2Client], bool],
+              stalled: frozenset[int] = frozenset()) -> Any:
+    """Open C{paths} as streams of one HTTP/2 connection and read until C{done}, in a
+    thread; fires with the client (closed)."""
+
+    def run() -> H2Client:
+        client = H2Client(port, ca, stalled)
+        try:
+            for path in paths:
+                client.get(path)
+            return client.read_until(done)
+        finally:
+            client.close()
+
+    return threads.deferToThread(run)
 
 
 @pytest_twisted.ensureDeferred
@@ -249,8 +287,10 @@ async def test_over_http2_a_stream_that_is_not_read_is_reset_and_its_neighbour_g
     key, cert = tls
     env = {"REDIS_URL": redis_server.url, "SSE_MAX_QUEUE_BYTES": "131072"}
     async with running(env, {"listen": listen_tls(key, cert)}) as (d, _c):
-        client = threads.deferToThread(h2_client, d.port, cert.parent / "ca.pem",
-                                       "/subscribe/details/A", "/subscribe/details/B", 100)
+        client = in_thread(d.port, cert.parent / "ca.pem",
+                           ["/subscribe/details/A", "/subscribe/details/B"],
+                           lambda c: 1 in c.reset and c.data[3].count(b"\n\n") >= 100,
+                           stalled=frozenset({1}))
         while len(d.app.hub) < 2:
             await deferLater(reactor, 0.01, lambda: None)
         payload = b'"' + b"x" * 4000 + b'"'
@@ -259,11 +299,28 @@ async def test_over_http2_a_stream_that_is_not_read_is_reset_and_its_neighbour_g
             await publisher.publish("stream.tweet_updates.A", payload)
             await publisher.publish("stream.tweet_updates.B", b'{"n":%d}' % n)
         seen = await within(client, 30)
-    assert seen["status"] == {1: b"200", 3: b"200"}
-    assert seen["reset"] is not None  # RST_STREAM for the stalled stream only
-    assert 60_000 <= seen["stalled"] < 400_000  # type: ignore[operator]
-    events = bytes(seen["reading"]).split(b"\n\n")  # type: ignore[arg-type]
+    assert seen.status == {1: b"200", 3: b"200"}
+    assert 1 in seen.reset and 3 not in seen.reset  # RST_STREAM for the stalled one only
+    assert 60_000 <= seen.received[1] < 400_000
+    events = seen.data[3].split(b"\n\n")
     assert [json.loads(e.split(b"data:", 1)[1])["n"] for e in events if b"data:" in e] \
         == list(range(100))
     # Dropped, and gone from the hub: Twisted does not tell a reset stream's request.
     assert d.app.hub.dropped == 1 and len(d.app.hub) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_http2_keepalives_go_out_and_limits_answer_without_closing_the_connection(
+        tls, redis_server):
+    """An idle HTTP/2 stream gets its keepalive comments; a stream past --max-streams
+    gets 503 with Retry-After, and the connection (and its other stream) stays."""
+    key, cert = tls
+    env = {"REDIS_URL": redis_server.url, "MAX_STREAMS": "1", "SSE_KEEPALIVE_SEC": "0.25"}
+    async with running(env, {"listen": listen_tls(key, cert)}) as (_d, _c):
+        seen = await within(in_thread(
+            _d.port, cert.parent / "ca.pem", ["/subscribe/raw", "/subscribe/eps"],
+            lambda c: 3 in c.status and c.data[1].count(b":\n\n") >= 3), 30)
+    assert seen.status == {1: b"200", 3: b"503"}
+    assert seen.headers[3][b"retry-after"] == b"10"
+    assert seen.data[1].startswith(b":\n\n") and seen.data[1].count(b":\n\n") >= 3
+    assert seen.reset == {}
