@@ -20,11 +20,15 @@ from emojistream.config import GraphiteTarget
 from emojistream.connection import KeptConnection
 
 ADMIN_KEY = "admin_stream_status"
+#: Next to it, each node's status without its connections (their count instead): what
+#: the cluster view reads, kilobytes where the whole status is megabytes.
+SUMMARY_KEY = "admin_stream_summary"
 ADMIN_INTERVAL = 5.0
 
 
 class AdminReporter:
-    """HSETs the status document under this node's name in C{admin_stream_status}.
+    """HSETs the status document under this node's name in C{admin_stream_status}
+    (and, given C{summary}, the summary in C{admin_stream_summary}).
 
     Runs on a timer; while Redis is down a report is skipped (the connection logs
     the outage once), and a report Redis rejects is logged once until one succeeds.
@@ -33,9 +37,11 @@ class AdminReporter:
     log = Logger()
 
     def __init__(self, connection: Any, status: Callable[[], Deferred[bytes] | bytes],
-                 node: str) -> None:
+                 node: str,
+                 summary: Callable[[], Deferred[bytes] | bytes] | None = None) -> None:
         self._connection = connection
         self._status = status
+        self._summary = summary
         self._node = node
         self._failing = False
         #: Reports written since start.
@@ -54,6 +60,10 @@ class AdminReporter:
         try:
             d: Deferred[None] = maybeDeferred(self._status).addCallback(
                 lambda document: protocol.hset(ADMIN_KEY, self._node, document))
+            if self._summary is not None:
+                summary = self._summary
+                d.addCallback(lambda _: maybeDeferred(summary)).addCallback(
+                    lambda document: protocol.hset(SUMMARY_KEY, self._node, document))
         except Exception as e:
             self._failed(Failure(e))
             return None

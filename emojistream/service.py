@@ -230,7 +230,8 @@ class Emojistream:
                                      purpose="admin report")
         connection.setServiceParent(redis_parent)
         self.cluster = ClusterView(connection, clock=clock)
-        reporter = AdminReporter(connection, self.status.encoded, settings.node_name)
+        reporter = AdminReporter(connection, self.status.encoded, settings.node_name,
+                                 summary=self.status.summary)
         self._timer(ADMIN_INTERVAL, reporter.report, clock, "Admin report")
         return reporter
 

@@ -140,6 +140,12 @@ class StatusReport:
         admin report writes to Redis)."""
         return self._current().addCallback(lambda _: self._fresh().whole)
 
+    def summary(self) -> Deferred[bytes]:
+        """The document without its connections, with C{connections_total} (how many):
+        what the cluster view needs of this node."""
+        return self._current().addCallback(lambda _: b'%s,"connections_total":%d}' % (
+            self._fresh().head, len(self._fresh().connections)))
+
     def page(self, offset: int, limit: int, path: str = "", client_ip: str = ""
              ) -> Deferred[bytes]:
         """The document with only connections C{offset} to C{offset + limit} (oldest

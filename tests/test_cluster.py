@@ -69,7 +69,7 @@ def test_connections_are_counted_not_decoded():
 
 @pytest_twisted.ensureDeferred
 async def test_three_daemons_are_listed_and_a_stopped_one_turns_stale(
-        redis_server: RedisProcess) -> None:
+        redis_server: RedisProcess, publisher: Any) -> None:
     clock = Clock()
     clock.advance(1_800_000_000)
     async with AsyncExitStack() as stack:
@@ -90,12 +90,22 @@ async def test_three_daemons_are_listed_and_a_stopped_one_turns_stale(
                     await within(reporter.last_report)
 
         await reports()
+        # Another implementation's node writes its whole status only.
+        await within(publisher.hset("admin_stream_status", "go-1", json.dumps(
+            {"node": "go-1", "status": "OK", "reported_at": clock.seconds(),
+             "connections": [{"request_path": "/subscribe/eps"}] * 2})))
         _, client = daemons[0]
         response, body = await client.text("GET", "/admin/cluster.json")
         assert response.code == 200
         cluster = json.loads(body)
         names = [n["node"] for n in cluster["nodes"]]
-        assert names == [f"twisted-development-web.{n}" for n in range(3)]
+        assert names == ["go-1"] + [f"twisted-development-web.{n}" for n in range(3)]
+        assert cluster["nodes"][0]["connections"] == 2
+        # Ours are read from their summaries: the status without its connections.
+        summary = json.loads(await within(publisher.hget(
+            "admin_stream_summary", "twisted-development-web.0")))
+        assert summary["connections_total"] == 0 and "connections" not in summary
+        assert summary["node"] == "twisted-development-web.0"
         assert not any(n["stale"] for n in cluster["nodes"])
         assert cluster["totals"]["stale"] == 0
 
@@ -107,7 +117,7 @@ async def test_three_daemons_are_listed_and_a_stopped_one_turns_stale(
         _, body = await client.text("GET", "/admin/cluster.json")
         cluster = json.loads(body)
         stale = {n["node"]: n["stale"] for n in cluster["nodes"]}
-        assert stale == {"twisted-development-web.0": False,
+        assert stale == {"go-1": True, "twisted-development-web.0": False,
                          "twisted-development-web.1": False,
                          "twisted-development-web.2": True}
-        assert cluster["totals"]["nodes"] == 3 and cluster["totals"]["stale"] == 1
+        assert cluster["totals"]["nodes"] == 4 and cluster["totals"]["stale"] == 2
