@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from emojistream.config import SPECS, ConfigError, Settings, resolve
@@ -14,6 +15,8 @@ from emojistream.endpoints import ReusePortEndpoint
 from emojistream.lifecycle import ExitOnStartupError, SystemdNotifier, stop_cleanly_on_signals
 from emojistream.service import daemon
 from emojistream.workers import Workers
+
+_log = Logger(namespace="emojistream.tap")
 
 
 def _describe(spec_help: str, default: str | None, env: str | None) -> str:
@@ -68,6 +71,12 @@ class Options(usage.Options):
             settings = resolve(self._environ, given)
             if settings.workers > 1:
                 check_workers(settings)
+                if settings.event_ids:
+                    _log.warn("--event-ids with --workers {n}: each worker keeps its own "
+                              "replay buffers and the kernel picks a worker per "
+                              "connection, so most reconnections get the gap signal; "
+                              "give each worker its own port behind sticky routing for "
+                              "resumes to work", n=settings.workers)
         except ConfigError as e:
             # Not a UsageError: twistd would print its whole option list before it.
             raise SystemExit(f"twistd emojistream: {e}") from None

@@ -131,3 +131,28 @@ def test_backoff_is_capped_and_jittered():
     assert max(highs) == 5.0 and highs[-1] == 5.0 and lows[-1] == 2.5
     assert highs == sorted(highs)
     assert backoff(10_000) <= 5.0
+
+
+def test_event_ids_with_workers_warn_that_resumes_need_sticky_routing(logs):
+    options(["--workers", "2", "--event-ids", "--listen", "tcp:8001"])
+    assert any("--event-ids with --workers 2" in line and "sticky routing" in line
+               for line in logs.ours())
+    logs.events.clear()
+    options(["--workers", "2", "--listen", "tcp:8001"])
+    options(["--event-ids"])
+    assert not any("sticky" in line for line in logs.ours())
+
+
+def test_resume_settings_and_their_defaults():
+    s = resolve({}, {})
+    assert (s.event_ids, s.replay_events, s.replay_age, s.replay_bytes) == (
+        False, 10_000, 300.0, 32 << 20)
+    assert s.demo_page is False and s.admin_report is False
+    demo = resolve({"SSE_EVENT_IDS": "yes", "SSE_REPLAY_EVENTS": "5", "SSE_REPLAY_SEC": "2.5",
+                    "SSE_REPLAY_BYTES": "4096"}, {"demo": "true"})
+    assert (demo.event_ids, demo.replay_events, demo.replay_age, demo.replay_bytes) == (
+        True, 5, 2.5, 4096)
+    assert demo.demo_page is True and demo.admin_report is True
+    assert resolve({"DEMO_PAGE": "no"}, {"demo": "true"}).demo_page is False
+    with pytest.raises(ConfigError, match="SSE_REPLAY_BYTES"):
+        resolve({"SSE_REPLAY_BYTES": "0"}, {})
