@@ -53,10 +53,10 @@ class Router:
     """Turns (channel, payload) from Redis into hub broadcasts and summarizer hits.
 
     It owns the bracket of one read from Redis (L{read_started}, L{read_done}).
-    Within one read the /raw
-    broadcasts, which go to every raw client, wait until the read's detail updates,
-    which go to a few clients each, are out: a detail update does not queue behind
-    a fan-out to hundreds. Each stream still gets its messages in order.
+    Within one read the /raw broadcasts, which go to every raw client, wait until the
+    read's detail updates, which go to a few clients each, are out: a detail update
+    does not queue behind a fan-out to hundreds. Each stream still gets its messages
+    in order.
     """
 
     log = Logger()
@@ -153,8 +153,7 @@ class Router:
             return
         self._summarizer.hit(emoji_id)
         if self._raw_stream:
-            frame = (encode_event(payload) if self._journal is None
-                     else self._journal.event("/raw", payload))
+            frame = self._frame("/raw", payload)
             if self._raw_later is not None:
                 self._raw_later.append(frame)
             else:
@@ -182,6 +181,12 @@ class Router:
         self._publish("/kiosk_interaction", valid_utf8(payload), valid_utf8(channel))
 
     def _publish(self, namespace: str, data: bytes, event: bytes) -> None:
+        self._hub.publish(namespace, self._frame(namespace, data, event))
+
+    def _frame(self, namespace: str, data: bytes, event: bytes | None = None) -> bytes:
+        """The SSE message, encoded once; with event IDs, numbered and kept by the
+        journal for resuming clients."""
         journal = self._journal
-        self._hub.publish(namespace, encode_event(data, event) if journal is None
-                          else journal.event(namespace, data, event))
+        if journal is None:
+            return encode_event(data, event)
+        return journal.event(namespace, data, event)
