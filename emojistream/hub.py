@@ -40,6 +40,13 @@ def lineage(namespace: str) -> list[str]:
     return chain
 
 
+def _add_counts(counts: dict[str, int], stream: Stream) -> None:
+    """Add what C{stream} wrote, discarded and (on /eps) conflated to C{counts}."""
+    counts["written"] += stream.written
+    counts["discarded"] += stream.discarded
+    counts["conflated"] += getattr(stream, "conflated", 0)
+
+
 class Hub:
     """Every open stream, by namespace, and the counters reports read.
 
@@ -87,10 +94,7 @@ class Hub:
         self.closed += 1
         if stream.dropped:
             self.dropped += 1
-        ended = self._ended
-        ended["written"] += stream.written
-        ended["discarded"] += stream.discarded
-        ended["conflated"] += getattr(stream, "conflated", 0)
+        _add_counts(self._ended, stream)
 
     def message_counts(self) -> dict[str, int]:
         """Since start: messages written to clients (one per message per client), score
@@ -98,9 +102,7 @@ class Hub:
         messages discarded unwritten when their connection ended."""
         counts = dict(self._ended)
         for stream in self.streams():
-            counts["written"] += stream.written
-            counts["discarded"] += stream.discarded
-            counts["conflated"] += getattr(stream, "conflated", 0)
+            _add_counts(counts, stream)
         return counts
 
     def publish(self, namespace: str, frame: bytes) -> int:
