@@ -143,8 +143,12 @@ class StatusReport:
     def summary(self) -> Deferred[bytes]:
         """The document without its connections, with C{connections_total} (how many):
         what the cluster view needs of this node."""
-        return self._current().addCallback(lambda _: b'%s,"connections_total":%d}' % (
-            self._fresh().head, len(self._fresh().connections)))
+
+        def summarized(_: object) -> bytes:
+            built = self._fresh()
+            return b'%s,"connections_total":%d}' % (built.head, len(built.connections))
+
+        return self._current().addCallback(summarized)
 
     def page(self, offset: int, limit: int, path: str = "", client_ip: str = ""
              ) -> Deferred[bytes]:

@@ -130,9 +130,13 @@ def _text(request: IRequest, code: int, body: str) -> bytes:
     return body.encode("utf-8") + b"\n"
 
 
-def _json(request: IRequest, document: object) -> bytes:
+def _json_headers(request: IRequest) -> None:
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Cache-Control", b"no-cache")
+
+
+def _json(request: IRequest, document: object) -> bytes:
+    _json_headers(request)
     # Compact, as the contract writes it: {"status":"OK","closed":2}.
     return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
@@ -414,8 +418,7 @@ class AdminRoutes:
         if not self._authorized(request):
             return self._refuse(request)
         args = request.args
-        request.setHeader(b"Content-Type", b"application/json")
-        request.setHeader(b"Cache-Control", b"no-cache")
+        _json_headers(request)
         if b"limit" not in args and b"offset" not in args:
             # The whole document is megabytes with thousands of streams; it changes
             # once a second, so a client gets a big one a few times a second at most.
@@ -443,8 +446,7 @@ class AdminRoutes:
         if self._cluster is None:
             return _text(request, 404, "404 Not Found: the cluster view comes with "
                                        "--admin-report")
-        request.setHeader(b"Content-Type", b"application/json")
-        request.setHeader(b"Cache-Control", b"no-cache")
+        _json_headers(request)
 
         def unavailable(failure: Failure) -> bytes:
             failure.trap(ClusterUnavailable)
