@@ -44,7 +44,7 @@ from emojistream.reporting import (
 )
 from emojistream.router import DETAIL_PATTERN, KIOSK_PATTERN, SCORE_CHANNEL, Router
 from emojistream.sse import KEEPALIVE
-from emojistream.status import RateMeter, StatusReport
+from emojistream.status import StatusReport
 from emojistream.stream import Batcher
 from emojistream.summarizer import RATE, ScoreSummarizer, Ticker
 from emojistream.web import AdminRoutes, Health, Root, StreamRoutes, client_ip_of
@@ -184,11 +184,8 @@ class Emojistream:
         self.whole_status_rate = PerAddressRate(AdminRoutes.WHOLE_PER_SECOND, 1.0, clock)
 
         # What the daemon says of itself: status, the admin cluster's hash, graphite.
-        self.rates = RateMeter(self._counters, clock)
-        self._timer(1.0, self.rates.sample, clock, "Rate sample")
         self.status = StatusReport(self.hub, self.feed, node=settings.node_name, clock=clock,
-                                   counters=self._counters, turns=reactor,
-                                   rates=self.rates.rates)
+                                   counters=self._counters, turns=reactor)
         self.admin_reporter = self._admin_report(reactor, clock, redis_address, redis_parent)
         self.metrics = Metrics(MetricSources(
             pools=self.hub.pool_sizes, counters=self._counters,

@@ -34,24 +34,21 @@ RATES = {"in": "messages.received", "out": "messages.delivered",
 
 
 class RateMeter:
-    """Messages per second in and out, over the last C{window} seconds: sampled on a
-    timer from the daemon's running totals."""
+    """Messages per second in and out, between the last few status builds: sampled
+    from the totals each build reads anyway (at most one a second, and every 5 s
+    with the admin report), so that rates cost no scan of the streams of their own."""
 
-    def __init__(self, counters: Callable[[], Mapping[str, float]], clock: IReactorTime,
-                 window: int = 5) -> None:
-        self._counters = counters
-        self._clock = clock
-        self._samples: deque[tuple[float, dict[str, float]]] = deque(maxlen=window + 1)
+    def __init__(self, samples: int = 3) -> None:
+        self._samples: deque[tuple[float, dict[str, float]]] = deque(maxlen=samples)
 
-    def sample(self) -> None:
-        totals = self._counters()
-        self._samples.append((self._clock.seconds(),
-                              {key: totals.get(total, 0) for key, total in RATES.items()}))
-
-    def rates(self) -> dict[str, float]:
-        """Per second, between the oldest and newest samples (empty before two)."""
-        if len(self._samples) < 2:
-            return {}
+    def sample(self, now: float, totals: Mapping[str, float]) -> dict[str, float]:
+        """Take C{totals} at C{now}; the rates per second between the oldest sample
+        kept and this one (empty before two)."""
+        values = {key: totals.get(total, 0) for key, total in RATES.items()}
+        if self._samples and self._samples[-1][0] >= now:
+            self._samples[-1] = (self._samples[-1][0], values)  # the same moment again
+        else:
+            self._samples.append((now, values))
         (t0, old), (t1, new) = self._samples[0], self._samples[-1]
         if t1 <= t0:
             return {}
@@ -81,15 +78,14 @@ class StatusReport:
 
     def __init__(self, hub: Hub, feed: HasState, *, node: str, clock: IReactorTime,
                  counters: Callable[[], Mapping[str, float]] = dict,
-                 turns: IReactorTime | None = None,
-                 rates: Callable[[], Mapping[str, float]] = dict) -> None:
+                 turns: IReactorTime | None = None) -> None:
         self._hub = hub
         self._feed = feed
         self._node = node
         self._clock = clock
         self._turns = turns
         self._counters = counters
-        self._rates = rates
+        self._rates = RateMeter()
         self._cached: _Built | None = None
         self._waiting: list[Deferred[None]] | None = None
         self._cached_state = ""
@@ -191,9 +187,9 @@ class StatusReport:
             "reported_at": int(now),
             "redis": redis,
             "pools": self._hub.pool_sizes(),
-            "totals": dict(self._counters()),
-            "rates": dict(self._rates()),
         }
+        document["totals"] = totals = dict(self._counters())
+        document["rates"] = self._rates.sample(now, totals)
         if connections:
             document["connections"] = self._hub.snapshot(now)
         return document

@@ -121,3 +121,18 @@ async def test_three_daemons_are_listed_and_a_stopped_one_turns_stale(
                          "twisted-development-web.1": False,
                          "twisted-development-web.2": True}
         assert cluster["totals"]["nodes"] == 4 and cluster["totals"]["stale"] == 2
+
+
+def test_a_node_s_rates_come_from_its_last_status_builds():
+    from emojistream.status import RateMeter
+
+    meter = RateMeter()
+    assert meter.sample(100, {"messages.received": 0, "messages.delivered": 0}) == {}
+    assert meter.sample(105, {"messages.received": 500, "messages.delivered": 1500}) == {
+        "in": 100.0, "out": 300.0, "dropped": 0.0}
+    # The same moment again (a second build of it) replaces, never divides by zero.
+    assert meter.sample(105, {"messages.received": 600, "messages.delivered": 1500}) == {
+        "in": 120.0, "out": 300.0, "dropped": 0.0}
+    meter.sample(110, {"messages.received": 1000})
+    # Three samples kept: the oldest falls out.
+    assert meter.sample(115, {"messages.received": 1600})["in"] == 100.0
