@@ -28,6 +28,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from emojistream.children import child_environment, die_with_parent
 from emojistream.config import RedisAddress
 from emojistream.redisconn import RedisConnection
 
@@ -110,8 +111,9 @@ class EmbeddedRedis(MultiService):
         self.running = 1
         self._process = _RedisProcess(self)
         args = redis_server_args(self._executable, self.address.port)
+        command = die_with_parent(args, os.getpid())
         self._transport = self._reactor.spawnProcess(
-            self._process, self._executable, args, env=dict(os.environ)
+            self._process, command[0], command, env=child_environment(os.environ)
         )
         self.log.info("Starting embedded Redis: {cmd}", cmd=" ".join(args))
 

@@ -55,3 +55,131 @@ def parse_reuseport(reactor: Any, port: str, interface: str = "", backlog: str =
         raise ValueError(f"port {number} is not between 1 and 65535 (several processes "
                          "share a port only when it is named)")
     return ReusePortEndpoint(reactor, number, interface, int(backlog))
+
+
+#: Pending connections a listening socket queues unless its description says. Twisted's
+#: default of 50 turns a reconnection wave of thousands of EventSources into a minute
+#: of dropped SYNs.
+LISTEN_BACKLOG = 1024
+#: Endpoint types whose description takes C{backlog=}.
+_WITH_BACKLOG = ("tcp", "tcp6", "ssl", "unix", "reuseport")
+
+
+def _split_unescaped(text: str, separator: str, limit: int = -1) -> list[str]:
+    """C{text} split on C{separator} where no backslash escapes it (escapes kept)."""
+    parts, current, escaped = [], "", False
+    for ch in text:
+        if escaped:
+            current += ch
+            escaped = False
+        elif ch == "\\":
+            current += ch
+            escaped = True
+        elif ch == separator and limit != 0:
+            parts.append(current)
+            current = ""
+            limit -= 1
+        else:
+            current += ch
+    parts.append(current)
+    return parts
+
+
+def _unescape(text: str) -> str:
+    out, escaped = "", False
+    for ch in text:
+        if escaped or ch != "\\":
+            out += ch
+            escaped = False
+        else:
+            escaped = True
+    return out
+
+
+def _escape(text: str) -> str:
+    return "".join("\\" + ch if ch in ":=\\" else ch for ch in text)
+
+
+def split_endpoint(description: str) -> tuple[str, list[str], dict[str, str]]:
+    """An endpoint description's type, positional and keyword arguments, as Twisted's
+    string grammar reads them (C{:} between arguments, C{key=value}, C{\\} escapes)."""
+    prefix, *rest = _split_unescaped(description.strip(), ":")
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    for part in rest:
+        key, *value = _split_unescaped(part, "=", 1)
+        if value:
+            kwargs[_unescape(key)] = _unescape(value[0])
+        else:
+            args.append(_unescape(key))
+    return prefix.lower(), args, kwargs
+
+
+def join_endpoint(prefix: str, args: list[str], kwargs: dict[str, str]) -> str:
+    """The description L{split_endpoint} reads back as these arguments."""
+    parts = [prefix, *map(_escape, args), *(f"{_escape(k)}={_escape(v)}"
+                                            for k, v in kwargs.items())]
+    return ":".join(parts)
+
+
+def with_backlog(description: str) -> str:
+    """C{description} with the deep L{LISTEN_BACKLOG} where it names no backlog itself
+    (systemd's sockets have theirs from the socket unit)."""
+    prefix, _args, kwargs = split_endpoint(description)
+    if prefix not in _WITH_BACKLOG or "backlog" in kwargs:
+        return description
+    return f"{description.strip()}:backlog={LISTEN_BACKLOG}"
+
+
+def _port_argument(args: list[str], kwargs: dict[str, str]) -> tuple[int, bool] | None:
+    """The port number of a C{tcp:}-like description, and whether it is positional."""
+    text = args[0] if args else kwargs.get("port")
+    if text is None or not text.strip().isdigit():
+        return None
+    return int(text), bool(args)
+
+
+def shared_port(description: str) -> str:
+    """The C{reuseport:} endpoint that workers share for a C{tcp:} or C{reuseport:}
+    C{--listen}, keeping its interface and backlog. Raises ValueError if it cannot be
+    shared."""
+    prefix, args, kwargs = split_endpoint(description)
+    found = _port_argument(args, kwargs) if prefix in ("tcp", "reuseport") else None
+    if found is None:
+        raise ValueError(f"{description!r} cannot be shared; give a tcp: or reuseport: "
+                         "--listen")
+    if found[0] == 0:
+        raise ValueError("the workers share one port; name it (not 0)")
+    shared = {"backlog": kwargs.get("backlog", str(LISTEN_BACKLOG))}
+    if kwargs.get("interface"):
+        shared["interface"] = kwargs["interface"]
+    return join_endpoint("reuseport", [str(found[0])], shared)
+
+
+def numbered(description: str, number: int) -> str:
+    """Worker C{number}'s own endpoint for C{description}: the port plus C{number - 1}
+    (port 0 stays 0), or a UNIX socket path with C{.number} appended. Raises
+    ValueError for descriptions that cannot be numbered (a systemd socket)."""
+    prefix, args, kwargs = split_endpoint(description)
+    if prefix in ("tcp", "tcp6", "ssl", "reuseport"):
+        found = _port_argument(args, kwargs)
+        if found is not None:
+            port, positional = found
+            value = str(port + number - 1) if port else "0"
+            if port + number - 1 > 65535:
+                raise ValueError(f"{description!r}: worker {number}'s port would be "
+                                 f"{port + number - 1}, past 65535")
+            if positional:
+                args[0] = value
+            else:
+                kwargs["port"] = value
+            return join_endpoint(prefix, args, kwargs)
+    if prefix == "unix":
+        if args:
+            args[0] = f"{args[0]}.{number}"
+            return join_endpoint(prefix, args, kwargs)
+        if "address" in kwargs:
+            kwargs["address"] = f"{kwargs['address']}.{number}"
+            return join_endpoint(prefix, args, kwargs)
+    raise ValueError(f"{description!r} cannot give each worker its own endpoint; use "
+                     "tcp:PORT (worker i listens on PORT + i - 1) or unix:PATH (PATH.i)")

@@ -3,13 +3,15 @@ graceful drain of open streams on SIGTERM."""
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import random
 import resource
 import signal
-import socket
+import sys
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -51,35 +53,81 @@ def fit_fd_limit(max_streams: int) -> None:
                  fit=max(0, soft - reserve))
 
 
-def stop_cleanly_on_signals(reactor: Any) -> None:
-    """Make SIGTERM and SIGINT stop the reactor (draining streams) and exit 0.
+class Signals(Service):
+    """What the signals operators send do, installed when the daemon starts: SIGTERM and
+    SIGINT stop it (draining streams) with exit status 0; SIGHUP calls C{reload} (the
+    workers' rolling restart) or is logged where there is nothing to reload; SIGUSR1
+    rotates the log file where twistd logs to one, and is logged otherwise. None of
+    them ends the process abruptly, as their default actions would.
 
-    twistd's own handlers re-raise the signal at exit, so a service manager sees
-    the process killed by it; a requested, completed stop is a success.
+    twistd's own SIGTERM handler re-raises the signal at exit, so a service manager
+    would see the process killed by it; a requested, completed stop is a success.
     """
 
-    stopping = False
+    def __init__(self, reactor: Any, *, reload: Callable[[], object] | None = None) -> None:
+        self._reactor = reactor
+        #: What SIGHUP does, if anything.
+        self.reload = reload
+        self._stopping = False
 
-    def handler(signum: int, frame: object) -> None:
-        nonlocal stopping
-        if stopping:
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        # Before anything listens, for a signal that comes while the daemon is starting
+        # (the stop then runs as soon as the reactor does), and again after the
+        # reactor's own handlers, which it installs as it starts.
+        self._install()
+        self._reactor.callWhenRunning(self._install)
+
+    def _install(self) -> None:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGHUP, self._hup)
+        # twistd rotates its log file on SIGUSR1 when it logs to one; else it is ours.
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None, self._usr1):
+            signal.signal(signal.SIGUSR1, self._usr1)
+
+    def _stop(self, signum: int, frame: object) -> None:
+        if self._stopping:
             # A second signal (a process group's, or an impatient operator's): the
             # stop is under way already.
             return
-        stopping = True
-        log.info("Received {name}, draining streams and stopping",
-                 name=signal.Signals(signum).name)
-        reactor.callFromThread(reactor.stop)
+        self._stopping = True
+        self._reactor.callFromThread(self._log_and_stop, signal.Signals(signum).name)
 
-    def install() -> None:
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+    def _log_and_stop(self, name: str) -> None:
+        log.info("Received {name}, draining streams and stopping", name=name)
+        self._reactor.stop()
 
-    # Now, for a signal that comes while the daemon is starting (the stop then runs
-    # as soon as the reactor does), and again after the reactor's own handlers,
-    # which it installs as it starts.
-    install()
-    reactor.callWhenRunning(install)
+    def _hup(self, signum: int, frame: object) -> None:
+        self._reactor.callFromThread(self._reload_now)
+
+    def _reload_now(self) -> None:
+        if self.reload is None:
+            log.info("Received SIGHUP: a single process has nothing to reload; serving "
+                     "on (SIGTERM stops it; under --workers SIGHUP replaces the workers)")
+        else:
+            log.info("Received SIGHUP: replacing the workers one at a time")
+            self.reload()
+
+    def _usr1(self, signum: int, frame: object) -> None:
+        self._reactor.callFromThread(
+            log.info, "Received SIGUSR1: logging to standard output, nothing to reopen")
+
+
+def exit_after_stop(reactor: Any, code: int) -> None:
+    """Stop the reactor (services stop in order) and leave the process with status
+    C{code}: twistd itself always exits 0 once its reactor stops."""
+
+    def leave() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+    # Registered now, after twistd's own exit handlers: it runs first at exit, once
+    # the stop, the pid file's removal and the log's end are done.
+    atexit.register(leave)
+    reactor.stop()
 
 
 def freeze_startup_objects() -> None:
@@ -98,7 +146,6 @@ def freeze_startup_objects() -> None:
 def prepare_process(reactor: Any, max_streams: int) -> None:
     """What a daemon process (twistd plugin or .tac) needs beyond its service tree."""
     fit_fd_limit(max_streams)
-    stop_cleanly_on_signals(reactor)
     reactor.callWhenRunning(freeze_startup_objects)
 
 
@@ -140,7 +187,7 @@ class Drain(Service):
                  rand: Callable[[], float] = random.random) -> None:
         self._hub = hub
         self._clock = clock
-        self._period = period
+        self.period = period
         self._rand = rand
         #: True once the drain has begun: new streams are told to go elsewhere.
         self.draining = False
@@ -155,7 +202,7 @@ class Drain(Service):
         streams = list(self._hub.streams())
         if not streams:
             return succeed(None)
-        log.info("Draining {n} streams over {s:g} s", n=len(streams), s=self._period)
+        log.info("Draining {n} streams over {s:g} s", n=len(streams), s=self.period)
         done: Deferred[None] = Deferred()
         remaining = len(streams)
 
@@ -170,85 +217,5 @@ class Drain(Service):
         for stream in streams:
             stream.send_control(encode_retry(self.retry_hint()))
             # Spread over the first 90 % of the period: the last is closed in time.
-            self._clock.callLater(self._period * 0.9 * self._rand(), close, stream)
+            self._clock.callLater(self.period * 0.9 * self._rand(), close, stream)
         return done
-
-
-class SystemdNotifier(Service):
-    """Tells systemd how the daemon is doing (C{Type=notify}): C{READY=1} once it is
-    listening, C{WATCHDOG=1} from a reactor timer (so only a turning reactor keeps
-    the watchdog quiet), C{STATUS=} with the open streams and the Redis state, and
-    C{STOPPING=1} when the stop (and so the drain) begins.
-
-    Built by L{SystemdNotifier.from_environment} only when C{NOTIFY_SOCKET} is set.
-    """
-
-    def __init__(self, address: str, *, clock: Any, listening: Callable[[], Deferred[Any]],
-                 status: Callable[[], str], watchdog: float | None = None) -> None:
-        # An address starting with "@" is in Linux's abstract namespace.
-        self._address = "\0" + address[1:] if address.startswith("@") else address
-        self._clock = clock
-        self._listening = listening
-        self._status = status
-        self._watchdog = watchdog
-        self._socket: socket.socket | None = None
-        self._timer: Any = None
-        self._failed = False
-        self.ready = False
-
-    @classmethod
-    def from_environment(cls, environ: dict[str, str] | Any, **kwargs: Any
-                         ) -> SystemdNotifier | None:
-        """A notifier for the socket systemd named, or None outside systemd. The
-        variables are taken out of C{environ}, so child processes do not inherit them."""
-        address = environ.pop("NOTIFY_SOCKET", None)
-        usec = environ.pop("WATCHDOG_USEC", None)
-        pid = environ.pop("WATCHDOG_PID", None)
-        if not address:
-            return None
-        watchdog = None
-        if usec and usec.isdigit() and int(usec) > 0 and pid in (None, str(os.getpid())):
-            # Twice per period, as sd_watchdog_enabled(3) advises.
-            watchdog = int(usec) / 2e6
-        return cls(address, watchdog=watchdog, **kwargs)
-
-    def notify(self, message: str) -> None:
-        """Send one notification; a failure is logged once and never raised."""
-        if self._socket is None:
-            return
-        try:
-            self._socket.sendto(message.encode("utf-8"), self._address)
-        except OSError as e:
-            if not self._failed:
-                self._failed = True
-                log.warn("Cannot notify systemd at {address}: {e}", address=self._address,
-                         e=e)
-
-    def startService(self) -> None:
-        super().startService()
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._socket.setblocking(False)
-        self._listening().addCallback(self._ready)
-        if self._watchdog is not None:
-            from twisted.internet.task import LoopingCall
-
-            self._timer = LoopingCall(self._ping)
-            self._timer.clock = self._clock
-            self._timer.start(self._watchdog, now=True)
-
-    def _ready(self, _: object) -> None:
-        if self.running:
-            self.ready = True
-            self.notify(f"READY=1\nSTATUS={self._status()}")
-
-    def _ping(self) -> None:
-        self.notify("WATCHDOG=1" + (f"\nSTATUS={self._status()}" if self.ready else ""))
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.notify("STOPPING=1\nSTATUS=draining streams and stopping")
-        if self._timer is not None and self._timer.running:
-            self._timer.stop()
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 import resource
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
@@ -20,17 +21,19 @@ from twisted.logger import Logger
 from emojistream.cluster import ClusterView
 from emojistream.config import RedisAddress, Settings
 from emojistream.demo import EmbeddedRedis, Feeder, find_redis_server, free_port
+from emojistream.endpoints import with_backlog
 from emojistream.http import ConnectionGate, PerAddressRate, QuietSite
 from emojistream.hub import KEEPALIVE_TICKS, POOLS, Hub
 from emojistream.lifecycle import (
     Drain,
     ExitOnStartupError,
     OrderedStop,
+    Signals,
     StartupError,
-    SystemdNotifier,
     prepare_process,
 )
 from emojistream.metrics import Delays, DeliveryDelays, Metrics, MetricSources
+from emojistream.notify import Notifier
 from emojistream.redisconn import RedisConnection
 from emojistream.redisfeed import RedisFeed
 from emojistream.replay import Journal
@@ -48,6 +51,9 @@ from emojistream.status import StatusReport
 from emojistream.stream import Batcher
 from emojistream.summarizer import RATE, ScoreSummarizer, Ticker
 from emojistream.web import AdminRoutes, Health, Root, StreamRoutes, client_ip_of
+from emojistream.workers import ParentLink, worker_number
+
+_log = Logger()
 
 
 class _RecordingEndpoint:
@@ -197,6 +203,11 @@ class Emojistream:
         # Stopping drains the streams; the web goes first (it stops in reverse order).
         self.drain = Drain(self.hub, clock=clock, period=settings.drain)
         self.drain.setServiceParent(self.service)
+        #: Who is told of the stop (systemd, a --workers parent): stopped once the
+        #: listeners have closed and before the drain, so that a parent may start a
+        #: replacement on the same ports at once.
+        self.announce = MultiService()
+        self.announce.setServiceParent(self.service)
         self._web(reactor, clock)
 
     def _redis(self, reactor: Any) -> tuple[RedisAddress, MultiService]:
@@ -268,7 +279,8 @@ class Emojistream:
             self.admin_endpoint = self._listen(reactor, settings.admin_listen, Root(None, admin))
 
     def _listen(self, reactor: Any, description: str, root: Root) -> _RecordingEndpoint:
-        endpoint = _RecordingEndpoint(serverFromString(reactor, description), self.gate)
+        endpoint = _RecordingEndpoint(serverFromString(reactor, with_backlog(description)),
+                                      self.gate)
         site = QuietSite(root, send_buffer=self.settings.send_buffer,
                          request_timeout=self.settings.request_timeout, gate=self.gate,
                          reactor=reactor)
@@ -324,17 +336,43 @@ class Emojistream:
         return f"{len(self.hub)} streams, Redis {self.feed.state}"
 
 
-def daemon(settings: Settings, reactor: Any, environ: Any = None) -> IService:
+def daemon(settings: Settings, reactor: Any, environ: Mapping[str, str] | None = None
+           ) -> IService:
     """What twistd runs, through the plugin or the .tac: the process prepared (open
-    files, signals), the service tree, and systemd told how it goes when it asks."""
+    files, signals), the service tree, and its manager told how it goes: systemd when
+    it asks, or the C{--workers} parent that started this process as a worker."""
+    environ = os.environ if environ is None else environ
     prepare_process(reactor, settings.max_streams)
     root = ExitOnStartupError()
+    # First, so that signals are handled before anything listens.
+    Signals(reactor).setServiceParent(root)
     app = Emojistream(settings, reactor)
     app.service.setServiceParent(root)
-    notifier = SystemdNotifier.from_environment(
-        os.environ if environ is None else environ, clock=reactor,
-        listening=app.when_listening, status=app.summary)
+    notifier: Notifier | None
+    if worker_number(environ) is not None:
+        link = ParentLink(reactor, lambda: _parent_gone(reactor, app))
+        notifier = Notifier(link, clock=reactor, listening=app.when_listening,
+                            status=app.summary, watchdog=WORKER_HEARTBEAT)
+    else:
+        notifier = Notifier.for_systemd(environ, clock=reactor,
+                                        listening=app.when_listening, status=app.summary)
     if notifier is not None:
-        # Added last, stopped first: STOPPING=1 goes as the stop (and drain) begins.
-        notifier.setServiceParent(app.service)
+        notifier.setServiceParent(app.announce)
     return root
+
+
+#: Seconds between a worker's heartbeats to its parent.
+WORKER_HEARTBEAT = 0.5
+#: Seconds a worker whose parent has gone takes to drain its streams.
+ORPHAN_DRAIN = 1.0
+
+
+def _parent_gone(reactor: Any, app: Emojistream) -> None:
+    """A worker's parent has ended: stop at once (the listeners first, so that no
+    orphan holds the port) and drain quickly; the alarm ends the process even if the
+    stop hangs."""
+    _log.warn("The parent process has ended: stopping (streams drained over {s:g} s)",
+              s=ORPHAN_DRAIN)
+    app.drain.period = min(app.drain.period, ORPHAN_DRAIN)
+    signal.alarm(int(ORPHAN_DRAIN) + 10)
+    reactor.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, ClassVar
 
 from twisted.application.service import IService
@@ -11,10 +12,12 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from emojistream.config import SPECS, ConfigError, Settings, resolve
-from emojistream.endpoints import ReusePortEndpoint
-from emojistream.lifecycle import ExitOnStartupError, SystemdNotifier, stop_cleanly_on_signals
+from emojistream.endpoints import numbered, shared_port
+from emojistream.lifecycle import ExitOnStartupError, Signals, exit_after_stop
+from emojistream.notify import Notifier
 from emojistream.service import daemon
-from emojistream.workers import Workers
+from emojistream.supervisor import Supervisor
+from emojistream.workers import ProcessLauncher, worker_number
 
 _log = Logger(namespace="emojistream.tap")
 
@@ -53,7 +56,8 @@ class Options(usage.Options):
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
-        self._environ = os.environ if environ is None else environ
+        #: The environment settings are read from (and workers inherit).
+        self.environ = os.environ if environ is None else environ
         self.settings: Settings | None = None
 
     def postOptions(self) -> None:
@@ -68,7 +72,10 @@ class Options(usage.Options):
             else:
                 given[spec.key] = self[spec.option]
         try:
-            settings = resolve(self._environ, given)
+            settings = resolve(self.environ, given)
+            if worker_number(self.environ) is not None:
+                # A worker never starts workers, whatever its environment says.
+                settings = replace(settings, workers=1)
             if settings.workers > 1:
                 check_workers(settings)
                 if settings.event_ids:
@@ -96,8 +103,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor
     assert options.settings is not None
     if options.settings.workers > 1:
-        return workers_daemon(options.settings, options.given, reactor)
-    return daemon(options.settings, reactor)
+        return workers_daemon(options.settings, options.given, reactor, options.environ)
+    return daemon(options.settings, reactor, options.environ)
 
 
 def check_workers(settings: Settings) -> None:
@@ -105,60 +112,53 @@ def check_workers(settings: Settings) -> None:
     if settings.demo and not settings.redis_given:
         raise ConfigError("--workers: each worker would start its own demo Redis; "
                           "start one and give --redis")
-    shared_port(settings.listen)
-
-
-def shared_port(description: str) -> str:
-    """The C{reuseport:} endpoint that workers share for a C{tcp:} or C{reuseport:}
-    C{--listen}."""
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import serverFromString
-
-    endpoint = serverFromString(reactor, description)
-    if isinstance(endpoint, ReusePortEndpoint):
-        port, interface, backlog = endpoint.port, endpoint.interface, endpoint.backlog
-    elif description.lower().startswith("tcp:"):
-        port = getattr(endpoint, "_port", 0)
-        interface = getattr(endpoint, "_interface", "")
-        backlog = getattr(endpoint, "_backlog", 1024)
-    else:
-        raise ConfigError(f"--workers: {description!r} cannot be shared; give a tcp: or "
-                          "reuseport: --listen")
-    if not port:
-        raise ConfigError("--workers: the workers share one port; name it (not 0)")
-    where = f":interface={interface}" if interface else ""
-    return f"reuseport:{port}{where}:backlog={backlog}"
+    try:
+        shared_port(settings.listen)
+        if settings.admin_listen:
+            for number in (1, settings.workers):
+                numbered(settings.admin_listen, number)
+    except ValueError as e:
+        raise ConfigError(f"--workers: {e}") from None
 
 
 def worker_arguments(settings: Settings, given: Mapping[str, str | None], number: int
                      ) -> list[str]:
     """twistd arguments of worker C{number}: what was given, less C{--workers}, on the
-    shared port, named C{<node>-<number>}. The environment reaches it as it is."""
-    args = ["--nodaemon", "--pidfile=", "emojistream"]
+    shared port, with its own admin endpoint, named C{<node>-<number>}. The rest of
+    the environment reaches it as it is (L{emojistream.workers.worker_environment})."""
+    args = ["emojistream"]
+    derived = ("workers", "listen", "node", "admin_listen")
     for spec in SPECS:
         value = given.get(spec.key)
-        if value is None or spec.key in ("workers", "listen", "node"):
+        if value is None or spec.key in derived:
             continue
         if spec.is_flag:
             args.append(f"--{spec.option}" if value == "true" else f"--no-{spec.option}")
         else:
             args += [f"--{spec.option}", value]
     args += ["--listen", shared_port(settings.listen), "--node", f"{settings.node}-{number}"]
+    if settings.admin_listen:
+        args += ["--admin-listen", numbered(settings.admin_listen, number)]
     return args
 
 
-def workers_daemon(settings: Settings, given: Mapping[str, str | None], reactor: Any
-                   ) -> IService:
-    """The parent of C{--workers N}: supervises the workers, tells systemd."""
+def workers_daemon(settings: Settings, given: Mapping[str, str | None], reactor: Any,
+                   environ: Mapping[str, str]) -> IService:
+    """The parent of C{--workers N}: supervises the workers, alone tells systemd."""
     root = ExitOnStartupError()
-    stop_cleanly_on_signals(reactor)
-    workers = Workers(reactor, settings.workers,
-                      lambda n: worker_arguments(settings, given, n),
-                      stop_timeout=settings.drain + 10)
-    # systemd hears from the parent alone (NotifyAccess=main), once all serve.
-    notifier = SystemdNotifier.from_environment(
-        os.environ, clock=reactor, listening=workers.when_serving, status=workers.summary)
-    workers.setServiceParent(root)
+    supervisor_signals = Signals(reactor)
+    supervisor_signals.setServiceParent(root)
+    launcher = ProcessLauncher(reactor, lambda n: worker_arguments(settings, given, n),
+                               environ)
+    supervisor = Supervisor(settings.workers, launcher, clock=reactor,
+                            halt=lambda why: exit_after_stop(reactor, 1),
+                            stop_timeout=settings.drain + 10)
+    supervisor.setServiceParent(root)
+    supervisor_signals.reload = supervisor.reload
+    notifier = Notifier.for_systemd(environ, clock=reactor,
+                                    listening=supervisor.when_serving,
+                                    status=supervisor.summary)
     if notifier is not None:
+        # Added last, stopped first: STOPPING=1 goes as the stop begins.
         notifier.setServiceParent(root)
     return root

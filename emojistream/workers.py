@@ -1,152 +1,293 @@
-"""Several worker processes on one port, from one command: C{--workers N}.
+"""The processes of C{--workers N}: how the parent starts each worker and hears from
+it, and each worker's end of that link. What the parent decides about its workers is
+in L{emojistream.supervisor}.
 
-The parent runs no streams itself. It starts N C{twistd -n emojistream} children,
-each with its own C{reuseport:} socket on the same port (the kernel spreads new
-connections over them), its own Redis subscription and summarizer, and its own node
-name (C{<node>-<i>}). A child that dies is replaced; on SIGTERM every child is told
-to stop, drains its streams, and the parent exits once all have.
+A worker is C{twistd -n emojistream} run by the parent's own interpreter with the
+parent's own C{sys.path} (whatever the current directory holds), given one end of a
+socket pair as descriptor 3. Over it the worker says what a daemon tells systemd
+(READY, WATCHDOG twice a second, STATUS, STOPPING), framed as netstrings; the parent
+alone talks to systemd. When the parent ends, by any cause, the worker reads the end
+of the link and stops within a second or two, closing its listeners at once, so no
+orphan holds the port. A worker logs events as JSON lines, which the parent logs as
+its own with the worker's number and pid, in the parent's format and to its log.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from typing import Any
+from typing import IO, Any
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogLevel,
+    LogPublisher,
+    formatEvent,
+    globalLogPublisher,
+)
+from twisted.protocols.basic import NetstringReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-#: How a child starts twistd: the same interpreter, so the same installation.
-RUN_TWISTD = "from twisted.scripts.twistd import run; run()"
-#: A child's log line that says it is serving.
-SERVING = b"Serving HTTP on "
+from emojistream.children import child_environment
+from emojistream.notify import parse_notification
+from emojistream.supervisor import WorkerEvents
+
+log = Logger()
+
+#: Set in a worker's environment: its number. A process that has it never starts workers.
+WORKER_VARIABLE = "EMOJISTREAM_WORKER"
+#: The worker's end of the link to its parent.
+LINK_FD = 3
+#: How a worker starts: the parent's C{sys.path} (argument 1), then twistd. C{-P} keeps
+#: the current directory off the path before that.
+BOOT = ("import sys, json; sys.path[:] = json.loads(sys.argv.pop(1)); "
+        "sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()")
+#: twistd's observer for a worker's log: JSON lines the parent reads back.
+RELAY_LOGGER = "emojistream.workers.relay_stdout"
 
 
-class _Child(ProcessProtocol):
-    """One worker: passes its output on whole lines at a time, notices it serving."""
+def worker_environment(environ: Mapping[str, str], number: int) -> dict[str, str]:
+    """A worker's environment: the parent's, less what is the parent's alone (systemd's
+    variables, C{WORKERS}), and with its number."""
+    env = child_environment(environ, drop=("WORKERS",))
+    env[WORKER_VARIABLE] = str(number)
+    return env
 
-    def __init__(self, owner: Workers, number: int) -> None:
-        self._owner = owner
-        self.number = number
-        self._partial = b""
-        self.serving = False
-        self.ended: Deferred[None] = Deferred()
 
-    def outReceived(self, data: bytes) -> None:
-        lines, _, self._partial = (self._partial + data).rpartition(b"\n")
+def worker_number(environ: Mapping[str, str]) -> int | None:
+    """This process's worker number, if its parent started it as a worker."""
+    value = environ.get(WORKER_VARIABLE, "")
+    return int(value) if value.isdigit() else None
+
+
+def worker_command(twistd_arguments: Sequence[str]) -> list[str]:
+    """The command line of a worker running C{twistd_arguments}."""
+    return [sys.executable, "-P", "-c", BOOT, json.dumps(sys.path), "--nodaemon",
+            "--pidfile=", "--logger", RELAY_LOGGER, *twistd_arguments]
+
+
+# -- the parent's side ------------------------------------------------------------------
+
+
+class _Handle:
+    """A running worker: its pid, and signals to it."""
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self.pid: int = transport.pid
+
+    def signal(self, signum: int) -> None:
+        with suppress(ProcessExitedAlready, OSError):
+            self._transport.signalProcess(signum)
+
+
+class _LinkFromWorker(NetstringReceiver):
+    """The parent's end of the link: each netstring is one notification."""
+
+    def __init__(self, events: WorkerEvents) -> None:
+        self._events = events
+
+    def stringReceived(self, string: bytes) -> None:
+        self._events.notified(parse_notification(string.decode("utf-8", "replace")))
+
+
+class _WorkerProcess(ProcessProtocol):
+    """A worker's output, logged as the parent's own events; its end reported."""
+
+    def __init__(self, number: int, events: WorkerEvents, publish: Callable[[Any], None]
+                 ) -> None:
+        self._number = number
+        self._events = events
+        self._publish = publish
+        self._partial = {1: b"", 2: b""}
+        self.pid = 0
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD not in self._partial:
+            return
+        lines, _, self._partial[childFD] = (self._partial[childFD] + data).rpartition(b"\n")
         if lines:
-            if not self.serving and SERVING in lines:
-                self.serving = True
-                self._owner.child_serving(self)
-            self._owner.write_log(lines + b"\n")
+            for line in lines.split(b"\n"):
+                self._relay(line)
 
-    errReceived = outReceived
+    def _relay(self, line: bytes) -> None:
+        event = relayed_event(line.decode("utf-8", "replace"), self._number, self.pid)
+        if event is None:
+            return
+        self._events.said(formatEvent(event))
+        self._publish(event)
 
     def processEnded(self, reason: Failure) -> None:
-        if self._partial:
-            self._owner.write_log(self._partial + b"\n")
-        self.ended.callback(None)
-        self._owner.child_ended(self, reason)
+        for rest in self._partial.values():
+            if rest:
+                self._relay(rest)
+        value = reason.value
+        code = getattr(value, "exitCode", None)
+        sig = getattr(value, "signal", None)
+        self._events.ended(f"killed by {signal.Signals(sig).name}" if sig
+                           else f"exit code {code}")
 
 
-class Workers(Service):
-    """Keeps C{count} worker processes running; see the module docstring.
+_LEVELS = ("debug", "info", "warn", "error", "critical")
 
-    @param arguments: the twistd arguments of worker number C{i} (from 1).
+
+def relayed_event(line: str, number: int, pid: int) -> dict[str, Any] | None:
+    """The log event a worker's output line stands for, marked with the worker: one of
+    L{relay_record}'s JSON lines, or any other line (a traceback before logging began)
+    as a warning of its own."""
+    text = line.rstrip("\r")
+    if not text.strip():
+        return None
+    record: dict[str, Any] = {}
+    if text.startswith("{"):
+        with suppress(ValueError):
+            record = json.loads(text)
+    if not isinstance(record, dict) or "text" not in record:
+        record = {"text": text, "level": "warn", "namespace": "stderr"}
+    name = record.get("level")
+    level = LogLevel.levelWithName(name) if name in _LEVELS else LogLevel.info
+    namespace = str(record.get("namespace", "-"))
+    event: dict[str, Any] = {
+        "log_format": "{log_text}",
+        "log_text": str(record["text"]),
+        "log_level": level,
+        "log_namespace": namespace,
+        "log_system": f"worker-{number} pid {pid} {namespace}#{level.name}",
+        "worker": number,
+        "worker_pid": pid,
+    }
+    if isinstance(record.get("time"), int | float):
+        event["log_time"] = float(record["time"])
+    return event
+
+
+def relay_record(event: dict[str, Any]) -> dict[str, Any]:
+    """What a worker writes of one log event, for its parent to log."""
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        text = f"{text}\n{failure.getTraceback()}"
+    level = event.get("log_level")
+    return {"time": event.get("log_time"), "level": getattr(level, "name", "info"),
+            "namespace": event.get("log_namespace", "-"), "text": text}
+
+
+@implementer(ILogObserver)
+class _RelayObserver:
+    def __init__(self, out: IO[str]) -> None:
+        self._out = out
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self._out.write(json.dumps(relay_record(event), ensure_ascii=False, default=str)
+                        + "\n")
+        self._out.flush()
+
+
+def relay_stdout() -> _RelayObserver:
+    """twistd C{--logger} factory of a worker: L{relay_record} lines on standard output."""
+    return _RelayObserver(sys.__stdout__ or sys.stdout)
+
+
+class ProcessLauncher:
+    """Starts workers as processes (the L{emojistream.supervisor.Launcher} of a real
+    parent).
+
+    @param arguments: the twistd arguments of worker number C{i}.
     """
 
-    log = Logger()
-
-    def __init__(self, reactor: Any, count: int, arguments: Callable[[int], Sequence[str]],
-                 *, environ: dict[str, str] | None = None, restart_delay: float = 1.0,
-                 stop_timeout: float = 60.0,
-                 write_log: Callable[[bytes], object] | None = None) -> None:
+    def __init__(self, reactor: Any, arguments: Callable[[int], Sequence[str]],
+                 environ: Mapping[str, str],
+                 publish: Callable[[Any], None] | LogPublisher = globalLogPublisher
+                 ) -> None:
         self._reactor = reactor
-        self._count = count
         self._arguments = arguments
-        self._environ = dict(os.environ if environ is None else environ)
-        self._restart_delay = restart_delay
-        self._stop_timeout = stop_timeout
-        self._write = write_log or (lambda data: os.write(1, data))
-        self.children: dict[int, _Child] = {}
-        self._transports: dict[int, Any] = {}
-        self._ready: list[Deferred[None]] = []
-        #: Workers that died and were started again, since start.
-        self.restarts = 0
+        self._environ = environ
+        self._publish = publish
 
-    def startService(self) -> None:
-        super().startService()
-        for number in range(1, self._count + 1):
-            self._spawn(number)
+    def launch(self, number: int, events: WorkerEvents) -> _Handle:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            process = _WorkerProcess(number, events, self._publish)
+            command = worker_command(self._arguments(number))
+            os.set_inheritable(theirs.fileno(), True)
+            transport = self._reactor.spawnProcess(
+                process, command[0], command, env=worker_environment(self._environ, number),
+                childFDs={0: "w", 1: "r", 2: "r", LINK_FD: theirs.fileno()})
+            process.pid = transport.pid
+            self._reactor.adoptStreamConnection(
+                ours.fileno(), socket.AF_UNIX,
+                Factory.forProtocol(lambda: _LinkFromWorker(events)))
+        finally:
+            # The reactor and the child hold their own copies.
+            ours.close()
+            theirs.close()
+        return _Handle(transport)
 
-    def _spawn(self, number: int) -> None:
-        if not self.running:
-            return
-        child = _Child(self, number)
-        args = [sys.executable, "-c", RUN_TWISTD, *self._arguments(number)]
-        self.children[number] = child
-        self._transports[number] = self._reactor.spawnProcess(
-            child, sys.executable, args, env=self._environ)
-        self.log.info("Started worker {n} (pid {pid})", n=number,
-                      pid=self._transports[number].pid)
 
-    def write_log(self, data: bytes) -> None:
-        """A worker's log lines, passed on as they are (text or JSON lines)."""
-        self._write(data)
+# -- the worker's side ------------------------------------------------------------------
 
-    def child_serving(self, child: _Child) -> None:
-        if self.serving == self._count:
-            waiting, self._ready = self._ready, []
-            for d in waiting:
-                d.callback(None)
 
-    @property
-    def serving(self) -> int:
-        """How many workers are serving now."""
-        return sum(c.serving for c in self.children.values())
+class _LinkToParent(NetstringReceiver):
+    def __init__(self, link: ParentLink) -> None:
+        self._link = link
 
-    def when_serving(self) -> Deferred[None]:
-        """Fires once every worker is serving (for systemd's READY=1)."""
-        if self.serving == self._count:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._ready.append(d)
-        return d
+    def connectionMade(self) -> None:
+        self._link.connected(self)
 
-    def summary(self) -> str:
-        """One line for a service manager's status."""
-        return f"{self.serving} of {self._count} workers serving, {self.restarts} restarts"
+    def stringReceived(self, string: bytes) -> None:
+        """The parent sends nothing (yet)."""
 
-    def child_ended(self, child: _Child, reason: Failure) -> None:
-        if self.children.get(child.number) is not child:
-            return
-        del self.children[child.number]
-        self._transports.pop(child.number, None)
-        if self.running:
-            self.restarts += 1
-            self.log.warn("Worker {n} ended ({why}); starting it again in {s:g} s",
-                          n=child.number, why=reason.getErrorMessage(),
-                          s=self._restart_delay)
-            self._reactor.callLater(self._restart_delay, self._spawn, child.number)
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._link.lost()
 
-    def stopService(self) -> Deferred[Any]:
-        super().stopService()
-        ending = [child.ended for child in self.children.values()]
-        for transport in list(self._transports.values()):
-            self._signal(transport, signal.SIGTERM)
-            # A worker that does not finish its drain in time is killed.
-            self._reactor.callLater(self._stop_timeout, self._signal, transport,
-                                    signal.SIGKILL)
-        return DeferredList(ending)
 
-    @staticmethod
-    def _signal(transport: Any, signum: int) -> None:
-        with suppress(ProcessExitedAlready):
-            transport.signalProcess(signum)
+class ParentLink:
+    """A worker's end of the link: a L{emojistream.notify.Channel} to its parent, and
+    the parent's end noticed (C{parent_gone} is called once)."""
+
+    def __init__(self, reactor: Any, parent_gone: Callable[[], object],
+                 fd: int = LINK_FD) -> None:
+        self._reactor = reactor
+        self._parent_gone = parent_gone
+        self._fd = fd
+        self._protocol: _LinkToParent | None = None
+        self.gone = False
+        self.closing = False
+
+    def open(self) -> None:
+        try:
+            self._reactor.adoptStreamConnection(
+                self._fd, socket.AF_UNIX, Factory.forProtocol(lambda: _LinkToParent(self)))
+        except OSError:
+            # No link: the parent is gone already, or this was not started by one.
+            self.lost()
+        finally:
+            with suppress(OSError):
+                os.close(self._fd)
+
+    def connected(self, protocol: _LinkToParent) -> None:
+        self._protocol = protocol
+
+    def send(self, message: str) -> None:
+        if self._protocol is not None:
+            self._protocol.sendString(message.encode("utf-8"))
+
+    def close(self) -> None:
+        """The worker's stop has begun (its listeners are closed): the link stays open
+        to the process's end, which the reactor's own shutdown closes."""
+        self.closing = True
+
+    def lost(self) -> None:
+        self._protocol = None
+        if not self.gone and not self.closing:
+            self.gone = True
+            self._parent_gone()
