@@ -26,6 +26,10 @@ def json_record(event: dict[str, Any]) -> dict[str, Any]:
         "namespace": event.get("log_namespace", "-"),
         "message": formatEvent(event),
     }
+    if "worker" in event:
+        # Relayed from a --workers worker: which one.
+        record["worker"] = event["worker"]
+        record["pid"] = event.get("worker_pid")
     failure = event.get("log_failure")
     if failure is not None:
         record["error"] = failure.getErrorMessage()
