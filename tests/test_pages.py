@@ -289,3 +289,29 @@ async def test_the_pages_load_without_console_errors(
         await leave(chromium)
         assert (home, admin) == ([], [])
 
+
+@pytest_twisted.ensureDeferred
+async def test_the_grid_starts_from_the_all_time_ranking_then_adds_the_hits(
+        chromium: Any, redis_server: RedisProcess, publisher: Any, tmp_path: Path) -> None:
+    """As emojitracker's page: the all-time scores (emojitrack_score) first, ranked,
+    before any hit arrives; then /eps on top of them."""
+    seeded = [("1F602", 5000), ("2764", 3000), ("ZZZ", 1000), ("1F1FA-1F1F8", 400),
+              ("2665", 250)]
+    for emoji_id, score in seeded:
+        await within(publisher.execute_command("ZADD", "emojitrack_score", score, emoji_id))
+    env = {"REDIS_URL": redis_server.url, "DEMO_PAGE": "yes"}
+    async with running(env) as (d, _c):
+        await threads.deferToThread(chromium.get, f"http://127.0.0.1:{d.port}/")
+        await wait_until(chromium, lambda drv: [s for _, s, _ in grid(drv)]
+                         == [s for _, s in seeded])
+        assert [(i, s) for i, s, _ in grid(chromium)] == seeded
+        assert hits(chromium) == 0
+        screenshot(chromium, tmp_path, "demo-all-time")
+        await wait_until(chromium, lambda drv: drv.find_element("id", "state").text == "live")
+        await published(publisher, *["2665"] * 3000, "1F602")
+        await wait_until(chromium, lambda drv: hits(drv) == 3001)
+        await wait_until(chromium, lambda drv: [(i, s) for i, s, _ in grid(drv)] == [
+            ("1F602", 5001), ("2665", 3250), ("2764", 3000), ("ZZZ", 1000),
+            ("1F1FA-1F1F8", 400)])
+        assert console_errors(chromium) == []
+        await leave(chromium)
