@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from emojistream.children import child_environment, die_with_parent
 from emojistream.config import RedisAddress
+from emojistream.rankings import SCORE_KEY
 from emojistream.redisconn import RedisConnection
 
 
@@ -226,23 +227,32 @@ class WeightedIds:
 class Feeder(MultiService):
     """Publishes synthetic hits to Redis at C{rate} per second, like the upstream feeder.
 
-    Each hit is C{PUBLISH stream.score_updates <ID>} and
-    C{PUBLISH stream.tweet_updates.<ID> <tweet JSON>}. While Redis is down nothing
-    is queued: those hits are simply not published.
+    Each hit is C{ZINCRBY emojitrack_score 1 <ID>} (the all-time score, as
+    emojitracker's feeder keeps it), C{PUBLISH stream.score_updates <ID>} and
+    C{PUBLISH stream.tweet_updates.<ID> <tweet JSON>}, sent together without waiting
+    for replies (pipelined). While Redis is down nothing is queued: those hits are
+    simply neither counted nor published.
+
+    With C{seed} (the embedded Redis, which starts empty), each connection first adds
+    the shipped all-time scores to C{emojitrack_score} for the emoji it lacks, so the
+    demo's ranking starts where emojitracker's stood, not from nothing.
     """
 
     TICK = 0.004
     log = Logger()
 
     def __init__(self, address: RedisAddress, *, reactor: Any, rate: float,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, seed: bool = False) -> None:
         super().__init__()
         self._reactor = reactor
         self._rate = rate
         rng = rng or random.Random()
-        self._ids = WeightedIds(load_rankings(), rng)
+        rankings = load_rankings()
+        self._ids = WeightedIds(rankings, rng)
         self._tweets = TweetMaker(rng, reactor.seconds)
-        self._connection = RedisConnection(address, reactor=reactor, purpose="demo feeder")
+        self._seed = [str(part) for e in rankings for part in (e.score, e.id)] if seed else []
+        self._connection = RedisConnection(address, reactor=reactor, purpose="demo feeder",
+                                           prepare=self._seed_scores)
         self._connection.setServiceParent(self)
         timer = TimerService(self.TICK, self.tick)
         timer.clock = reactor
@@ -250,6 +260,19 @@ class Feeder(MultiService):
         self._last: float | None = None
         self._owed = 0.0
         self.published = 0
+
+    def _seed_scores(self, protocol: Any) -> Deferred[None] | None:
+        """With C{seed}: the shipped all-time scores, for the emoji not yet in
+        C{emojitrack_score} (NX: a score already there is left as it is)."""
+        if not self._seed:
+            return None
+
+        def failed(failure: Failure) -> None:
+            self.log.warn("Seeding {key} failed: {why}", key=SCORE_KEY,
+                          why=failure.getErrorMessage())
+
+        d: Deferred[None] = protocol.execute_command("ZADD", SCORE_KEY, "NX", *self._seed)
+        return d.addErrback(failed)
 
     def tick(self) -> None:
         """Publish the hits owed since the last tick (at C{rate} per second of clock time)."""
@@ -268,11 +291,12 @@ class Feeder(MultiService):
             for _ in range(due):
                 emoji = self._ids.draw()
                 for d in (
+                    protocol.execute_command("ZINCRBY", SCORE_KEY, 1, emoji.id),
                     protocol.publish("stream.score_updates", emoji.id),
                     protocol.publish("stream.tweet_updates." + emoji.id,
                                      self._tweets.tweet(emoji)),
                 ):
-                    # A publish lost with the connection is simply not published.
+                    # A hit lost with the connection is simply not published.
                     d.addErrback(lambda failure: None)
                 self.published += 1
         except Exception:

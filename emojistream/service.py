@@ -20,7 +20,7 @@ from twisted.logger import Logger
 
 from emojistream.cluster import ClusterView
 from emojistream.config import RedisAddress, Settings
-from emojistream.demo import EmbeddedRedis, Feeder, find_redis_server, free_port
+from emojistream.demo import EmbeddedRedis, Feeder, find_redis_server, free_port, load_rankings
 from emojistream.endpoints import with_backlog
 from emojistream.http import ConnectionGate, PerAddressRate, QuietSite
 from emojistream.hub import KEEPALIVE_TICKS, POOLS, Hub
@@ -34,6 +34,7 @@ from emojistream.lifecycle import (
 )
 from emojistream.metrics import Delays, DeliveryDelays, Metrics, MetricSources
 from emojistream.notify import Notifier
+from emojistream.rankings import Rankings
 from emojistream.redisconn import RedisConnection
 from emojistream.redisfeed import RedisFeed
 from emojistream.replay import Journal
@@ -171,6 +172,7 @@ class Emojistream:
         self.feed = RedisFeed(redis_address, self.router, reactor=reactor,
                               channels=(SCORE_CHANNEL,), patterns=patterns)
         self.feed.setServiceParent(redis_parent)
+        self.rankings = self._rankings(reactor, clock, redis_address, redis_parent)
 
         # Time: the score tick, and keepalives to idle streams.
         self.tick_lags = Delays()
@@ -222,9 +224,22 @@ class Emojistream:
                 self.embedded_redis = EmbeddedRedis(reactor, find_redis_server(), free_port())
                 self.embedded_redis.setServiceParent(self.core)
                 parent, address = self.embedded_redis, self.embedded_redis.address
-            self.feeder = Feeder(address, reactor=reactor, rate=settings.demo_rate)
+            # The embedded Redis starts empty: the feeder seeds its all-time scores.
+            self.feeder = Feeder(address, reactor=reactor, rate=settings.demo_rate,
+                                 seed=self.embedded_redis is not None)
             self.feeder.setServiceParent(parent)
         return address, parent
+
+    def _rankings(self, reactor: Any, clock: Any, redis_address: RedisAddress,
+                  redis_parent: MultiService) -> Rankings | None:
+        """With the demo page: the all-time ranking it starts from, read over a
+        connection of its own (the subscriber's cannot send commands)."""
+        if not self.settings.demo_page:
+            return None
+        connection = RedisConnection(redis_address, reactor=reactor, purpose="rankings")
+        connection.setServiceParent(redis_parent)
+        return Rankings(connection, clock=clock,
+                        known={e.id: (e.char, e.name) for e in load_rankings()})
 
     def _admin_report(self, reactor: Any, clock: Any, redis_address: RedisAddress,
                       redis_parent: MultiService) -> AdminReporter | None:
@@ -264,7 +279,8 @@ class Emojistream:
         #: The HTTP sites, main then admin (tests drive them in memory).
         self.sites: list[QuietSite] = []
         streams = StreamRoutes(self.hub, settings, clock=clock, batcher=self.batcher,
-                               drain=self.drain, journal=self.journal).app.resource()
+                               drain=self.drain, journal=self.journal,
+                               rankings=self.rankings).app.resource()
         admin = AdminRoutes(
             self.status, settings.admin_token,
             whole_rate=self.whole_status_rate,

@@ -34,6 +34,7 @@ from emojistream.http import PerAddressRate
 from emojistream.hub import ID_PATTERN, Hub
 from emojistream.lifecycle import Drain
 from emojistream.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from emojistream.rankings import MAX_LIMIT, Rankings, RankingsUnavailable, parse_limit
 from emojistream.replay import Journal, Resume
 from emojistream.sse import encode_retry
 from emojistream.status import StatusReport
@@ -189,8 +190,9 @@ class StreamRoutes:
 
     def __init__(self, hub: Hub, settings: Settings, *, clock: IReactorTime,
                  batcher: Batcher | None = None, drain: Drain | None = None,
-                 journal: Journal | None = None) -> None:
+                 journal: Journal | None = None, rankings: Rankings | None = None) -> None:
         self._hub = hub
+        self._rankings = rankings
         self._drain = drain
         self._journal = journal
         # One per site: a broadcast's frame is chunked once for all HTTP/1.1 streams.
@@ -213,6 +215,30 @@ class StreamRoutes:
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-cache")
         return self._demo_page
+
+    @app.route("/api/rankings", methods=["GET"])
+    def rankings(self, request: Request) -> bytes | Deferred[bytes]:
+        """The all-time ranking the demo page starts from (L{emojistream.rankings}),
+        served with the page: C{?limit=N} entries, 1 to 1000, all of them by default."""
+        if self._rankings is None:
+            return _text(request, 404, "404 Not Found")
+        _json_headers(request)
+        values = request.args.get(b"limit")
+        try:
+            limit = parse_limit(values[0] if values else None)
+        except ValueError:
+            request.setResponseCode(400, b"Bad Request")
+            return _json(request, {"error": f"limit is a whole number from 1 to {MAX_LIMIT}"})
+        # Every answer of the same second comes from one read: caches may keep it that long.
+        request.setHeader(b"Cache-Control", b"public, max-age=1")
+
+        def unavailable(failure: Failure) -> bytes:
+            failure.trap(RankingsUnavailable)
+            request.setResponseCode(503, b"Service Unavailable")
+            request.setHeader(b"Retry-After", b"1")
+            return _json(request, {"error": str(failure.value)})  # and no-cache
+
+        return self._rankings.top(limit).addErrback(unavailable)
 
     # -- streams -----------------------------------------------------------
 

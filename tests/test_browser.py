@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -56,11 +57,19 @@ def headless_chromium(*extra: str) -> Iterator[object]:
                 "--disable-sync", *extra):
         options.add_argument(arg)
     options.binary_location = CHROMIUM
+    # The console, for driver.get_log("browser") (see console_errors).
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         yield driver
     finally:
         driver.quit()
+
+
+def console_errors(driver: Any) -> list[dict[str, Any]]:
+    """The page's console errors since the last call (uncaught exceptions, failed
+    loads such as a 404 for /favicon.ico), as Chromium logged them."""
+    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from conftest import running
 from emojistream.reporting import ADMIN_INTERVAL
 from redisproc import RedisProcess
 from sseclient import within
-from test_browser import CHROMEDRIVER, CHROMIUM, headless_chromium, wait_until
+from test_browser import CHROMEDRIVER, CHROMIUM, console_errors, headless_chromium, wait_until
 from test_resume import Feeder
 
 pytestmark = pytest.mark.skipif(
@@ -214,3 +214,104 @@ async def test_an_eventsource_whose_connection_the_server_cuts_resumes_with_no_l
             await leave(chromium)
     finally:
         await page.stopListening()
+
+
+async def published(publisher: Any, *ids: str) -> None:
+    for emoji_id in ids:
+        await publisher.publish("stream.score_updates", emoji_id)
+
+
+def hits(driver: Any) -> float:
+    return number(driver.find_element("id", "total").text)
+
+
+def grid(driver: Any) -> list[tuple[str, int, str]]:
+    """The cells in display order: (ID, score, what the cell shows)."""
+    cells: list[list[Any]] = driver.execute_script("""
+        return [...document.querySelectorAll('.emoji')]
+          .sort((a, b) => (+a.style.order) - (+b.style.order))
+          .map((c) => [c.dataset.id, +c.dataset.score || 0,
+                       c.querySelector('.char').textContent]);""")
+    return [(i, s, t) for i, s, t in cells]
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_id_gets_a_cell_and_the_page_keeps_counting(
+        chromium: Any, redis_server: RedisProcess, publisher: Any, tmp_path: Path) -> None:
+    """Any ID of letters, digits, '-' and '_' reaches the page: one that is not hex
+    code points (or not valid ones) is shown as text, and nothing stops the grid."""
+    env = {"REDIS_URL": redis_server.url, "DEMO_PAGE": "yes"}
+    async with running(env) as (d, _c):
+        await threads.deferToThread(chromium.get, f"http://127.0.0.1:{d.port}/")
+        await wait_until(chromium, lambda drv: drv.find_element("id", "state").text == "live")
+        await published(publisher, "2665", "2665", "2665")
+        await wait_until(chromium, lambda drv: hits(drv) == 3)
+        odd = ["ZZZ", "D800", "110000", "FFFFFFFFFF", "1F1FA-1F1F8", "0023-20E3", "a_b-c",
+               "1F602--1F602", "-"]
+        await published(publisher, *odd)
+        await published(publisher, *["1F602"] * 20)
+        # The counter goes on: every hit is counted, those of the odd IDs too.
+        await wait_until(chromium, lambda drv: hits(drv) == 3 + len(odd) + 20)
+        await published(publisher, "2665")
+        await wait_until(chromium, lambda drv: hits(drv) == 4 + len(odd) + 20)
+        shown = {emoji_id: text for emoji_id, _, text in grid(chromium)}
+        assert shown == {
+            "2665": "\u2665\ufe0f", "1F602": "😂", "1F1FA-1F1F8": "🇺🇸",
+            "0023-20E3": "#\ufe0f\u20e3", "ZZZ": "ZZZ", "D800": "D800", "110000": "110000",
+            "FFFFFFFFFF": "FFFFFFFFFF", "a_b-c": "a_b-c", "1F602--1F602": "1F602--1F602",
+            "-": "-"}
+        assert grid(chromium)[:2] == [("1F602", 20, "😂"), ("2665", 4, "\u2665\ufe0f")]
+        screenshot(chromium, tmp_path, "demo-odd-ids")
+        # A click on a text cell opens its details like any other.
+        chromium.find_element("id", "emoji-ZZZ").click()
+        await wait_until(chromium, lambda drv: drv.find_element("id", "detail-title").text
+                         == "ZZZ")
+        await until(lambda: any(s.request_path == "/subscribe/details/ZZZ"
+                                for s in d.app.hub.streams()))
+        assert console_errors(chromium) == []
+        await leave(chromium)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_pages_load_without_console_errors(
+        chromium: Any, redis_server: RedisProcess) -> None:
+    """No error on the console as either page loads in demo mode: no 404 for
+    /favicon.ico. (Without --admin-report the admin page's cluster.json is a 404.)"""
+    async with running({"REDIS_URL": redis_server.url}, {"demo": "true"}) as (d, _c):
+        await threads.deferToThread(chromium.get, f"http://127.0.0.1:{d.port}/")
+        await wait_until(chromium, lambda drv: drv.find_element("id", "state").text == "live"
+                         and drv.execute_script("return document.readyState") == "complete")
+        home = console_errors(chromium)
+        await threads.deferToThread(chromium.get, f"http://127.0.0.1:{d.port}/admin/")
+        await wait_until(chromium, lambda drv: drv.find_element("id", "status").text == "OK"
+                         and drv.execute_script("return document.readyState") == "complete")
+        admin = console_errors(chromium)
+        await leave(chromium)
+        assert (home, admin) == ([], [])
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_grid_starts_from_the_all_time_ranking_then_adds_the_hits(
+        chromium: Any, redis_server: RedisProcess, publisher: Any, tmp_path: Path) -> None:
+    """As emojitracker's page: the all-time scores (emojitrack_score) first, ranked,
+    before any hit arrives; then /eps on top of them."""
+    seeded = [("1F602", 5000), ("2764", 3000), ("ZZZ", 1000), ("1F1FA-1F1F8", 400),
+              ("2665", 250)]
+    for emoji_id, score in seeded:
+        await within(publisher.execute_command("ZADD", "emojitrack_score", score, emoji_id))
+    env = {"REDIS_URL": redis_server.url, "DEMO_PAGE": "yes"}
+    async with running(env) as (d, _c):
+        await threads.deferToThread(chromium.get, f"http://127.0.0.1:{d.port}/")
+        await wait_until(chromium, lambda drv: [s for _, s, _ in grid(drv)]
+                         == [s for _, s in seeded])
+        assert [(i, s) for i, s, _ in grid(chromium)] == seeded
+        assert hits(chromium) == 0
+        screenshot(chromium, tmp_path, "demo-all-time")
+        await wait_until(chromium, lambda drv: drv.find_element("id", "state").text == "live")
+        await published(publisher, *["2665"] * 3000, "1F602")
+        await wait_until(chromium, lambda drv: hits(drv) == 3001)
+        await wait_until(chromium, lambda drv: [(i, s) for i, s, _ in grid(drv)] == [
+            ("1F602", 5001), ("2665", 3250), ("2764", 3000), ("ZZZ", 1000),
+            ("1F1FA-1F1F8", 400)])
+        assert console_errors(chromium) == []
+        await leave(chromium)
