@@ -171,15 +171,39 @@ def _histogram(name: str, text: str, delays: Delays) -> HistogramMetricFamily:
                                  sum_value=delays.sum)
 
 
-class Metrics:
-    """This daemon's registry: its own figures and the process's."""
+class _Labelled(Collector):
+    """Another collector's metrics with constant labels added to every sample."""
 
-    def __init__(self, sources: MetricSources) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_DaemonCollector(sources))
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        GCCollector(registry=self.registry)
+    def __init__(self, inner: Collector, labels: Mapping[str, str]) -> None:
+        self._inner = inner
+        self._labels = dict(labels)
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._inner.collect():
+            metric.samples = [s._replace(labels={**s.labels, **self._labels})
+                              for s in metric.samples]
+            yield metric
+
+
+class Metrics:
+    """This daemon's registry: its own figures and the process's.
+
+    @param labels: added to every sample: a C{--workers} worker's C{worker} number, so
+        that scrapes of the shared port that reach different workers are different
+        series, never one counter going back and forth.
+    """
+
+    def __init__(self, sources: MetricSources, labels: Mapping[str, str] | None = None
+                 ) -> None:
+        own = CollectorRegistry(auto_describe=False)
+        own.register(_DaemonCollector(sources))
+        ProcessCollector(registry=own)
+        PlatformCollector(registry=own)
+        GCCollector(registry=own)
+        self.registry = own
+        if labels:
+            self.registry = CollectorRegistry(auto_describe=False)
+            self.registry.register(_Labelled(own, labels))
 
     def exposition(self) -> bytes:
         """The text exposition format, as C{/metrics} serves it."""

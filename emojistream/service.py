@@ -136,11 +136,14 @@ class Emojistream:
     @param reactor: does the networking.
     @param clock: keeps time for every timer (ticks, keepalives, forced closes,
         reports); the reactor unless a test passes a C{Clock}.
+    @param worker: its number, when a C{--workers} parent started it (a label on its
+        metrics).
     @ivar service: the root service to start. It stops in order: listeners first,
         then the drain of open streams, then Redis and the timers.
     """
 
-    def __init__(self, settings: Settings, reactor: Any, clock: Any = None) -> None:
+    def __init__(self, settings: Settings, reactor: Any, clock: Any = None,
+                 worker: int | None = None) -> None:
         clock = reactor if clock is None else clock
         self.settings = settings
         self.service = OrderedStop()
@@ -198,7 +201,8 @@ class Emojistream:
         self.metrics = Metrics(MetricSources(
             pools=self.hub.pool_sizes, counters=self._counters,
             redis_state=lambda: self.feed.state,
-            tick_lags=self.tick_lags, delays=self.delays, replay=self.journal))
+            tick_lags=self.tick_lags, delays=self.delays, replay=self.journal),
+            labels=None if worker is None else {"worker": str(worker)})
         self.carbon: TcpCarbon | UdpCarbon | None = None
         self._carbon(reactor, clock)
 
@@ -362,10 +366,11 @@ def daemon(settings: Settings, reactor: Any, environ: Mapping[str, str] | None =
     root = ExitOnStartupError()
     # First, so that signals are handled before anything listens.
     Signals(reactor).setServiceParent(root)
-    app = Emojistream(settings, reactor)
+    worker = worker_number(environ)
+    app = Emojistream(settings, reactor, worker=worker)
     app.service.setServiceParent(root)
     notifier: Notifier | None
-    if worker_number(environ) is not None:
+    if worker is not None:
         link = ParentLink(reactor, lambda: _parent_gone(reactor, app))
         notifier = Notifier(link, clock=reactor, listening=app.when_listening,
                             status=app.summary, watchdog=WORKER_HEARTBEAT)

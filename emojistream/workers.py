@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from typing import IO, Any
@@ -165,8 +166,8 @@ def relayed_event(line: str, number: int, pid: int) -> dict[str, Any] | None:
         "worker": number,
         "worker_pid": pid,
     }
-    if isinstance(record.get("time"), int | float):
-        event["log_time"] = float(record["time"])
+    stamp = record.get("time")
+    event["log_time"] = float(stamp) if isinstance(stamp, int | float) else time.time()
     return event
 
 

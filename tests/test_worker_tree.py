@@ -320,7 +320,11 @@ def test_each_worker_has_its_own_admin_port_and_says_which_worker_it_is_in_json(
             metrics = subprocess.run(
                 ["curl", "-s", f"http://127.0.0.1:{admin + number - 1}/metrics"],
                 capture_output=True, text=True, timeout=10).stdout
-            assert "emojistream_messages_delivered_total" in metrics
+            # Every sample says which worker it is from.
+            samples = [line for line in metrics.splitlines()
+                       if line and not line.startswith("#")]
+            assert samples and all(f'worker="{number}"' in line for line in samples)
+            assert f'emojistream_messages_delivered_total{{worker="{number}"}}' in metrics
     finally:
         assert tree.end() == 0
     # Every line JSON, the relayed ones saying which worker (and pid) they are from.
