@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import pytest_twisted
 from twisted.internet import reactor, ssl, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IHandshakeListener
+from zope.interface import implementer
 
 from conftest import REPO, running
 from daemonproc import TwistdProcess
@@ -291,3 +294,96 @@ def test_without_any_way_to_make_the_alpn_callback_tls_goes_on_without_alpn(
             assert client.version() in ("TLSv1.2", "TLSv1.3")
             assert client.selected_alpn_protocol() is None
         thread.join(10)
+
+
+# --- The request-head deadline closes TLS connections too
+
+
+@implementer(IHandshakeListener)
+class TLSConnection(RawConnection):
+    """A client TLS connection that says when its handshake is done."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handshake: Deferred[None] = Deferred()
+
+    def handshakeCompleted(self) -> None:
+        self.handshake.callback(None)
+
+
+async def tls_connect(port: int, ca: Path, protocols: list[bytes] | None = None
+                      ) -> TLSConnection:
+    trust = ssl.Certificate.loadPEM(ca.read_bytes())
+    options = ssl.optionsForClientTLS("localhost", trustRoot=trust,
+                                      acceptableProtocols=protocols)
+    conn = TLSConnection()
+    await within(connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", port, options),
+                                 conn))
+    await within(conn.handshake)
+    return conn
+
+
+#: Well under Twisted's 60-s idle timeout, which held TLS connections until now.
+CLOSED_WITHIN = 5.0
+
+
+def half_head_never_answering(port: int, ca: Path) -> tuple[bytes, float]:
+    """Send half a request head over TLS, read the answer up to the server's
+    close_notify without answering it, then wait for the TCP connection's end: what
+    was received, and the seconds from the head to the TCP end."""
+    import os
+    import ssl as stdlib_ssl
+
+    context = stdlib_ssl.create_default_context(cafile=str(ca))
+    raw = socket.create_connection(("127.0.0.1", port), timeout=CLOSED_WITHIN + 5)
+    with context.wrap_socket(raw, server_hostname="localhost") as client:
+        client.sendall(b"GET /subscribe/eps HTTP/1.1\r\nHost: localhost\r\n")
+        start = time.monotonic()
+        received = b""
+        while chunk := client.recv(4096):  # b"" at the close_notify
+            received += chunk
+        # The same descriptor at the TCP level, past TLS: b"" once the server closed.
+        with socket.socket(fileno=os.dup(client.fileno())) as tcp:
+            tcp.settimeout(CLOSED_WITHIN + 5)
+            while tcp.recv(4096):
+                pass
+        return received, time.monotonic() - start
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_request_deadline_closes_a_tls_connection(certificate, redis_server):
+    key, cert = certificate
+    ca = cert.parent / "ca.pem"
+    env = {"REDIS_URL": redis_server.url, "REQUEST_TIMEOUT_SEC": "1"}
+    async with running(env, {"listen": listen_tls(key, cert)}) as (d, _c):
+        # Nothing sent after the handshake.
+        silent = await tls_connect(d.port, ca)
+        start = time.monotonic()
+        await silent.wait_closed(CLOSED_WITHIN)
+        assert silent.received == b""
+        assert time.monotonic() - start >= 0.5  # the deadline, not something sooner
+
+        # Half a request head: answered 408, then closed.
+        half = await tls_connect(d.port, ca)
+        half.transport.write(b"GET /subscribe/eps HTTP/1.1\r\nHost: localhost\r\n")
+        await half.wait_closed(CLOSED_WITHIN)
+        assert half.received.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), half.received
+
+        # Half a head from a client that never answers the server's close_notify: the
+        # TCP connection ends all the same.
+        report = await threads.deferToThread(half_head_never_answering, d.port, ca)
+        assert report[0].startswith(b"HTTP/1.1 408 "), report
+        assert report[1] < CLOSED_WITHIN, report
+
+        # ALPN h2, and no connection preface.
+        h2 = await tls_connect(d.port, ca, [b"h2"])
+        assert h2.transport.negotiatedProtocol == b"h2"
+        await h2.wait_closed(CLOSED_WITHIN)
+
+        # A request in time is still served, and the idle connection after it closed.
+        served = await tls_connect(d.port, ca)
+        served.transport.write(b"GET /health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        await served.wait_closed(CLOSED_WITHIN)
+        assert served.received.startswith(b"HTTP/1.1 200 "), served.received
+        assert served.received.endswith(b"OK\n") or b"OK" in served.received
+        assert len(d.app.gate._per_ip) == 0
