@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from emojistream.tls import INTERMEDIATE_CIPHERS, parse_ciphers
+
 PLATFORM = "twisted"
 
 
@@ -451,6 +453,10 @@ SPECS: tuple[Spec, ...] = (
          "(with --redis, feed that Redis instead)", is_flag=True),
     Spec("demo_rate", "demo-rate", None, parse_positive_float, "250",
          "Hits per second the --demo feeder publishes", metavar="HZ"),
+    Spec("tls_ciphers", "tls-ciphers", "TLS_CIPHERS", parse_ciphers, "",
+         "TLS 1.2 cipher suites of ssl: listeners, in OpenSSL's syntax (default: "
+         "Mozilla's intermediate list, forward secrecy and AEAD only; TLS 1.3 suites "
+         "are OpenSSL's)", metavar="CIPHERS"),
 )
 
 
@@ -500,6 +506,7 @@ class Settings:
     demo_page: bool = False
     demo: bool = False
     demo_rate: float = 250.0
+    tls_ciphers: str = INTERMEDIATE_CIPHERS
 
     @property
     def node_name(self) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.resource import IResource
@@ -49,10 +50,15 @@ class Channel(HTTPChannel):
     C{request_timeout} seconds of the connection (or of the previous response's
     end), or it is answered 408 and closed; a connection that sent nothing of a next
     request by then is just closed. A stream, once its head is in, is never timed.
+
+    Closing works over TLS as over TCP (L{_close}): Twisted's TLS would otherwise
+    wait for this channel, its registered producer, and then for the client's
+    close_notify, leaving the connection to the 60-s idle timeout.
     """
 
     _head_deadline: IDelayedCall | None = None
     _head_bytes = False
+    _answered = False
 
     @property
     def request_timeout(self) -> float | None:
@@ -82,10 +88,17 @@ class Channel(HTTPChannel):
 
     def _head_too_slow(self) -> None:
         self._head_deadline = None
+        transport: Any = self.transport
+        if transport is None:
+            return
         if self._head_bytes:
             self._refuse(b"408 Request Timeout")
-        elif self.transport is not None:
-            self.transport.loseConnection()
+        elif self._answered:
+            # Idle after a response, whose end may still be on its way out.
+            self._close()
+        else:
+            # Nothing asked, nothing owed: no goodbye, and no TIME_WAIT left here.
+            transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         self._head_bytes = True
@@ -93,6 +106,7 @@ class Channel(HTTPChannel):
 
     def requestDone(self, request: Any) -> None:
         # Before Twisted goes on to a pipelined request, whose head then cancels it.
+        self._answered = True
         if self.persistent:
             self._start_head_deadline()
         super().requestDone(request)
@@ -131,7 +145,25 @@ class Channel(HTTPChannel):
         transport = self.transport
         assert transport is not None
         transport.write(_plain_response(status))
-        transport.loseConnection()
+        self._close()
+
+    def _close(self) -> None:
+        """Close once what was written has gone out, over TLS as over TCP.
+
+        Twisted's TLS C{loseConnection} waits for the registered producer (this
+        channel, which never unregisters while the connection lives) before its
+        close_notify, and after it for the client's: unregistered first, and the TCP
+        connection under TLS closed as soon as the close_notify is out, the client
+        gets what it is owed and then the end, as over plain TCP."""
+        transport: Any = self.transport
+        assert transport is not None
+        if isinstance(transport, TLSMemoryBIOProtocol):
+            transport.unregisterProducer()
+            transport.loseConnection()
+            if transport.transport is not None:
+                transport.transport.loseConnection()
+        else:
+            transport.loseConnection()
 
 
 class BodilessRequest(Request):

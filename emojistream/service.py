@@ -51,6 +51,7 @@ from emojistream.sse import KEEPALIVE
 from emojistream.status import StatusReport
 from emojistream.stream import Batcher
 from emojistream.summarizer import RATE, ScoreSummarizer, Ticker
+from emojistream.tls import harden
 from emojistream.web import AdminRoutes, Health, Root, StreamRoutes, client_ip_of
 from emojistream.workers import ParentLink, worker_number
 
@@ -299,11 +300,13 @@ class Emojistream:
             self.admin_endpoint = self._listen(reactor, settings.admin_listen, Root(None, admin))
 
     def _listen(self, reactor: Any, description: str, root: Root) -> _RecordingEndpoint:
-        endpoint = _RecordingEndpoint(serverFromString(reactor, with_backlog(description)),
-                                      self.gate)
         site = QuietSite(root, send_buffer=self.settings.send_buffer,
                          request_timeout=self.settings.request_timeout, gate=self.gate,
                          reactor=reactor)
+        # An ssl: endpoint gets this daemon's TLS (ciphers, TLS 1.2+, ALPN: emojistream.tls).
+        endpoint = _RecordingEndpoint(
+            harden(reactor, serverFromString(reactor, with_backlog(description)),
+                   self.settings.tls_ciphers, site.acceptableProtocols()), self.gate)
         self.sites.append(site)
         listener = _Listener(description, endpoint, site)
         listener.setServiceParent(self.web)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from conftest import REPO, repo_env
@@ -29,13 +30,16 @@ class TwistdProcess:
     """A running `twistd -n` child whose log is collected line by line."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None,
-                 open_files: int | None = None) -> None:
+                 open_files: int | None = None,
+                 restrict: Callable[[], object] | None = None) -> None:
         full_env = repo_env()
         full_env.update(env or {})
 
         def limit_files() -> None:
             if open_files is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+            if restrict is not None:
+                restrict()  # in the child, before exec (as systemd applies a unit's)
 
         self.proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "--logfile=-", *args],
