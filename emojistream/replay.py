@@ -10,6 +10,12 @@ buffers give up their oldest events first, so a busy /raw does not push a quiet
 detail stream's history out. A buffer remembers the newest sequence it gave up,
 which is how a resume knows that it cannot be filled.
 
+At most C{max_namespaces} namespaces have a buffer: past it, the one least recently
+written to is forgotten, and its newest sequence is remembered as that namespace's
+floor (at most C{max_floors} of them, the oldest then folded into one floor for the
+namespaces the journal no longer knows). A resume is a gap only when events of its
+own namespace (or, for /details, of the IDs below it) after its ID were given up.
+
 /eps keeps the counts of its summaries instead of their bytes: a resuming /eps client
 gets one catch-up summary with every hit it missed, per ID.
 """
@@ -19,7 +25,7 @@ from __future__ import annotations
 import heapq
 import re
 import secrets
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,8 +42,13 @@ from emojistream.summarizer import summary_frame
 ENTRY_OVERHEAD = 190
 #: A summary is kept as a dict of counts: roughly this many times its frame's bytes.
 SUMMARY_FACTOR = 8
-#: Namespaces with a buffer at most; past it the oldest buffer is forgotten.
+#: Namespaces with a buffer at most; past it the least recently written is forgotten.
 MAX_NAMESPACES = 20_000
+#: Forgotten namespaces whose floor is remembered at most (one entry each, about
+#: 200 bytes); past it the oldest floor is folded into the common floor.
+MAX_FLOORS = 20_000
+#: Buffers written to lately that one new namespace spares at most before one goes.
+MAX_SPARED = 64
 #: The namespace of score summaries.
 SUMMARY_NAMESPACE = "/eps"
 
@@ -52,13 +63,19 @@ INVALID = "invalid"  # not an ID this daemon writes
 class _Buffer:
     """One namespace's recent events, oldest first: (sequence, time, item, size)."""
 
-    __slots__ = ("entries", "lost", "size")
+    __slots__ = ("before", "entries", "lost", "size", "stamp")
 
-    def __init__(self) -> None:
+    def __init__(self, before: int, stamp: int) -> None:
         self.entries: deque[tuple[int, float, Any, int]] = deque()
         self.size = 0
         #: The newest sequence given up from this buffer (0: none).
         self.lost = 0
+        #: The newest sequence the namespace may have lost before this buffer: the
+        #: floor of its forgotten buffer, or the common floor if it is not known.
+        self.before = before
+        #: The sequence when the buffer was made or last spared from being forgotten:
+        #: written to since, it is spared again (a second chance).
+        self.stamp = stamp
 
 
 @dataclass
@@ -76,24 +93,35 @@ class Journal:
 
     @param clock: stamps events, for the age bound.
     @param epoch: eight hex digits; random unless a test fixes it.
+    @param max_namespaces: namespaces with a buffer at most.
+    @param max_floors: forgotten namespaces whose floor is remembered at most.
     """
 
     def __init__(self, clock: IReactorTime, *, max_events: int = 10_000,
                  max_age: float = 300.0, max_bytes: int = 32 << 20,
-                 epoch: str | None = None) -> None:
+                 epoch: str | None = None, max_namespaces: int = MAX_NAMESPACES,
+                 max_floors: int = MAX_FLOORS) -> None:
         self._clock = clock
         self._max_events = max_events
         self._max_age = max_age
         self._max_bytes = max_bytes
+        self._max_namespaces = max_namespaces
+        self._max_floors = max_floors
         self.epoch = epoch if epoch is not None else secrets.token_hex(4)
         self._id_prefix = b"id:" + self.epoch.encode("ascii") + b"-"
         self._sequence = 0
-        self._buffers: dict[str, _Buffer] = {}
-        # Namespaces that are ancestors of a buffered one (/details): a resume there
-        # merges its descendants' buffers.
-        self._ancestors: set[str] = set()
-        # The newest sequence given up along with a whole forgotten buffer.
+        # In the order they were made or last spared from being forgotten (ordered
+        # dicts: taking the first is O(1), where a dict scans what was taken before).
+        self._buffers: OrderedDict[str, _Buffer] = OrderedDict()
+        # Forgotten namespaces (no buffer now): the newest sequence each gave up.
+        self._floors: OrderedDict[str, int] = OrderedDict()
+        # The newest of the floors no longer remembered: a namespace with neither a
+        # buffer nor a floor may have lost events up to it.
         self._floor = 0
+        # Namespaces that are ancestors of a buffered one (/details), each with the
+        # newest sequence given up by a forgotten buffer of it or below it: a resume
+        # there merges its descendants' buffers.
+        self._ancestors: dict[str, int] = {}
         #: Bytes (estimated) the buffers hold now.
         self.size = 0
         #: Resumes that were filled (perhaps with nothing), and those that were not.
@@ -144,15 +172,52 @@ class Journal:
             self._shrink()
 
     def _new_buffer(self, namespace: str) -> _Buffer:
-        if len(self._buffers) >= MAX_NAMESPACES:
-            oldest = next(iter(self._buffers))
-            gone = self._buffers.pop(oldest)
-            self.size -= gone.size
-            newest = gone.entries[-1][0] if gone.entries else 0
-            self._floor = max(self._floor, gone.lost, newest)
-        buffer = self._buffers[namespace] = _Buffer()
-        self._ancestors.update(lineage(namespace)[1:])
+        if len(self._buffers) >= self._max_namespaces:
+            self._forget(self._least_recent())
+        before = self._floors.pop(namespace, None)
+        buffer = self._buffers[namespace] = _Buffer(
+            self._floor if before is None else before, self._sequence)
+        for ancestor in lineage(namespace)[1:]:
+            if ancestor not in self._ancestors:
+                # What it may have lost of its own events before it was an ancestor.
+                self._ancestors[ancestor] = self._own_floor(ancestor)
         return buffer
+
+    def _least_recent(self) -> str:
+        """The namespace whose buffer goes: the first in order that was not written to
+        since it was made or last spared (those that were are spared: moved to the
+        end), or the first after L{MAX_SPARED} were spared (when all are busy)."""
+        buffers = self._buffers
+        for _ in range(MAX_SPARED):
+            namespace = next(iter(buffers))
+            buffer = buffers[namespace]
+            if not buffer.entries or buffer.entries[-1][0] <= buffer.stamp:
+                return namespace
+            buffers.move_to_end(namespace)
+            buffer.stamp = self._sequence
+        return next(iter(buffers))
+
+    def _forget(self, namespace: str) -> None:
+        """Drop C{namespace}'s buffer, remembering the newest sequence it gave up."""
+        gone = self._buffers.pop(namespace)
+        self.size -= gone.size
+        floor = max(gone.before, gone.lost, gone.entries[-1][0] if gone.entries else 0)
+        for name in lineage(namespace):
+            known = self._ancestors.get(name)
+            if known is not None and known < floor:
+                self._ancestors[name] = floor
+        if len(self._floors) >= self._max_floors:
+            _, oldest = self._floors.popitem(last=False)
+            self._floor = max(self._floor, oldest)
+        self._floors[namespace] = floor
+
+    def _own_floor(self, namespace: str) -> int:
+        """The newest sequence of C{namespace}'s own events that may have been given
+        up, besides what its buffer (if any) says it gave up."""
+        buffer = self._buffers.get(namespace)
+        if buffer is not None:
+            return buffer.before
+        return self._floors.get(namespace, self._floor)
 
     def _give_up(self, buffer: _Buffer) -> None:
         sequence, _, _, size = buffer.entries.popleft()
@@ -195,10 +260,13 @@ class Journal:
         buffers: list[_Buffer] = []
         if gap is None:
             buffers = self._buffers_of(namespace)
+            floor = self._ancestors.get(namespace)
+            if floor is None:
+                floor = self._own_floor(namespace)
             now = self._clock.seconds()
             for buffer in buffers:
                 self._expire(buffer, now)
-            if sequence < self._floor or any(sequence < b.lost for b in buffers):
+            if sequence < floor or any(sequence < b.lost for b in buffers):
                 gap = EXPIRED
         if gap is not None:
             return self._gap(gap)

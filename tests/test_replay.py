@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from emojistream.replay import EXPIRED, FOREIGN, INVALID, Journal
+from emojistream.replay import EXPIRED, FOREIGN, INVALID, MAX_NAMESPACES, Journal
 from memory import MemoryDaemon
 
 EPOCH = "0badcafe"
@@ -92,6 +94,127 @@ def test_memory_is_bounded_and_the_largest_buffer_gives_way_first():
     assert j.resume("/details/quiet", "0badcafe-0", 1 << 20).frames[0].endswith(
         b"q" * 100 + b"\n\n")
     assert j.resume("/raw", "0badcafe-2", 1 << 20).gap == EXPIRED
+
+
+def test_a_quiet_id_resumes_without_a_gap_after_more_namespaces_than_the_bound():
+    """Issue 18 item 4: /raw's buffer, made first and busy, was forgotten for the
+    20,001st namespace and its newest ID became a floor for every namespace."""
+    j = journal()
+    j.event("/raw", b"2665")
+    first = j.event("/details/QUIET", b"1", b"e")
+    second = j.event("/details/QUIET", b"2", b"e")
+    for n in range(MAX_NAMESPACES - 1):  # a hit and its detail, as the feeder sends
+        j.event("/raw", b"%X" % n)
+        j.event(f"/details/{n:X}", b"{}", b"e")
+    assert j.resume("/details/QUIET", j.event_id(3), 1 << 20).frames == []
+    assert j.resume("/details/QUIET", j.event_id(2), 1 << 20).frames == [second]
+    assert j.resume("/details/QUIET", j.event_id(1), 1 << 20).frames == [first, second]
+    # The busy /raw kept its buffer; the ID that was forgotten (the first of the 19,999,
+    # written to once, longest ago) reports a gap only before its own event.
+    assert j.resume("/raw", j.event_id(j._sequence - 2), 1 << 20).gap is None
+    assert j.resume("/details/0", j.event_id(5), 1 << 20).frames == []
+    assert j.resume("/details/0", j.event_id(4), 1 << 20).gap == EXPIRED
+    assert j.misses[EXPIRED] == 1
+
+
+def test_a_forgotten_namespace_reports_a_gap_only_for_what_it_gave_up():
+    j = journal(max_namespaces=2)
+    a1, a2 = j.event("/details/a", b"1", b"e"), j.event("/details/a", b"2", b"e")
+    j.event("/details/b", b"3", b"e")  # written to once: forgotten before a, which is spared
+    c4 = j.event("/details/c", b"4", b"e")
+    assert j.resume("/details/a", j.event_id(0), 1 << 20).frames == [a1, a2]
+    assert j.resume("/details/b", j.event_id(3), 1 << 20).frames == []
+    assert j.resume("/details/b", j.event_id(2), 1 << 20).gap == EXPIRED
+    assert j.resume("/details", j.event_id(2), 1 << 20).gap == EXPIRED
+    assert j.resume("/details", j.event_id(3), 1 << 20).frames == [c4]
+    # Written to again, b remembers what it gave up before.
+    b5 = j.event("/details/b", b"5", b"e")
+    assert j.resume("/details/b", j.event_id(2), 1 << 20).gap == EXPIRED
+    assert j.resume("/details/b", j.event_id(3), 1 << 20).frames == [b5]
+    assert j.resume("/details", j.event_id(2), 1 << 20).gap == EXPIRED
+
+
+def test_forgotten_floors_are_bounded_and_the_oldest_fold_into_one():
+    j = journal(max_namespaces=1, max_floors=1)
+    j.event("/details/a", b"1", b"e")
+    j.event("/details/b", b"2", b"e")  # a forgotten: its floor 1
+    c3 = j.event("/details/c", b"3", b"e")  # b forgotten: its floor 2; a's is folded
+    assert len(j._floors) == 1
+    assert j.resume("/details/b", j.event_id(2), 1 << 20).frames == []
+    assert j.resume("/details/b", j.event_id(1), 1 << 20).gap == EXPIRED
+    assert j.resume("/details/c", j.event_id(2), 1 << 20).frames == [c3]
+    # A namespace it no longer knows (a, or one never seen): a gap before the fold.
+    for unknown in ("/details/a", "/details/z"):
+        assert j.resume(unknown, j.event_id(1), 1 << 20).frames == []
+        assert j.resume(unknown, j.event_id(0), 1 << 20).gap == EXPIRED
+    # /details keeps the newest of everything forgotten below it.
+    assert j.resume("/details", j.event_id(1), 1 << 20).gap == EXPIRED
+    assert j.resume("/details", j.event_id(2), 1 << 20).frames == [c3]
+
+
+def test_what_forgotten_namespaces_leave_behind_stays_bounded():
+    import tracemalloc
+
+    def held(namespaces: int) -> int:
+        j = journal(max_namespaces=1000, max_floors=1000)
+        tracemalloc.start()
+        try:
+            for n in range(namespaces):
+                j.event(f"/details/{n:X}", b"{}", b"e")
+            assert len(j._buffers) == len(j._floors) == 1000
+            return tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+
+    # Twice as many namespaces through the journal hold no more memory.
+    assert held(20_000) <= held(10_000) + 16384
+
+
+NAMESPACES = ("/raw", "/details", "/details/a", "/details/b", "/details/b/x",
+              "/details/c", "/kiosk_interaction")
+PUBLISH = st.tuples(st.sampled_from(NAMESPACES), st.integers(0, 200),
+                    st.sampled_from([0.0, 0.0, 1.0, 20.0]))
+RESUME = st.tuples(st.sampled_from((*NAMESPACES, "/details/d")), st.floats(0, 1))
+
+
+@settings(max_examples=400, deadline=None)
+@given(ops=st.lists(st.one_of(PUBLISH, RESUME), max_size=60),
+       max_events=st.integers(1, 6), max_age=st.sampled_from([30.0, 1e9]),
+       max_bytes=st.integers(300, 3000), max_namespaces=st.integers(1, 5),
+       max_floors=st.sampled_from([1, 2, 10**6]))
+def test_a_resume_is_a_gap_exactly_when_an_event_it_should_get_was_given_up(
+        ops: list[Any], max_events: int, max_age: float, max_bytes: int,
+        max_namespaces: int, max_floors: int) -> None:
+    """Against a log of everything published: a resume without a gap gets exactly the
+    events of its namespace and those below it after its ID; a gap is reported only
+    when one of them is no longer held (or, once floors were folded together, the ID
+    is older than the fold)."""
+    clock = Clock()
+    j = journal(clock, max_events=max_events, max_age=max_age, max_bytes=max_bytes,
+                max_namespaces=max_namespaces, max_floors=max_floors)
+    log: list[tuple[int, str, bytes]] = []
+    for op in ops:
+        if len(op) == 3:
+            namespace, size, later = op
+            clock.advance(later)
+            frame = j.event(namespace, b"x" * size, b"e")
+            log.append((len(log) + 1, namespace, frame))
+            assert j.size == sum(e[3] for b in j._buffers.values() for e in b.entries)
+            assert j.size <= max_bytes
+            assert len(j._buffers) <= max_namespaces and len(j._floors) <= max_floors
+            continue
+        namespace, where = op
+        last = int(where * len(log))
+        got = j.resume(namespace, j.event_id(last), 1 << 30)
+        held = {e[0] for b in j._buffers.values() for e in b.entries}
+        wanted = [(seq, frame) for seq, ns, frame in log
+                  if seq > last and (ns == namespace or ns.startswith(namespace + "/"))]
+        if got.gap is None:
+            assert got.frames == [frame for _, frame in wanted]
+        else:
+            assert got.gap == EXPIRED
+            given_up = any(seq not in held for seq, _ in wanted)
+            assert given_up or (max_floors < 10**6 and last < j._floor)
 
 
 def test_without_event_ids_the_bytes_are_unchanged():

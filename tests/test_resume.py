@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor, task
+from twisted.internet.defer import gatherResults
 
 from conftest import running
+from emojistream.replay import MAX_NAMESPACES
 from redisproc import RedisProcess
 from sseclient import StreamReader, within
 
@@ -174,3 +176,47 @@ async def test_an_id_from_another_node_gets_the_gap_signal_there(
         assert (gap.type, json.loads(gap.data)) == ("gap", {"reason": "foreign"})
         assert json.loads(live.data) == {"n": 2}
         assert live.last_event_id.split("-")[0] != event.last_event_id.split("-")[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_quiet_id_resumes_without_a_gap_after_twenty_thousand_other_ids(
+        redis_server: RedisProcess, publisher: Any) -> None:
+    """Issue 18 item 4, as it was seen: /raw's buffer, made first and busy, was
+    forgotten when the 20,001st namespace came, and its newest ID became a floor for
+    every namespace: a quiet ID whose events were still buffered got a gap."""
+    env = {"REDIS_URL": redis_server.url, "SSE_EVENT_IDS": "1"}
+    others = [f"{n:X}" for n in range(MAX_NAMESPACES - 1)]
+    async with running(env) as (daemon, client):
+        _, raw = await client.stream("/subscribe/raw")
+        _, quiet = await client.stream("/subscribe/details/QUIET")
+        # Redis delivers in order: the last ID's update says that all were handled.
+        _, last_other = await client.stream(f"/subscribe/details/{others[-1]}")
+        await within(publisher.publish("stream.score_updates", "2665"))
+        await raw.wait_events(1)  # /raw has the first buffer
+        raw.close()
+        for n in (1, 2):
+            await within(publisher.publish("stream.tweet_updates.QUIET", b'{"n":%d}' % n))
+        first, second = (await quiet.wait_events(2)).events
+        quiet.close()
+        # One update for each other ID: a hit and its detail, as the feeder sends them.
+        sent = []
+        for emoji_id in others:
+            sent.append(publisher.publish("stream.score_updates", emoji_id))
+            sent.append(publisher.publish(f"stream.tweet_updates.{emoji_id}", b'{"n":0}'))
+        await within(gatherResults(sent), 120)
+        await last_other.wait_events(1, 120)
+
+        response, from_last = await client.stream("/subscribe/details/QUIET",
+                                                  {"Last-Event-ID": second.last_event_id})
+        assert not response.headers.hasHeader("X-Sse-Gap")
+        response, from_first = await client.stream("/subscribe/details/QUIET",
+                                                   {"Last-Event-ID": first.last_event_id})
+        assert not response.headers.hasHeader("X-Sse-Gap")
+        await within(publisher.publish("stream.tweet_updates.QUIET", b'{"n":3}'))
+        await from_first.wait_events(2)
+        await from_last.wait_events(1)
+        assert numbers(from_last) == [3] and numbers(from_first) == [2, 3]
+        assert from_first.events[0].last_event_id == second.last_event_id
+        journal = daemon.app.journal
+        assert journal is not None
+        assert journal.hits == 2 and journal.misses["expired"] == 0
