@@ -15,6 +15,10 @@ try:
     settings = resolve(os.environ, {})
 except ConfigError as e:
     sys.exit(f"emojistream.tac: {e}")
+if settings.workers > 1:
+    # The worker tree is built by the plugin's options; a .tac is one process.
+    sys.exit(f"emojistream.tac: WORKERS: the .tac runs one process, not {settings.workers}; "
+             "run `twistd -n emojistream` for workers")
 
 application = Application("emojistream")
 if settings.log_format == "json":

@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from bisect import bisect
 from collections import Counter
@@ -417,6 +418,8 @@ class Publisher:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     procs: list[subprocess.Popen[bytes]] = []
+    # The Redis child's working directory: nothing it writes lands in the caller's.
+    redis_dir = tempfile.mkdtemp(prefix="emojistream-bench-redis-")
     try:
         if args.url:
             url = urlsplit(args.url)
@@ -426,8 +429,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             server_pid = args.server_pid
         else:
             redis_host, redis_port = "127.0.0.1", free_port()
-            procs.append(subprocess.Popen(redis_server_args(find_redis_server(), redis_port),
-                                          stdout=subprocess.DEVNULL))
+            procs.append(subprocess.Popen(
+                redis_server_args(find_redis_server(), redis_port, redis_dir),
+                stdout=subprocess.DEVNULL))
             wait_port(redis_host, redis_port)
             host, port = "127.0.0.1", free_port()
             twistd = str(Path(sys.executable).parent / "twistd")
@@ -550,6 +554,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             w.join(30)
     finally:
         stop_all(procs)
+        shutil.rmtree(redis_dir, ignore_errors=True)
 
     window_ids = Counter(emoji_id for seq, emoji_id, _ in publisher.log if seq0 <= seq <= seq1)
     per_kind = {k: (delivered1[i] - delivered0[i]) / window for i, k in enumerate(KINDS)}
@@ -731,7 +736,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--py-spy", metavar="FILE",
                         help="record a py-spy profile of the server over the window "
                              "(raw collapsed stacks; needs py-spy installed)")
-    parser.add_argument("--json", default="bench-result.json", help="where to write the JSON")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the results as JSON to PATH (default: print only)")
     parser.add_argument("--send-floor", action="store_true",
                         help="instead of the daemon, measure what a bare Python send loop "
                              "pays per message over --clients loopback connections")
@@ -826,8 +832,15 @@ def floor_main(args: argparse.Namespace) -> int:
         results[name] = r
         print(f"{name:<42} µs per send: user {r['user_us']}, system {r['system_us']}, "
               f"total {round(r['user_us'] + r['system_us'], 3)}")
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
     return 0
+
+
+def write_json(path: str | None, result: Any) -> None:
+    """Write C{result} to C{path} when the user gave one; nothing otherwise."""
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwritten to {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -836,8 +849,7 @@ def main(argv: list[str] | None = None) -> int:
         return floor_main(args)
     result = run(args)
     print(table(result))
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwritten to {args.json}")
+    write_json(args.json, result)
     clean = (result["loss"]["details"] == 0 and result["loss"]["raw"] == 0
              and result["duplicates"] == 0 and result["eps_sums_exact"]
              and not result["server_dropped_connections"])

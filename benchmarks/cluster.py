@@ -5,13 +5,12 @@ benchmark runs through nginx and every node's and Redis's CPU is reported.
 
     python benchmarks/cluster.py [options of benchmarks/bench.py, e.g. --clients 1500]
 
-Needs Debian's nginx. Prints the benchmark table, the admin_stream_status hash's
-nodes, and writes cluster-result.json.
+Needs Debian's nginx. Prints the benchmark table and the admin_stream_status hash's
+nodes; with --json PATH also writes them there.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -32,6 +31,7 @@ from bench import (
     stop_all,
     table,
     wait_port,
+    write_json,
 )
 
 from emojistream.demo import find_redis_server, free_port, redis_server_args
@@ -51,11 +51,16 @@ def main() -> int:
     try:
         primary, replica = free_port(), free_port()
         server = find_redis_server()
-        procs.append(subprocess.Popen(redis_server_args(server, primary),
+        # Each Redis works in its own directory: the primary writes an RDB there for
+        # the replica's full sync, the replica the one it receives.
+        (tmp / "primary").mkdir()
+        (tmp / "replica").mkdir()
+        procs.append(subprocess.Popen(redis_server_args(server, primary, str(tmp / "primary")),
                                       stdout=subprocess.DEVNULL))
         wait_port("127.0.0.1", primary)
         procs.append(subprocess.Popen(
-            [*redis_server_args(server, replica), "--replicaof", "127.0.0.1", str(primary)],
+            [*redis_server_args(server, replica, str(tmp / "replica")),
+             "--replicaof", "127.0.0.1", str(primary)],
             stdout=subprocess.DEVNULL))
         wait_port("127.0.0.1", replica)
         while b"master_link_status:up" not in redis_command(replica, b"INFO", b"replication"):
@@ -119,7 +124,7 @@ http {{
         print(table(result))
         for name in result["admin_stream_status_nodes"]:
             print(f"admin_stream_status: {name}")
-        Path("cluster-result.json").write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
         ok = (result["loss"] == {"details": 0, "raw": 0} and result["duplicates"] == 0
               and result["eps_sums_exact"] and len(result["admin_stream_status_nodes"]) == 3)
         return 0 if ok else 1

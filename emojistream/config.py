@@ -48,6 +48,28 @@ def parse_positive_float(text: str) -> float:
     return value
 
 
+def parse_seconds(text: str, *, least: float) -> float:
+    """A number of seconds of at least C{least}: a timer set faster than the daemon can
+    use runs in every reactor turn (C{SSE_KEEPALIVE_SEC=1e-7} spun a core), and a
+    deadline shorter than a network round trip fails every client."""
+    value = parse_positive_float(text)
+    if value < least:
+        raise ValueError(f"{text!r} is too short: at least {least:g} s")
+    return value
+
+
+def parse_at_most(parse: Callable[[str], Any], most: float, why: str) -> Callable[[str], Any]:
+    """C{parse}, then refuse values above C{most} with the reason C{why}."""
+
+    def bounded(text: str) -> Any:
+        value = parse(text)
+        if value > most:
+            raise ValueError(f"{text!r} is too many: at most {most:g} ({why})")
+        return value
+
+    return bounded
+
+
 def parse_positive_int(text: str) -> int:
     """A whole number greater than zero."""
     try:
@@ -146,47 +168,58 @@ def parse_graphite_url(text: str) -> GraphiteTarget | None:
 
 def parse_endpoint(text: str) -> str:
     """A server endpoint string (C{tcp:8001}, C{ssl:...}, C{systemd:...}), checked as
-    far as it can be before listening: its syntax, port range, files and, for
-    C{systemd:}, that systemd passed the socket."""
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import serverFromString
+    far as it can be without listening: its syntax, port range, files and, for
+    C{systemd:}, that systemd passed the socket.
 
+    Only parsed: no socket is opened and the global reactor is not imported. Whether
+    the port can be had is known only when the daemon listens, which says so in one
+    line (checking here would be a race, and would fail whenever the port is busy).
+    """
     description = text.strip()
     try:
-        endpoint = serverFromString(reactor, description)
+        where = listen_address(description)
     except Exception as e:
         if description.lower().startswith("systemd:") and isinstance(e, IndexError | KeyError):
             raise ValueError(f"{description!r}: {_missing_systemd_socket()}") from None
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
-        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
-        raise ValueError(f"{description!r} is not a usable endpoint: {why}{where}") from None
+        path = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+        raise ValueError(f"{description!r} is not a usable endpoint: {why}{path}") from None
     if description.lower().startswith("unix:"):
         _check_unix_path(description)
-    port = getattr(endpoint, "_port", None)
-    if isinstance(port, int):
-        if not 0 <= port <= 65535:
-            raise ValueError(f"{description!r}: port {port} is not between 0 and 65535")
-        if port:
-            _check_port_free(description, getattr(endpoint, "_interface", ""), port)
+    if where is not None and not 0 <= where[0] <= 65535:
+        raise ValueError(f"{description!r}: port {where[0]} is not between 0 and 65535")
     return description
 
 
-def _check_port_free(description: str, interface: str, port: int) -> None:
-    """Bind the port for a moment, so that one in use (or an address this host does
-    not have) stops the start now, with one line."""
-    import errno
+def listen_address(description: str) -> tuple[int, str, int] | None:
+    """The port, interface and backlog a C{tcp:}, C{tcp6:}, C{ssl:} or C{reuseport:}
+    endpoint listens on (None for other kinds). Raises what Twisted's parser raises.
 
-    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((interface, port))
-        except (socket.gaierror, UnicodeError) as e:
-            raise ValueError(f"{description!r}: no such interface {interface!r} "
-                             f"({e})") from None
-        except OSError as e:
-            if e.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
-                raise ValueError(f"{description!r}: cannot listen: {e.strerror}") from None
+    The endpoint is built against a L{MemoryReactor} and asked to listen there, which
+    only records the call: Twisted's own reading of the string, no socket, no global
+    reactor, and none of the endpoints' private attributes.
+    """
+    from twisted.internet.endpoints import (
+        SSL4ServerEndpoint,
+        TCP4ServerEndpoint,
+        TCP6ServerEndpoint,
+        serverFromString,
+    )
+    from twisted.internet.protocol import Factory
+    from twisted.internet.testing import MemoryReactor
+
+    from emojistream.endpoints import ReusePortEndpoint
+
+    recorder = MemoryReactor()
+    endpoint = serverFromString(recorder, description)
+    if isinstance(endpoint, ReusePortEndpoint):
+        return endpoint.port, endpoint.interface, endpoint.backlog
+    if not isinstance(endpoint, TCP4ServerEndpoint | TCP6ServerEndpoint | SSL4ServerEndpoint):
+        return None
+    endpoint.listen(Factory())
+    # (port, factory, backlog, interface); listenSSL's also has its context factory.
+    (call,) = recorder.tcpServers + recorder.sslServers
+    return int(call[0]), str(call[-1]), int(call[-2])
 
 
 def _missing_systemd_socket() -> str:
@@ -255,10 +288,13 @@ def parse_count(text: str) -> int:
 
 
 def parse_token(text: str) -> str:
-    """A bearer token: printable ASCII without spaces, at least 16 characters."""
+    """A bearer token: printable ASCII without spaces, at least 16 characters. An empty
+    one is an error, not "no token": leave the setting out for that."""
     token = text.strip()
-    if token and (len(token) < 16 or not token.isascii() or not token.isprintable()
-                  or " " in token):
+    if not token:
+        raise ValueError("the token is empty; leave the setting out for no token")
+    if (len(token) < 16 or not token.isascii() or not token.isprintable()
+            or " " in token):
         raise ValueError("a token must be at least 16 printable ASCII characters, no spaces")
     return token
 
@@ -280,6 +316,22 @@ def parse_metric_key(text: str) -> str:
     if not _METRIC_KEY.match(text.strip()):
         raise ValueError(f"{text!r} may only hold letters, digits, '.', '_' and '-'")
     return text.strip().strip(".")
+
+
+#: Longest node name: a host name (64 at most on Linux) with room for the suffixes a
+#: templated unit (C{%H-%i}) and the workers (C{-<i>}) add.
+MAX_NODE_NAME = 128
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def parse_node_name(text: str) -> str:
+    """A node name such as C{web.1} or a host name: letters, digits, C{. _ -}, starting
+    with a letter or digit. It goes into log lines, Redis keys and carbon paths, where
+    a newline or a space would forge or break them."""
+    if not _NODE_NAME.match(text) or len(text) > MAX_NODE_NAME:
+        raise ValueError(f"{text!r} is not a node name (letters, digits, '.', '_' and '-', "
+                         f"starting with a letter or digit, {MAX_NODE_NAME} at most)")
+    return text
 
 
 def parse_env_name(text: str) -> str:
@@ -312,6 +364,29 @@ def default_max_streams() -> int:
     return max(1, min(MAX_STREAMS, hard - fd_reserve(hard)))
 
 
+#: The shortest interval of a periodic timer (keepalive, carbon reports): below it
+#: the timers run in nearly every reactor turn, for nothing a client or carbon can use.
+MIN_INTERVAL = 0.05
+#: The shortest deadline a client is given (request head, forced close, replay age):
+#: shorter ones fail clients that are merely a few round trips away.
+MIN_DEADLINE = 1.0
+#: The most worker processes. Past one per core, more workers add only memory and
+#: Redis connections; a fixed cap (not the host's core count) keeps the settings a
+#: function of what was given, and stops a typo (C{--workers 1000}) forking a thousand.
+MAX_WORKERS = 64
+#: The most hits per second the demo feeder publishes: it publishes what is owed each
+#: tick, so a huge rate would publish millions in one reactor turn.
+MAX_DEMO_RATE = 10_000
+
+
+def _interval(text: str) -> float:
+    return parse_seconds(text, least=MIN_INTERVAL)
+
+
+def _deadline(text: str) -> float:
+    return parse_seconds(text, least=MIN_DEADLINE)
+
+
 @dataclass(frozen=True)
 class Spec:
     """One setting: its environment variable, its option and how to read it."""
@@ -331,8 +406,12 @@ class Spec:
 LISTEN_BACKLOG = 1024
 
 
+#: The port served when neither --listen nor PORT says otherwise.
+DEFAULT_PORT = 8001
+
+
 def _listen_default(env: Mapping[str, str]) -> str:
-    port = env.get("PORT") or "8001"
+    port = env.get("PORT") or str(DEFAULT_PORT)
     return f"tcp:{port}:backlog={LISTEN_BACKLOG}"
 
 
@@ -346,14 +425,16 @@ SPECS: tuple[Spec, ...] = (
          "Redis to subscribe to, redis://[:password@]host:port[/db]", metavar="URL"),
     Spec("raw_stream", "raw-stream", "ENABLE_RAW_STREAM", parse_bool, "true",
          "Serve /subscribe/raw, one message per score hit", is_flag=True),
-    Spec("keepalive", "keepalive", "SSE_KEEPALIVE_SEC", parse_positive_float, "15",
-         "Seconds between ':' keepalive comments on streams idle that long", metavar="SECONDS"),
+    Spec("keepalive", "keepalive", "SSE_KEEPALIVE_SEC", _interval, "15",
+         "Seconds between ':' keepalive comments on streams idle that long (at least 0.05)",
+         metavar="SECONDS"),
     Spec("verbose", "verbose", "VERBOSE", parse_bool, "false",
          "Log every stream connect and disconnect", is_flag=True),
     Spec("env", "env", "RACK_ENV", parse_env_name, "development",
          "Deployment environment name (development, staging, production)", metavar="NAME"),
-    Spec("node", "node", None, str, None,
-         "This node's name in reports (default: $NODE_NAME, else $DYNO, else the host name)",
+    Spec("node", "node", None, parse_node_name, None,
+         "This node's name in reports: letters, digits, . _ - (default: $NODE_NAME, else "
+         "$DYNO, else the host name)",
          metavar="NAME"),
     Spec("kiosk_stream", "kiosk-interaction-stream", "ENABLE_KIOSK_INTERACTION_STREAM",
          parse_bool, "false",
@@ -368,11 +449,12 @@ SPECS: tuple[Spec, ...] = (
          "500", "retry: hint of detail and kiosk streams in forced-refresh mode",
          metavar="MS"),
     Spec("score_max_age", "score-forceclose-sec", "SSE_SCORE_FORCECLOSE_SEC",
-         parse_positive_float, "300",
-         "Age at which score streams are closed in forced-refresh mode", metavar="SECONDS"),
+         _deadline, "300",
+         "Age at which score streams are closed in forced-refresh mode (at least 1)",
+         metavar="SECONDS"),
     Spec("detail_max_age", "detail-forceclose-sec", "SSE_DETAIL_FORCECLOSE_SEC",
-         parse_positive_float, "300",
-         "Age at which detail and kiosk streams are closed in forced-refresh mode",
+         _deadline, "300",
+         "Age at which detail and kiosk streams are closed in forced-refresh mode (at least 1)",
          metavar="SECONDS"),
     Spec("trust_proxy", "trust-proxy", "TRUST_PROXY", parse_bool, "false",
          "Take the client IP from the address the trusted proxy appended to "
@@ -393,7 +475,7 @@ SPECS: tuple[Spec, ...] = (
          "Carbon target for metrics every 10 s, tcp://host:2003 or udp://host:2003 "
          "(default: off)", metavar="URL"),
     Spec("graphite_interval", "graphite-interval", "GRAPHITE_INTERVAL_SEC",
-         parse_positive_float, "10", "Seconds between carbon reports", metavar="SECONDS"),
+         _interval, "10", "Seconds between carbon reports (at least 0.05)", metavar="SECONDS"),
     Spec("graphite_prefix", "graphite-prefix", "HOSTEDGRAPHITE_APIKEY", parse_metric_key, "",
          "Key put in front of every carbon metric path (hosted graphite's API key)",
          metavar="KEY"),
@@ -415,34 +497,38 @@ SPECS: tuple[Spec, ...] = (
          "the open-file limit allows if that is less)", metavar="N"),
     Spec("max_streams_per_ip", "max-streams-per-ip", "MAX_STREAMS_PER_IP", parse_count, "0",
          "Open streams per client IP at most, more get 429 (0: no limit)", metavar="N"),
-    Spec("request_timeout", "request-timeout", "REQUEST_TIMEOUT_SEC", parse_positive_float,
+    Spec("request_timeout", "request-timeout", "REQUEST_TIMEOUT_SEC", _deadline,
          "10", "Seconds a client has to send a whole request head; slower ones get 408 "
-         "(answered streams are never timed)", metavar="SECONDS"),
+         "(answered streams are never timed; at least 1)", metavar="SECONDS"),
     Spec("max_connections_per_ip", "max-connections-per-ip", "MAX_CONNECTIONS_PER_IP",
          parse_count, "0", "Open TCP connections per client address at most; more are "
          "closed at once (0: no limit; keep 0 behind a proxy)", metavar="N"),
     Spec("admin_listen", "admin-listen", "ADMIN_LISTEN", parse_optional_endpoint, "",
          "Serve /admin/ on this endpoint only (e.g. tcp:8002:interface=127.0.0.1) "
          "instead of the main one", metavar="ENDPOINT"),
-    Spec("admin_token", "admin-token", "ADMIN_TOKEN", parse_token, "",
-         "Require 'Authorization: Bearer <token>' on /admin/", metavar="TOKEN"),
+    Spec("admin_token", "admin-token", "ADMIN_TOKEN", parse_token, None,
+         "Require 'Authorization: Bearer <token>' on /admin/ (16+ characters; empty is an "
+         "error, leave it out for none)", metavar="TOKEN"),
     Spec("drain", "drain-sec", "SSE_DRAIN_SEC", parse_positive_float, "10",
          "On SIGTERM, close streams spread over this many seconds, then exit",
          metavar="SECONDS"),
     Spec("log_format", "log-format", "LOG_FORMAT", parse_log_format, "text",
          "Log as text lines or as one JSON object per line on standard output (json)",
          metavar="FORMAT"),
-    Spec("workers", "workers", "WORKERS", parse_positive_int, "1",
+    Spec("workers", "workers", "WORKERS",
+         parse_at_most(parse_positive_int, MAX_WORKERS, "one per core is the most that helps"),
+         "1",
          "Run this many worker processes on the --listen port (SO_REUSEPORT), each "
          "subscribed to Redis and reporting as <node>-<i>; the parent restarts any that "
-         "dies and stops all on SIGTERM", metavar="N"),
+         "dies and stops all on SIGTERM (at most 64)", metavar="N"),
     Spec("event_ids", "event-ids", "SSE_EVENT_IDS", parse_bool, "false",
          "Resumable streams: every event carries an id:, and a client reconnecting with "
          "Last-Event-ID (or ?last_event_id=) first gets what it missed", is_flag=True),
     Spec("replay_events", "replay-events", "SSE_REPLAY_EVENTS", parse_positive_int, "10000",
          "With --event-ids: events kept for replay per namespace at most", metavar="N"),
-    Spec("replay_age", "replay-sec", "SSE_REPLAY_SEC", parse_positive_float, "300",
-         "With --event-ids: seconds an event is kept for replay at most", metavar="SECONDS"),
+    Spec("replay_age", "replay-sec", "SSE_REPLAY_SEC", _deadline, "300",
+         "With --event-ids: seconds an event is kept for replay at most (at least 1)",
+         metavar="SECONDS"),
     Spec("replay_bytes", "replay-bytes", "SSE_REPLAY_BYTES", parse_positive_int, "33554432",
          "With --event-ids: memory all replay buffers hold at most (the largest give up "
          "their oldest events first)", metavar="BYTES"),
@@ -451,8 +537,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("demo", "demo", None, parse_bool, "false",
          "Start a private redis-server and a synthetic feeder publishing into it "
          "(with --redis, feed that Redis instead)", is_flag=True),
-    Spec("demo_rate", "demo-rate", None, parse_positive_float, "250",
-         "Hits per second the --demo feeder publishes", metavar="HZ"),
+    Spec("demo_rate", "demo-rate", None,
+         parse_at_most(parse_positive_float, MAX_DEMO_RATE, "hits per second"), "250",
+         "Hits per second the --demo feeder publishes (at most 10000)", metavar="HZ"),
     Spec("tls_ciphers", "tls-ciphers", "TLS_CIPHERS", parse_ciphers, "",
          "TLS 1.2 cipher suites of ssl: listeners, in OpenSSL's syntax (default: "
          "Mozilla's intermediate list, forward secrecy and AEAD only; TLS 1.3 suites "
@@ -464,7 +551,7 @@ SPECS: tuple[Spec, ...] = (
 class Settings:
     """Every setting the daemon runs with, already validated."""
 
-    listen: str = f"tcp:8001:backlog={LISTEN_BACKLOG}"
+    listen: str = f"tcp:{DEFAULT_PORT}:backlog={LISTEN_BACKLOG}"
     redis: RedisAddress = RedisAddress()
     redis_given: bool = False
     raw_stream: bool = True
@@ -514,8 +601,14 @@ class Settings:
         return f"{PLATFORM}-{self.env}-{self.node}"
 
 
-def _default_node(env: Mapping[str, str]) -> str:
-    return env.get("NODE_NAME") or env.get("DYNO") or socket.gethostname()
+def _default_node(env: Mapping[str, str]) -> tuple[str, str]:
+    """The node name and where it came from: C{NODE_NAME} (even empty, which is then
+    an error), else Heroku's C{DYNO}, else the host name."""
+    if "NODE_NAME" in env:
+        return env["NODE_NAME"], "NODE_NAME"
+    if env.get("DYNO"):
+        return env["DYNO"], "DYNO"
+    return socket.gethostname(), "the host name (set NODE_NAME or --node)"
 
 
 def resolve(env: Mapping[str, str], options: Mapping[str, str | None]) -> Settings:
@@ -535,16 +628,15 @@ def resolve(env: Mapping[str, str], options: Mapping[str, str | None]) -> Settin
                 given = _listen_default(env)
                 source = "PORT"
             elif spec.key == "node":
-                given = _default_node(env)
-                source = "NODE_NAME"
+                given, source = _default_node(env)
             elif spec.key == "max_streams":
                 given = str(default_max_streams())
                 source = "the open-file limit"
-            elif spec.key in ("admin_report", "demo_page"):
-                # Decided below, once what they depend on is known.
+            elif spec.default is None:
+                # Settings' own default (admin_token: none), or decided below once
+                # what it depends on is known (admin_report, demo_page).
                 continue
             else:
-                assert spec.default is not None
                 given = spec.default
         try:
             values[spec.key] = spec.parse(given)

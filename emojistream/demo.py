@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import socket
+import tempfile
 import time
 from bisect import bisect
 from collections.abc import Sequence
@@ -59,10 +60,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def redis_server_args(executable: str, port: int) -> list[str]:
-    """Command line for a private, memory-only redis-server on loopback."""
+def redis_server_args(executable: str, port: int, directory: str) -> list[str]:
+    """Command line for a private, memory-only redis-server on loopback, working in
+    C{directory}: whatever it still writes (a replica's full sync, a SAVE) lands there,
+    not as a C{dump.rdb} in the current directory."""
     return [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--daemonize", "no", "--loglevel", "notice"]
+            "--appendonly", "no", "--daemonize", "no", "--loglevel", "notice",
+            "--dir", directory]
 
 
 class _RedisProcess(ProcessProtocol):
@@ -106,12 +110,15 @@ class EmbeddedRedis(MultiService):
         self.address = RedisAddress(host="127.0.0.1", port=port)
         self._process: _RedisProcess | None = None
         self._transport: Any = None
+        #: The child's private working directory while it runs.
+        self.directory: str | None = None
 
     def startService(self) -> None:
         # Only mark running here; the children start from redis_ready().
         self.running = 1
         self._process = _RedisProcess(self)
-        args = redis_server_args(self._executable, self.address.port)
+        self.directory = tempfile.mkdtemp(prefix="emojistream-redis-")
+        args = redis_server_args(self._executable, self.address.port, self.directory)
         command = die_with_parent(args, os.getpid())
         self._transport = self._reactor.spawnProcess(
             self._process, command[0], command, env=child_environment(os.environ)
@@ -128,6 +135,9 @@ class EmbeddedRedis(MultiService):
     def redis_ended(self, reason: Failure, last_line: str) -> None:
         """Called when the child exits; unexpected unless we are stopping."""
         self._transport = None
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
         if self.running:
             self.log.error("Embedded Redis exited unexpectedly ({why}): {line}",
                            why=reason.getErrorMessage(), line=last_line)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -20,6 +22,8 @@ class RedisProcess:
         self.port = port or free_port()
         self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
+        #: The server's private working directory while it runs (its --dir).
+        self.directory: str | None = None
 
     @property
     def url(self) -> str:
@@ -27,7 +31,9 @@ class RedisProcess:
 
     def start(self, timeout: float = 10.0) -> None:
         """Start redis-server and return once it accepts connections."""
-        args = redis_server_args(find_redis_server(), self.port) + list(self.extra_args)
+        self.directory = tempfile.mkdtemp(prefix="emojistream-test-redis-")
+        args = (redis_server_args(find_redis_server(), self.port, self.directory)
+                + list(self.extra_args))
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert self.proc.stdout is not None
         seen = b""
@@ -59,12 +65,13 @@ class RedisProcess:
 
     def _end(self, sig: int) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.send_signal(sig)
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None

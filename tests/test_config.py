@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
+from dataclasses import fields
+
 import pytest
 from twisted.python import usage
 
-from emojistream.config import ConfigError, RedisAddress, parse_bool, parse_redis_url, resolve
+from conftest import REPO, repo_env
+from emojistream.config import (
+    DEFAULT_PORT,
+    SPECS,
+    ConfigError,
+    RedisAddress,
+    Settings,
+    listen_address,
+    parse_bool,
+    parse_redis_url,
+    resolve,
+)
 from emojistream.connection import backoff
 from emojistream.tap import Options
 
@@ -156,3 +173,135 @@ def test_resume_settings_and_their_defaults():
     assert resolve({"DEMO_PAGE": "no"}, {"demo": "true"}).demo_page is False
     with pytest.raises(ConfigError, match="SSE_REPLAY_BYTES"):
         resolve({"SSE_REPLAY_BYTES": "0"}, {})
+
+
+def test_a_busy_port_is_no_configuration_error():
+    """Configuration only parses: with the port held, on one address or on all, the
+    settings resolve; the listener says it is busy when the daemon starts (one line,
+    test_twistd). Binding to check made the suite fail whenever the demo ran."""
+    with socket.socket() as loopback, socket.socket() as every:
+        loopback.bind(("127.0.0.1", 0))
+        loopback.listen(1)
+        every.bind(("0.0.0.0", 0))
+        every.listen(1)
+        for port in (loopback.getsockname()[1], every.getsockname()[1]):
+            assert resolve({"PORT": str(port)}, {}).listen == f"tcp:{port}:backlog=1024"
+            s = options(["--listen", f"tcp:{port}:interface=127.0.0.1",
+                         "--admin-listen", f"tcp:{port}"]).settings
+            assert s is not None and s.admin_listen == f"tcp:{port}"
+
+
+def test_the_default_port_held_elsewhere_is_no_configuration_error():
+    """The README's first command (the demo, on 8001) running beside the tests: the
+    defaults resolve whether this test holds 8001 or something else already does."""
+    with socket.socket() as holder:
+        try:
+            holder.bind(("127.0.0.1", DEFAULT_PORT))
+            holder.listen(1)
+        except OSError:
+            pass  # held already: the case under test all the same
+        assert resolve({}, {}).listen == f"tcp:{DEFAULT_PORT}:backlog=1024"
+        assert options([]).settings is not None
+
+
+@pytest.mark.slow
+def test_configuration_opens_no_socket_and_imports_no_reactor(tmp_path):
+    """Settings in, Settings out: Python's audit hooks see every socket made, bound or
+    connected while every kind of endpoint is resolved, in a fresh interpreter."""
+    code = f"""
+import json, sys
+events = []
+sys.addaudithook(lambda event, args: events.append(event)
+                 if event.startswith("socket.") else None)
+from emojistream.config import resolve
+resolve({{"NODE_NAME": "n"}}, {{}})
+for endpoint in ("tcp:{DEFAULT_PORT}", "tcp:{DEFAULT_PORT}:interface=127.0.0.1",
+                 "tcp6:{DEFAULT_PORT}:interface=\\:\\:1", "reuseport:{DEFAULT_PORT}",
+                 "unix:{tmp_path}/s"):
+    resolve({{"NODE_NAME": "n", "ADMIN_LISTEN": endpoint}}, {{"listen": endpoint}})
+print(json.dumps({{"events": events,
+                  "reactor": "twisted.internet.reactor" in sys.modules}}))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=repo_env(), cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen == {"events": [], "reactor": False}
+
+
+def test_listen_address_reads_the_endpoint_without_listening():
+    assert listen_address("tcp:8001") == (8001, "", 50)
+    assert listen_address("tcp:8001:interface=127.0.0.1:backlog=1024") == (
+        8001, "127.0.0.1", 1024)
+    assert listen_address("tcp6:8002:interface=\\:\\:1") == (8002, "::1", 50)
+    assert listen_address("unix:/tmp/x.sock") is None
+    with pytest.raises(ValueError):
+        listen_address("tcp:eighty")
+
+
+def test_every_default_is_the_settings_default():
+    """The defaults --help shows are the ones Settings uses (written twice)."""
+    defaults = Settings()
+    for spec in SPECS:
+        if spec.default is not None:
+            assert spec.parse(spec.default) == getattr(defaults, spec.key), spec.key
+    assert {f.name for f in fields(Settings)} >= {spec.key for spec in SPECS}
+
+
+#: Settings with a bound: option, environment variable, a value past it, the message,
+#: and the bound itself (accepted).
+BOUNDS = [
+    ("workers", "WORKERS", "1000", "at most 64", "64"),
+    ("keepalive", "SSE_KEEPALIVE_SEC", "1e-7", "at least 0.05 s", "0.05"),
+    ("graphite-interval", "GRAPHITE_INTERVAL_SEC", "0.00001", "at least 0.05 s", "0.05"),
+    ("request-timeout", "REQUEST_TIMEOUT_SEC", "1e-9", "at least 1 s", "1"),
+    ("score-forceclose-sec", "SSE_SCORE_FORCECLOSE_SEC", "0.01", "at least 1 s", "1"),
+    ("detail-forceclose-sec", "SSE_DETAIL_FORCECLOSE_SEC", "0.01", "at least 1 s", "1"),
+    ("replay-sec", "SSE_REPLAY_SEC", "0.001", "at least 1 s", "1"),
+    ("node", "NODE_NAME", "web.1\nforged line", "not a node name", "web.1"),
+    ("admin-token", "ADMIN_TOKEN", "", "empty", "x" * 16),
+    ("demo-rate", None, "1e9", "at most 10000", "10000"),
+]
+
+
+@pytest.mark.parametrize(("option", "variable", "bad", "why", "bound"), BOUNDS)
+def test_settings_out_of_bounds_are_one_line_errors(option, variable, bad, why, bound):
+    key = next(spec.key for spec in SPECS if spec.option == option)
+    with pytest.raises(SystemExit) as info:
+        options([f"--{option}", bad])
+    assert f"--{option}: " in str(info.value) and why in str(info.value)
+    assert "\n" not in str(info.value)
+    if variable is not None:
+        with pytest.raises(ConfigError) as error:
+            resolve({variable: bad}, {})
+        assert str(error.value).startswith(f"{variable}: ") and why in str(error.value)
+        assert "\n" not in str(error.value)
+        assert getattr(resolve({variable: bound}, {}), key) is not None
+    assert getattr(resolve({}, {key: bound}), key) is not None
+
+
+@pytest.mark.parametrize("name", [
+    "web.1", "run.1234", "ip-10-0-1-7.eu-west-1.compute.internal", "host_a-3",
+    "x" * 128])
+def test_node_names_hosts_and_dynos_use(name):
+    assert resolve({"NODE_NAME": name}, {}).node == name
+    assert resolve({"DYNO": name}, {}).node == name
+
+
+@pytest.mark.parametrize("name", ["", " web", "web 1", "-web", ".web", "x" * 129, "wéb",
+                                  "a\rb", "a/b"])
+def test_node_names_that_would_break_a_line_or_a_key_are_refused(name):
+    with pytest.raises(ConfigError, match=r"^NODE_NAME: .*not a node name"):
+        resolve({"NODE_NAME": name, "DYNO": "web.1"}, {})
+
+
+def test_an_empty_dyno_falls_back_to_the_host_name():
+    assert resolve({"DYNO": ""}, {}).node == socket.gethostname()
+
+
+def test_no_admin_token_is_the_default_and_an_empty_one_an_error():
+    assert resolve({}, {}).admin_token == ""
+    with pytest.raises(ConfigError, match=r"^ADMIN_TOKEN: the token is empty"):
+        resolve({"ADMIN_TOKEN": ""}, {})
+    with pytest.raises(ConfigError, match=r"^ADMIN_TOKEN: the token is empty"):
+        resolve({"ADMIN_TOKEN": "   "}, {})

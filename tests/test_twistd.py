@@ -15,23 +15,25 @@ from sseclient import Client
 
 BAD_ENDPOINTS = [
     "tcp:abc", "tcp:99999", "unix:/nonexistent/dir/s", "ssl:8443:privateKey=/nonexistent.pem",
-    "systemd:domain=INET:index=0", "bogus:1", "tcp:{busy}:interface=127.0.0.1",
+    "systemd:domain=INET:index=0", "bogus:1",
 ]
 BAD_VALUES = [  # environment variable, value
     ("REDIS_URL", "http://nope"), ("SSE_KEEPALIVE_SEC", "often"),
     ("ENABLE_RAW_STREAM", "perhaps"), ("ADMIN_REPORT", ""), ("PORT", "eighty"),
     ("PORT", "99999"), ("MAX_STREAMS", "-3"), ("GRAPHITE_URL", "ftp://x"),
 ]
-
-
-@pytest.fixture
-def busy_port() -> Iterator[int]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen(1)
-        yield s.getsockname()[1]
+#: Values past a setting's bounds (issue 17): option, environment variable, value, and
+#: what the one line says. All start without them (--workers 1000 forked a thousand).
+OUT_OF_BOUNDS = [
+    ("--workers", "WORKERS", "1000", "at most 64"),
+    ("--keepalive", "SSE_KEEPALIVE_SEC", "1e-7", "at least 0.05 s"),
+    ("--request-timeout", "REQUEST_TIMEOUT_SEC", "1e-9", "at least 1 s"),
+    ("--graphite-interval", "GRAPHITE_INTERVAL_SEC", "0.00001", "at least 0.05 s"),
+    ("--score-forceclose-sec", "SSE_SCORE_FORCECLOSE_SEC", "0.001", "at least 1 s"),
+    ("--replay-sec", "SSE_REPLAY_SEC", "0.001", "at least 1 s"),
+    ("--node", "NODE_NAME", "web.1\nforged", "not a node name"),
+    ("--admin-token", "ADMIN_TOKEN", "", "empty"),
+]
 
 
 def assert_one_line_failure(result, names: str) -> None:
@@ -44,6 +46,8 @@ def assert_one_line_failure(result, names: str) -> None:
 
 
 @pytest.mark.parametrize(("args", "names"), [
+    *[([option, value], f"{option}: ") for option, _, value, _ in OUT_OF_BOUNDS],
+    (["--demo-rate", "1e9"], "--demo-rate: "),
     (["--redis", "http://nope"], "--redis"),
     (["--keepalive", "often"], "--keepalive"),
     (["--workers", "2", "--listen", "tcp:0"], "--workers"),
@@ -53,28 +57,86 @@ def assert_one_line_failure(result, names: str) -> None:
     *[(["--listen", endpoint], "--listen") for endpoint in BAD_ENDPOINTS],
     *[(["--admin-listen", endpoint], "--admin-listen") for endpoint in BAD_ENDPOINTS],
 ])
-def test_a_bad_option_is_a_one_line_error_and_a_failed_exit(args, names, busy_port):
-    args = [a.replace("{busy}", str(busy_port)) for a in args]
-    if "{busy}" not in " ".join(args) and "--admin-listen" in args:
-        args += ["--listen", "tcp:0:interface=127.0.0.1"]
+def test_a_bad_option_is_a_one_line_error_and_a_failed_exit(args, names):
+    if "--admin-listen" in args:
+        args = [*args, "--listen", "tcp:0:interface=127.0.0.1"]
+    # A port of 0 is refused with --workers: if the bound on --workers were missing,
+    # this fails at once instead of starting a thousand workers.
+    if "--workers" in args and "--listen" not in args:
+        args = [*args, "--listen", "tcp:0:interface=127.0.0.1"]
     result = twistd("-n", "--pidfile=", "emojistream", *args)
-    assert_one_line_failure(result, "" if str(busy_port) in " ".join(args) else names)
+    assert_one_line_failure(result, names)
 
 
 @pytest.mark.parametrize("entry", ["plugin", "tac"])
 @pytest.mark.parametrize(("name", "value"), [
     *BAD_VALUES,
+    *[(name, value) for _, name, value, _ in OUT_OF_BOUNDS],
     *[("ADMIN_LISTEN", endpoint) for endpoint in BAD_ENDPOINTS],
-    ("PORT", "{busy}"),
 ])
-def test_a_bad_environment_value_is_a_one_line_error_and_a_failed_exit(
-        entry, name, value, busy_port):
-    env = {name: value.replace("{busy}", str(busy_port))}
-    if name == "ADMIN_LISTEN":
+def test_a_bad_environment_value_is_a_one_line_error_and_a_failed_exit(entry, name, value):
+    env = {name: value}
+    if name in ("ADMIN_LISTEN", "WORKERS"):
         env["PORT"] = "0"
     entry_args = ["emojistream"] if entry == "plugin" else ["-y", "emojistream.tac"]
     result = twistd("-n", "--pidfile=", *entry_args, env=env)
-    assert_one_line_failure(result, "" if value == "{busy}" else name)
+    assert_one_line_failure(result, f"{name}: ")
+    why = next((why for _, n, v, why in OUT_OF_BOUNDS if (n, v) == (name, value)), "")
+    assert why in result.stderr
+
+
+def test_the_tac_refuses_workers_in_one_line():
+    """A .tac is one process: WORKERS=3 was silently ignored (one process served)."""
+    result = twistd("-n", "--pidfile=", "-y", "emojistream.tac",
+                    env={"WORKERS": "3", "PORT": "0"})
+    assert_one_line_failure(result, "WORKERS: the .tac runs one process")
+
+
+@pytest.mark.parametrize("entry", ["plugin", "tac"])
+@pytest.mark.parametrize("setting", ["--listen", "--admin-listen", "PORT", "ADMIN_LISTEN"])
+@pytest.mark.parametrize("held_on", ["127.0.0.1", "0.0.0.0"])
+def test_a_busy_port_is_one_line_at_listen_time_and_a_failed_exit(entry, setting, held_on):
+    """The port is tried once, when the daemon listens (configuration only parses):
+    one error line that names the endpoint and why, no traceback, a failed exit."""
+    import socket
+
+    if entry == "tac" and setting.startswith("--"):
+        pytest.skip("the .tac takes the environment only")
+    with socket.socket() as holder:
+        holder.bind((held_on, 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        busy, free = f"tcp:{port}:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"
+        args, env = [], {"REDIS_URL": "redis://127.0.0.1:1"}
+        if setting == "--listen":
+            args = ["--listen", busy]
+        elif setting == "--admin-listen":
+            args = ["--listen", free, "--admin-listen", busy]
+        elif setting == "PORT":
+            env["PORT"] = str(port)
+        else:
+            env.update(PORT="0", ADMIN_LISTEN=busy)
+        entry_args = ["emojistream"] if entry == "plugin" else ["-y", "emojistream.tac"]
+        result = twistd("-n", "--pidfile=", *entry_args, *args, env=env)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if "cannot listen" in line.lower()]
+    assert len(errors) == 1, out
+    assert f"cannot listen on 'tcp:{port}" in errors[0], out
+    assert "Address already in use" in errors[0], out
+    assert [line for line in out.splitlines() if "error]" in line] == errors, out
+
+
+def test_an_address_this_host_does_not_have_is_one_line_at_listen_time():
+    # 192.0.2.1 is TEST-NET-1 (RFC 5737): never an address of this host.
+    result = twistd("-n", "--pidfile=", "emojistream", "--listen",
+                    "tcp:0:interface=192.0.2.1", env={"REDIS_URL": "redis://127.0.0.1:1"})
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in out, out
+    (error,) = [line for line in out.splitlines() if "error]" in line]
+    assert "cannot listen on 'tcp:0:interface=192.0.2.1'" in error, out
+    assert "Cannot assign requested address" in error, out
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 duration, to /tmp/gc-<pid>.log. Put this directory on PYTHONPATH of a benchmark run
 (the daemon inherits it):
 
-    PYTHONPATH=.:docs/profiles/gc_pauses python -m emojistream.bench
+    PYTHONPATH=.:benchmarks/gc_pauses python benchmarks/bench.py
 
 Each line: seconds since the process started, generation, duration, objects collected.
 """

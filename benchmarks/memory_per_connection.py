@@ -5,7 +5,7 @@ depend on it), opens N streams from a child process, and prints the traced bytes
 per connection and the top allocation sites. The evidence behind the memory
 changes in docs/PERFORMANCE.md:
 
-    PYTHONPATH=<checkout> python docs/profiles/memory_per_connection.py [N] [path]
+    PYTHONPATH=<checkout> python benchmarks/memory_per_connection.py [N] [path]
 """
 
 from __future__ import annotations
