@@ -4,10 +4,14 @@ node reports into; stale nodes flagged after three report intervals."""
 from __future__ import annotations
 
 import json
+import tracemalloc
 from contextlib import AsyncExitStack
 from typing import Any
 
+import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from conftest import running
@@ -67,6 +71,83 @@ def test_connections_are_counted_not_decoded():
     assert parsed["node"] == "a"
 
 
+def test_a_report_whose_connections_come_first_is_read_whole():
+    raw = json.dumps({"node": "ruby-a", "connections": [], "status": "OK",
+                      "reported_at": 100}, separators=(",", ":")).encode()
+    [node] = ClusterView(None, clock=Clock()).document({b"ruby-a": raw}, 101)["nodes"]
+    assert (node["status"], node["reported_at"], node["stale"]) == ("OK", 100, False)
+
+
+#: Strings that a scanner could mistake for structure: brackets, quotes, escapes.
+_TRICKY = st.lists(st.sampled_from(
+    ['[', ']', '{', '}', '"', '\\', ',', ':', ' ', 'a', '\n', '\x00', '\u00e9', '\U0001f602',
+     '\\"', '"connections":[', '],"x":']), max_size=8).map("".join)
+_SCALARS = (st.none() | st.booleans() | st.integers()
+            | st.floats(allow_nan=False) | _TRICKY)
+_JSON = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(_TRICKY, inner, max_size=4), max_leaves=12)
+
+
+@st.composite
+def status_documents(draw: st.DrawFn) -> bytes:
+    """A status document as any implementation might write it: keys in any order,
+    connections anywhere (or absent, or not an array), any JSON formatting."""
+    items = list(draw(st.dictionaries(_TRICKY | st.sampled_from(
+        ["node", "status", "reported_at", "connections_total"]), _JSON, max_size=6)).items())
+    items = [(k, v) for k, v in items if k != "connections"]
+    connections = draw(st.lists(st.dictionaries(_TRICKY, _JSON, max_size=4) | _JSON,
+                                max_size=6) | _JSON)
+    if draw(st.booleans()):
+        items.insert(draw(st.integers(0, len(items))), ("connections", connections))
+    indent = draw(st.none() | st.sampled_from([0, 2, "\t"]))
+    separators = draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,\n", " :\r\n")]))
+    return json.dumps(dict(items), ensure_ascii=draw(st.booleans()), indent=indent,
+                      separators=separators).encode()
+
+
+@given(status_documents())
+@settings(max_examples=400, deadline=None)
+def test_any_key_order_reads_as_json_loads_with_connections_counted(raw: bytes) -> None:
+    expected = json.loads(raw)
+    connections = expected.pop("connections", None)
+    if isinstance(connections, list):
+        expected["connections_total"] = len(connections)
+    elif "connections" in json.loads(raw):
+        expected["connections"] = connections
+    assert parse_report(raw) == expected
+
+
+@given(status_documents(), st.data())
+@settings(max_examples=200, deadline=None)
+def test_a_cut_or_spoilt_document_is_a_value_error(raw: bytes, data: st.DataObject) -> None:
+    cut = data.draw(st.integers(0, len(raw) - 1))
+    with pytest.raises(ValueError):
+        parse_report(raw[:cut])
+    spoilt = raw + data.draw(st.sampled_from([b",", b"}", b"x", b'"']))
+    with pytest.raises(ValueError):
+        parse_report(spoilt)
+
+
+def test_a_large_report_is_counted_without_decoding_its_connections():
+    """20,000 connections (4.6 MB) are stepped over, not built: json.loads of the
+    same document allocates more than three times its size."""
+    connection = {"request_path": "/subscribe/details/2665", "namespace": "/details/2665",
+                  "client_ip": "10.0.0.1", "user_agent": 'Mozilla/5.0 "q" [x] {y}',
+                  "created_at": 1_700_000_000, "age": 12, "msgs_sent": 7}
+    raw = json.dumps({"node": "ruby-a", "connections": [connection] * 20_000,
+                      "status": "OK", "reported_at": 1},
+                     separators=(",", ":")).encode()
+    tracemalloc.start()
+    try:
+        parsed = parse_report(raw)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert parsed == {"node": "ruby-a", "status": "OK", "reported_at": 1,
+                      "connections_total": 20_000}
+    assert peak < len(raw) / 100
+
+
 @pytest_twisted.ensureDeferred
 async def test_three_daemons_are_listed_and_a_stopped_one_turns_stale(
         redis_server: RedisProcess, publisher: Any) -> None:
@@ -90,10 +171,11 @@ async def test_three_daemons_are_listed_and_a_stopped_one_turns_stale(
                     await within(reporter.last_report)
 
         await reports()
-        # Another implementation's node writes its whole status only.
+        # Another implementation's node writes its whole status only, its keys in
+        # an order of its own.
         await within(publisher.hset("admin_stream_status", "go-1", json.dumps(
-            {"node": "go-1", "status": "OK", "reported_at": clock.seconds(),
-             "connections": [{"request_path": "/subscribe/eps"}] * 2})))
+            {"node": "go-1", "connections": [{"request_path": "/subscribe/eps"}] * 2,
+             "status": "OK", "reported_at": clock.seconds()})))
         _, client = daemons[0]
         response, body = await client.text("GET", "/admin/cluster.json")
         assert response.code == 200
