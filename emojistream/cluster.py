@@ -6,8 +6,9 @@ into C{admin_stream_summary}, which the view reads instead where it can: kilobyt
 not the megabytes of 20,000 connections. The view keeps what an overview needs of each: its
 state, pools and totals, how many connections it holds, its message rates (as it
 reported them, or from its two latest reports) and whether it is stale (no report
-for three intervals: stopped, or cut off from Redis). Documents of other
-implementations lack pools and totals; they are listed with what they have.
+for three intervals: crashed, or cut off from Redis). A node silent for twelve
+intervals is left out; one stopped cleanly deletes its own entries. Documents of
+other implementations lack pools and totals; they are listed with what they have.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from emojistream.status import RATES
 
 #: Report intervals without a report after which a node is stale.
 STALE_INTERVALS = 3
+#: Report intervals without a report after which a node is no longer listed (a
+#: minute: crashed, or stopped while Redis was away; a clean stop deletes its
+#: entries itself). Its entries stay in Redis, for when it comes back.
+FORGET_INTERVALS = 12
 #: Seconds one read of the hash serves every request for.
 CACHE_SECONDS = 1.0
 
@@ -106,11 +111,15 @@ class ClusterView:
     def document(self, reports: Mapping[bytes, bytes], now: float) -> dict[str, Any]:
         """The view of C{reports} (node name -> status JSON) at time C{now}."""
         nodes = []
-        for name, raw in sorted(reports.items()):
-            node = self._node(name.decode("utf-8", "replace"), raw, now)
-            nodes.append(node)
-        seen = {n["node"] for n in nodes}
-        for gone in set(self._history) - seen:
+        listed = set()
+        forget_after = FORGET_INTERVALS * self._interval
+        for field, raw in sorted(reports.items()):
+            name = field.decode("utf-8", "replace")
+            node = self._node(name, raw, now)
+            if node["age"] is None or node["age"] <= forget_after:
+                nodes.append(node)
+                listed.add(name)
+        for gone in set(self._history) - listed:
             del self._history[gone]
         fresh = [n for n in nodes if not n["stale"]]
         pools: dict[str, int] = {}
@@ -120,6 +129,7 @@ class ClusterView:
         return {
             "reported_at": int(now),
             "stale_after": STALE_INTERVALS * self._interval,
+            "forget_after": forget_after,
             "nodes": nodes,
             "totals": {
                 "nodes": len(nodes), "stale": len(nodes) - len(fresh), "pools": pools,

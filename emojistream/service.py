@@ -228,8 +228,11 @@ class Emojistream:
         connection.setServiceParent(redis_parent)
         self.cluster = ClusterView(connection, clock=clock)
         reporter = AdminReporter(connection, self.status.encoded, settings.node_name,
-                                 summary=self.status.summary)
+                                 summary=self.status.summary, clock=clock)
         self._timer(ADMIN_INTERVAL, reporter.report, clock, "Admin report")
+        # Beside core, added before the drain: its stop (which takes this node out of
+        # the hashes) follows the drain's and precedes its connection's.
+        reporter.setServiceParent(self.service)
         return reporter
 
     def _carbon(self, reactor: Any, clock: Any) -> None:

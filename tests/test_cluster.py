@@ -1,5 +1,6 @@
 """The cluster view: /admin/cluster.json from the admin_stream_status hash that every
-node reports into; stale nodes flagged after three report intervals."""
+node reports into; stale nodes flagged after three report intervals, left out after
+twelve, and a node stopped cleanly gone at once."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from conftest import running
-from emojistream.cluster import STALE_INTERVALS, ClusterView, parse_report
+from emojistream.cluster import FORGET_INTERVALS, STALE_INTERVALS, ClusterView, parse_report
 from emojistream.reporting import ADMIN_INTERVAL
 from redisproc import RedisProcess
 from sseclient import within
@@ -44,6 +45,21 @@ def test_the_view_lists_nodes_rates_and_stale_ones():
                                 "pools": {"eps": 2, "raw": 0, "detail": 1, "kiosk": 0},
                                 "rates": {"in": 100.0, "out": 300.0, "dropped": 0.0}}
     assert second["stale_after"] == STALE_INTERVALS * ADMIN_INTERVAL
+
+
+def test_a_node_silent_for_twelve_intervals_is_no_longer_listed():
+    view = ClusterView(None, clock=Clock())
+    forget = FORGET_INTERVALS * ADMIN_INTERVAL
+    assert forget == 60
+    reports = {b"a": report("a", 1000, 1), b"gone": report("gone", 1000 - forget - 1, 1),
+               b"going": report("going", 1000 - forget, 1)}
+    document = view.document(reports, 1000)
+    assert [(n["node"], n["stale"]) for n in document["nodes"]] == [
+        ("a", False), ("going", True)]
+    assert document["totals"]["nodes"] == 2 and document["totals"]["stale"] == 1
+    assert document["forget_after"] == forget
+    later = view.document(reports, 1001)
+    assert [n["node"] for n in later["nodes"]] == ["a"]
 
 
 def test_a_node_s_own_rates_are_taken_as_reported():
@@ -149,7 +165,7 @@ def test_a_large_report_is_counted_without_decoding_its_connections():
 
 
 @pytest_twisted.ensureDeferred
-async def test_three_daemons_are_listed_and_a_stopped_one_turns_stale(
+async def test_three_daemons_are_listed_a_stopped_one_leaves_a_silent_one_goes_stale(
         redis_server: RedisProcess, publisher: Any) -> None:
     clock = Clock()
     clock.advance(1_800_000_000)
@@ -192,17 +208,21 @@ async def test_three_daemons_are_listed_and_a_stopped_one_turns_stale(
         assert cluster["totals"]["stale"] == 0
 
         stopped, _ = daemons.pop()
-        await stopped.stop()
+        await stopped.stop()  # a clean stop takes its entries out
         for _ in range(STALE_INTERVALS):
             await reports()
-        clock.advance(1)  # past three intervals since its last report
+        clock.advance(1)  # past three intervals since go-1's last report
         _, body = await client.text("GET", "/admin/cluster.json")
         cluster = json.loads(body)
         stale = {n["node"]: n["stale"] for n in cluster["nodes"]}
         assert stale == {"go-1": True, "twisted-development-web.0": False,
-                         "twisted-development-web.1": False,
-                         "twisted-development-web.2": True}
-        assert cluster["totals"]["nodes"] == 4 and cluster["totals"]["stale"] == 2
+                         "twisted-development-web.1": False}
+        assert cluster["totals"]["nodes"] == 3 and cluster["totals"]["stale"] == 1
+        for _ in range(FORGET_INTERVALS - STALE_INTERVALS):
+            await reports()
+        _, body = await client.text("GET", "/admin/cluster.json")
+        assert [n["node"] for n in json.loads(body)["nodes"]] == [
+            "twisted-development-web.0", "twisted-development-web.1"]
 
 
 def test_a_node_s_rates_come_from_its_last_status_builds():
