@@ -32,7 +32,7 @@ from emojistream.lifecycle import (
 )
 from emojistream.metrics import Delays, DeliveryDelays, Metrics, MetricSources
 from emojistream.redisconn import RedisConnection
-from emojistream.redisfeed import RedisFeed
+from emojistream.redisfeed import REPLICA_CHECK, RedisFeed, ReplicaWatch
 from emojistream.replay import Journal
 from emojistream.reporting import (
     ADMIN_INTERVAL,
@@ -165,6 +165,12 @@ class Emojistream:
         self.feed = RedisFeed(redis_address, self.router, reactor=reactor,
                               channels=(SCORE_CHANNEL,), patterns=patterns)
         self.feed.setServiceParent(redis_parent)
+        # Subscribed to a replica cut off from its primary, nothing arrives: readiness
+        # and status ask Redis (over a command connection, shared with the admin
+        # report) every 2 s.
+        self.commands = RedisConnection(redis_address, reactor=reactor, purpose="command")
+        self.commands.setServiceParent(redis_parent)
+        self.redis = ReplicaWatch(self.feed, self.commands, clock=clock)
 
         # Time: the score tick, and keepalives to idle streams.
         self.tick_lags = Delays()
@@ -172,6 +178,7 @@ class Emojistream:
         self.ticker.setServiceParent(self.core)
         self._timer(settings.keepalive / KEEPALIVE_TICKS, self.hub.keepalive, clock,
                     "Keepalive", KEEPALIVE)
+        self._timer(REPLICA_CHECK, self.redis.check, clock, "Replication check")
 
         # Every listener's connections count together against the open-file limit.
         soft_limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -184,7 +191,7 @@ class Emojistream:
         self.whole_status_rate = PerAddressRate(AdminRoutes.WHOLE_PER_SECOND, 1.0, clock)
 
         # What the daemon says of itself: status, the admin cluster's hash, graphite.
-        self.status = StatusReport(self.hub, self.feed, node=settings.node_name, clock=clock,
+        self.status = StatusReport(self.hub, self.redis, node=settings.node_name, clock=clock,
                                    counters=self._counters, turns=reactor)
         self.admin_reporter = self._admin_report(reactor, clock, redis_address, redis_parent)
         self.metrics = Metrics(MetricSources(
@@ -223,9 +230,11 @@ class Emojistream:
         self.cluster: ClusterView | None = None
         if not settings.admin_report:
             return None
-        connection = RedisConnection(settings.admin_redis or redis_address, reactor=reactor,
-                                     purpose="admin report")
-        connection.setServiceParent(redis_parent)
+        connection = self.commands
+        if settings.admin_redis is not None and settings.admin_redis != redis_address:
+            connection = RedisConnection(settings.admin_redis, reactor=reactor,
+                                         purpose="admin report")
+            connection.setServiceParent(redis_parent)
         self.cluster = ClusterView(connection, clock=clock)
         reporter = AdminReporter(connection, self.status.encoded, settings.node_name,
                                  summary=self.status.summary, clock=clock)
@@ -262,7 +271,7 @@ class Emojistream:
             whole_rate=self.whole_status_rate,
             client_ip=client_ip_of(settings), metrics=self.metrics.exposition,
             cluster=self.cluster).app.resource()
-        health = Health(lambda: self.feed.state == "up")
+        health = Health(lambda: self.redis.state == "up")
         self.endpoint = self._listen(
             reactor, settings.listen,
             Root(streams, None if settings.admin_listen else admin, health))
@@ -324,7 +333,7 @@ class Emojistream:
 
     def summary(self) -> str:
         """One line on how the daemon is doing, for a service manager's status."""
-        return f"{len(self.hub)} streams, Redis {self.feed.state}"
+        return f"{len(self.hub)} streams, Redis {self.redis.state}"
 
 
 def daemon(settings: Settings, reactor: Any, environ: Any = None) -> IService:

@@ -176,8 +176,8 @@ async def test_admin_reports_skip_a_redis_outage_with_one_log_line(redis_server,
         globalLogPublisher.removeObserver(events.append)
     from twisted.logger import LogLevel
 
-    admin = [e for e in events if "admin report" in str(e.get("what", ""))
-             or "admin report" in str(e.get("message", ""))]
+    admin = [e for e in events if "command connection" in str(e.get("what", ""))
+             or "command connection" in str(e.get("message", ""))]
     # Up, one warning for the outage, up again: a line per change, none per skip.
     assert [e["log_level"] for e in admin] == [LogLevel.info, LogLevel.warn, LogLevel.info]
     assert not [e for e in events if "log_failure" in e]
