@@ -6,13 +6,15 @@ into C{admin_stream_summary}, which the view reads instead where it can: kilobyt
 not the megabytes of 20,000 connections. The view keeps what an overview needs of each: its
 state, pools and totals, how many connections it holds, its message rates (as it
 reported them, or from its two latest reports) and whether it is stale (no report
-for three intervals: stopped, or cut off from Redis). Documents of other
-implementations lack pools and totals; they are listed with what they have.
+for three intervals: crashed, or cut off from Redis). A node silent for twelve
+intervals is left out; one stopped cleanly deletes its own entries. Documents of
+other implementations lack pools and totals; they are listed with what they have.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Generator, Mapping
 from typing import Any
 
@@ -26,6 +28,10 @@ from emojistream.status import RATES
 
 #: Report intervals without a report after which a node is stale.
 STALE_INTERVALS = 3
+#: Report intervals without a report after which a node is no longer listed (a
+#: minute: crashed, or stopped while Redis was away; a clean stop deletes its
+#: entries itself). Its entries stay in Redis, for when it comes back.
+FORGET_INTERVALS = 12
 #: Seconds one read of the hash serves every request for.
 CACHE_SECONDS = 1.0
 
@@ -105,11 +111,15 @@ class ClusterView:
     def document(self, reports: Mapping[bytes, bytes], now: float) -> dict[str, Any]:
         """The view of C{reports} (node name -> status JSON) at time C{now}."""
         nodes = []
-        for name, raw in sorted(reports.items()):
-            node = self._node(name.decode("utf-8", "replace"), raw, now)
-            nodes.append(node)
-        seen = {n["node"] for n in nodes}
-        for gone in set(self._history) - seen:
+        listed = set()
+        forget_after = FORGET_INTERVALS * self._interval
+        for field, raw in sorted(reports.items()):
+            name = field.decode("utf-8", "replace")
+            node = self._node(name, raw, now)
+            if node["age"] is None or node["age"] <= forget_after:
+                nodes.append(node)
+                listed.add(name)
+        for gone in set(self._history) - listed:
             del self._history[gone]
         fresh = [n for n in nodes if not n["stale"]]
         pools: dict[str, int] = {}
@@ -119,6 +129,7 @@ class ClusterView:
         return {
             "reported_at": int(now),
             "stale_after": STALE_INTERVALS * self._interval,
+            "forget_after": forget_after,
             "nodes": nodes,
             "totals": {
                 "nodes": len(nodes), "stale": len(nodes) - len(fresh), "pools": pools,
@@ -177,28 +188,115 @@ class ClusterView:
                 for key, total in RATES.items()}
 
 
-#: Where an emojistream status document's connections begin: they come last.
-_CONNECTIONS = b',"connections":['
+#: JSON whitespace, and a JSON string token (validated where it is decoded).
+_WS = re.compile(rb"[ \t\n\r]*+")
+_STRING_TOKEN = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+_STRING = re.compile(_STRING_TOKEN, re.DOTALL)
+#: Everything up to and including the next bracket or brace outside a string: the
+#: scanner's one step, so a connection object costs two matches, both in C.
+_TO_BRACKET = re.compile(rb'(?:[^"\[\]{}]++|' + _STRING_TOKEN + rb")*+[\[\]{}]", re.DOTALL)
+#: A number, true, false or null (json.loads judges it).
+_SCALAR = re.compile(rb"[^ \t\n\r,\]}]++")
+_OPEN = frozenset(b"[{")
 
 
 def parse_report(raw: bytes) -> dict[str, Any]:
-    """A node's status document, its connections counted (C{connections_total}) rather
-    than decoded: 20,000 of them are megabytes, and the view needs only how many.
+    """A node's status document, its connections counted (C{connections_total})
+    rather than decoded: 20,000 of them are megabytes, and the view needs only how many.
 
-    A document whose connections do not come last (another implementation's) is
-    decoded whole. Raises ValueError if it is not a JSON object.
+    Reads a top-level object key by key, whatever their order (other implementations
+    put C{connections} anywhere): each other value is decoded with C{json.loads}, the
+    C{connections} array is stepped over bracket by bracket, strings and all, by C
+    regular expressions, and not validated. The result is C{json.loads(raw)} without
+    C{connections} (when an array) and with C{connections_total}, its length.
+    Raises ValueError if C{raw} is not a JSON object.
     """
-    cut = raw.find(_CONNECTIONS)
-    report: Any = None
-    if cut > 0:
-        try:
-            report = json.loads(raw[:cut] + b"}")
-        except ValueError:
-            report = None
-        if isinstance(report, dict):
-            # Inside a JSON string a quote is escaped, so this counts keys only.
-            report["connections_total"] = raw.count(b'"request_path":', cut)
-            return report
+    pos = _after_ws(raw, 0)
+    if raw[pos:pos + 1] != b"{":
+        return _whole(raw)  # not an object (or a BOM): json.loads says what it is
+    report: dict[str, Any] = {}
+    counted: int | None = None
+    pos = _after_ws(raw, pos + 1)
+    if raw[pos:pos + 1] == b"}":
+        pos += 1
+    else:
+        while True:
+            key_match = _STRING.match(raw, pos)
+            if key_match is None:
+                raise ValueError(f"expected a key at byte {pos}")
+            key = json.loads(key_match.group())
+            pos = _after_ws(raw, key_match.end())
+            if raw[pos:pos + 1] != b":":
+                raise ValueError(f"expected ':' at byte {pos}")
+            pos = _after_ws(raw, pos + 1)
+            if key == "connections" and raw[pos:pos + 1] == b"[":
+                counted, pos = _skip(raw, pos, count=True)
+                report.pop(key, None)
+            else:
+                _, end = _skip(raw, pos, count=False)
+                report[key] = json.loads(raw[pos:end])
+                if key == "connections":
+                    counted = None
+                pos = end
+            pos = _after_ws(raw, pos)
+            separator = raw[pos:pos + 1]
+            pos = _after_ws(raw, pos + 1)
+            if separator == b"}":
+                break
+            if separator != b",":
+                raise ValueError(f"expected ',' or '}}' at byte {pos}")
+    if _after_ws(raw, pos) != len(raw):
+        raise ValueError(f"extra data at byte {pos}")
+    if counted is not None:
+        report["connections_total"] = counted
+    return report
+
+
+def _after_ws(raw: bytes, pos: int) -> int:
+    """Where the JSON whitespace at C{pos} ends."""
+    return _WS.match(raw, pos).end()  # type: ignore[union-attr]  # it matches anywhere
+
+
+def _skip(raw: bytes, pos: int, *, count: bool) -> tuple[int, int]:
+    """Where the JSON value at C{pos} ends, and (with C{count}, for an array) how
+    many elements it has. Strings are skipped whole, so brackets and quotes in them
+    do not count."""
+    first = raw[pos:pos + 1]
+    if first == b'"':
+        string = _STRING.match(raw, pos)
+        if string is None:
+            raise ValueError(f"unterminated string at byte {pos}")
+        return 0, string.end()
+    if not first or first[0] not in _OPEN:
+        scalar = _SCALAR.match(raw, pos)
+        if scalar is None:
+            raise ValueError(f"expected a value at byte {pos}")
+        return 0, scalar.end()
+    depth = commas = 0
+    content = False
+    while True:
+        step = _TO_BRACKET.match(raw, pos)
+        if step is None:
+            raise ValueError(f"unterminated array or object after byte {pos}")
+        end = step.end()
+        if count and depth == 1 and end - pos > 1:
+            # Between elements at the array's own level: commas, maybe scalars.
+            between = raw[pos:end - 1]
+            if b'"' in between:
+                between = _STRING.sub(b'""', between)
+            commas += between.count(b",")
+            content = content or bool(between.strip(b" \t\n\r,"))
+        pos = end
+        if raw[end - 1] in _OPEN:
+            depth += 1
+            content = content or depth == 2
+        else:
+            depth -= 1
+            if depth == 0:
+                return (commas + 1 if content else 0), pos
+
+
+def _whole(raw: bytes) -> dict[str, Any]:
     report = json.loads(raw)
     if not isinstance(report, dict):
         raise ValueError("not a JSON object")

@@ -8,9 +8,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import (
+    Deferred,
+    FirstError,
+    gatherResults,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -26,24 +32,36 @@ SUMMARY_KEY = "admin_stream_summary"
 ADMIN_INTERVAL = 5.0
 
 
-class AdminReporter:
+#: Seconds a clean stop waits for Redis to delete this node's reports.
+WITHDRAW_TIMEOUT = 3.0
+
+
+class AdminReporter(Service):
     """HSETs the status document under this node's name in C{admin_stream_status}
     (and, given C{summary}, the summary in C{admin_stream_summary}).
 
     Runs on a timer; while Redis is down a report is skipped (the connection logs
     the outage once), and a report Redis rejects is logged once until one succeeds.
+    As a service, its stop takes this node's entries out of both hashes (after any
+    report in flight, within L{WITHDRAW_TIMEOUT} seconds): a node stopped cleanly is
+    gone from every cluster view at once instead of lingering there as stale. Its
+    stop must come before its connection's.
     """
 
     log = Logger()
 
     def __init__(self, connection: Any, status: Callable[[], Deferred[bytes] | bytes],
                  node: str,
-                 summary: Callable[[], Deferred[bytes] | bytes] | None = None) -> None:
+                 summary: Callable[[], Deferred[bytes] | bytes] | None = None, *,
+                 clock: IReactorTime | None = None) -> None:
         self._connection = connection
         self._status = status
         self._summary = summary
         self._node = node
+        self._clock = clock
         self._failing = False
+        self._withdrawn = False
+        self._reporting = False
         #: Reports written since start.
         self.sent = 0
         #: The Deferred of the latest report sent to Redis (None before the first).
@@ -52,9 +70,9 @@ class AdminReporter:
     def report(self) -> Deferred[None] | None:
         """Write one report now, if Redis is there to take it."""
         protocol = self._connection.protocol
-        if protocol is None:
+        if protocol is None or self._withdrawn:
             return None
-        if self.last_report is not None and not self.last_report.called:
+        if self._reporting:
             # Redis is answering slowly: one report in flight at a time, none queued.
             return None
         try:
@@ -67,11 +85,62 @@ class AdminReporter:
         except Exception as e:
             self._failed(Failure(e))
             return None
-        self.last_report = d.addCallbacks(self._done, self._failed)
+        self._reporting = True
+        self.last_report = d.addCallbacks(self._done, self._failed).addBoth(self._ended)
         return self.last_report
+
+    def _ended(self, result: None) -> None:
+        self._reporting = False
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.withdraw()
+
+    def withdraw(self) -> Deferred[None]:
+        """Stop reporting and delete this node's entries from both hashes; fires
+        when Redis has done it, or at once while Redis is down (the view then drops
+        the node once it has been silent long enough). Never fails."""
+        self._withdrawn = True
+        in_flight = self.last_report
+        d: Deferred[None] = succeed(None)
+        if in_flight is not None and self._reporting:
+            # Its HSETs would land after the deletion: wait for them (the report
+            # logs its own failure).
+            d = Deferred()
+
+            def ended(result: object, d: Deferred[None] = d) -> object:
+                d.callback(None)
+                return result
+
+            in_flight.addBoth(ended)
+        d.addCallback(lambda _: self._delete())
+        if self._clock is not None:
+            d.addTimeout(WITHDRAW_TIMEOUT, self._clock)
+        return d.addErrback(self._not_withdrawn)
+
+    def _not_withdrawn(self, reason: Failure) -> None:
+        if isinstance(reason.value, FirstError):
+            reason = reason.value.subFailure
+        self.log.warn("Could not take this node's admin status out of Redis: {why}",
+                      why=reason.getErrorMessage())
+
+    def _delete(self) -> Deferred[None] | None:
+        protocol = self._connection.protocol
+        if protocol is None:
+            return None
+        keys = [ADMIN_KEY] + ([SUMMARY_KEY] if self._summary is not None else [])
+        deletions = [protocol.hdel(key, [self._node]) for key in keys]
+
+        def deleted(_: object) -> None:
+            self.log.info("Took this node's admin status out of Redis")
+
+        return gatherResults(deletions, consumeErrors=True).addCallback(deleted)
 
     def _done(self, result: object) -> None:
         self.sent += 1
+        if self.sent == 1:
+            self.log.info("This node's admin status is in Redis as {node!r}",
+                          node=self._node)
         if self._failing:
             self._failing = False
             self.log.info("Admin status reports to Redis work again")

@@ -36,7 +36,7 @@ from emojistream.metrics import Delays, DeliveryDelays, Metrics, MetricSources
 from emojistream.notify import Notifier
 from emojistream.rankings import Rankings
 from emojistream.redisconn import RedisConnection
-from emojistream.redisfeed import RedisFeed
+from emojistream.redisfeed import REPLICA_CHECK, RedisFeed, ReplicaWatch
 from emojistream.replay import Journal
 from emojistream.reporting import (
     ADMIN_INTERVAL,
@@ -176,7 +176,13 @@ class Emojistream:
         self.feed = RedisFeed(redis_address, self.router, reactor=reactor,
                               channels=(SCORE_CHANNEL,), patterns=patterns)
         self.feed.setServiceParent(redis_parent)
-        self.rankings = self._rankings(reactor, clock, redis_address, redis_parent)
+        # Subscribed to a replica cut off from its primary, nothing arrives: readiness
+        # and status ask Redis (over a command connection, shared with the admin
+        # report) every 2 s.
+        self.commands = RedisConnection(redis_address, reactor=reactor, purpose="command")
+        self.commands.setServiceParent(redis_parent)
+        self.redis = ReplicaWatch(self.feed, self.commands, clock=clock)
+        self.rankings = self._rankings(clock)
 
         # Time: the score tick, and keepalives to idle streams.
         self.tick_lags = Delays()
@@ -184,6 +190,7 @@ class Emojistream:
         self.ticker.setServiceParent(self.core)
         self._timer(settings.keepalive / KEEPALIVE_TICKS, self.hub.keepalive, clock,
                     "Keepalive", KEEPALIVE)
+        self._timer(REPLICA_CHECK, self.redis.check, clock, "Replication check")
 
         # Every listener's connections count together against the open-file limit.
         soft_limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -196,7 +203,7 @@ class Emojistream:
         self.whole_status_rate = PerAddressRate(AdminRoutes.WHOLE_PER_SECOND, 1.0, clock)
 
         # What the daemon says of itself: status, the admin cluster's hash, graphite.
-        self.status = StatusReport(self.hub, self.feed, node=settings.node_name, clock=clock,
+        self.status = StatusReport(self.hub, self.redis, node=settings.node_name, clock=clock,
                                    counters=self._counters, turns=reactor)
         self.admin_reporter = self._admin_report(reactor, clock, redis_address, redis_parent)
         self.metrics = Metrics(MetricSources(
@@ -235,15 +242,12 @@ class Emojistream:
             self.feeder.setServiceParent(parent)
         return address, parent
 
-    def _rankings(self, reactor: Any, clock: Any, redis_address: RedisAddress,
-                  redis_parent: MultiService) -> Rankings | None:
-        """With the demo page: the all-time ranking it starts from, read over a
-        connection of its own (the subscriber's cannot send commands)."""
+    def _rankings(self, clock: Any) -> Rankings | None:
+        """With the demo page: the all-time ranking it starts from, read over the
+        command connection (the subscriber's cannot send commands)."""
         if not self.settings.demo_page:
             return None
-        connection = RedisConnection(redis_address, reactor=reactor, purpose="rankings")
-        connection.setServiceParent(redis_parent)
-        return Rankings(connection, clock=clock,
+        return Rankings(self.commands, clock=clock,
                         known={e.id: (e.char, e.name) for e in load_rankings()})
 
     def _admin_report(self, reactor: Any, clock: Any, redis_address: RedisAddress,
@@ -254,13 +258,18 @@ class Emojistream:
         self.cluster: ClusterView | None = None
         if not settings.admin_report:
             return None
-        connection = RedisConnection(settings.admin_redis or redis_address, reactor=reactor,
-                                     purpose="admin report")
-        connection.setServiceParent(redis_parent)
+        connection = self.commands
+        if settings.admin_redis is not None and settings.admin_redis != redis_address:
+            connection = RedisConnection(settings.admin_redis, reactor=reactor,
+                                         purpose="admin report")
+            connection.setServiceParent(redis_parent)
         self.cluster = ClusterView(connection, clock=clock)
         reporter = AdminReporter(connection, self.status.encoded, settings.node_name,
-                                 summary=self.status.summary)
+                                 summary=self.status.summary, clock=clock)
         self._timer(ADMIN_INTERVAL, reporter.report, clock, "Admin report")
+        # Beside core, added before the drain: its stop (which takes this node out of
+        # the hashes) follows the drain's and precedes its connection's.
+        reporter.setServiceParent(self.service)
         return reporter
 
     def _carbon(self, reactor: Any, clock: Any) -> None:
@@ -291,7 +300,7 @@ class Emojistream:
             whole_rate=self.whole_status_rate,
             client_ip=client_ip_of(settings), metrics=self.metrics.exposition,
             cluster=self.cluster).app.resource()
-        health = Health(lambda: self.feed.state == "up")
+        health = Health(lambda: self.redis.state == "up")
         self.endpoint = self._listen(
             reactor, settings.listen,
             Root(streams, None if settings.admin_listen else admin, health))
@@ -356,7 +365,7 @@ class Emojistream:
 
     def summary(self) -> str:
         """One line on how the daemon is doing, for a service manager's status."""
-        return f"{len(self.hub)} streams, Redis {self.feed.state}"
+        return f"{len(self.hub)} streams, Redis {self.redis.state}"
 
 
 def daemon(settings: Settings, reactor: Any, environ: Mapping[str, str] | None = None

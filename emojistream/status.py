@@ -14,9 +14,10 @@ from emojistream.hub import Hub
 
 
 class HasState(Protocol):
-    """Anything with a connection C{state} string (the Redis feed)."""
+    """Anything with a connection C{state} string (the Redis feed, as readiness sees it)."""
 
-    state: str
+    @property
+    def state(self) -> str: ...
 
 
 #: Seconds one built status.json serves every request for.

@@ -1,17 +1,22 @@
 """The cluster view: /admin/cluster.json from the admin_stream_status hash that every
-node reports into; stale nodes flagged after three report intervals."""
+node reports into; stale nodes flagged after three report intervals, left out after
+twelve, and a node stopped cleanly gone at once."""
 
 from __future__ import annotations
 
 import json
+import tracemalloc
 from contextlib import AsyncExitStack
 from typing import Any
 
+import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from conftest import running
-from emojistream.cluster import STALE_INTERVALS, ClusterView, parse_report
+from emojistream.cluster import FORGET_INTERVALS, STALE_INTERVALS, ClusterView, parse_report
 from emojistream.reporting import ADMIN_INTERVAL
 from redisproc import RedisProcess
 from sseclient import within
@@ -42,6 +47,21 @@ def test_the_view_lists_nodes_rates_and_stale_ones():
     assert second["stale_after"] == STALE_INTERVALS * ADMIN_INTERVAL
 
 
+def test_a_node_silent_for_twelve_intervals_is_no_longer_listed():
+    view = ClusterView(None, clock=Clock())
+    forget = FORGET_INTERVALS * ADMIN_INTERVAL
+    assert forget == 60
+    reports = {b"a": report("a", 1000, 1), b"gone": report("gone", 1000 - forget - 1, 1),
+               b"going": report("going", 1000 - forget, 1)}
+    document = view.document(reports, 1000)
+    assert [(n["node"], n["stale"]) for n in document["nodes"]] == [
+        ("a", False), ("going", True)]
+    assert document["totals"]["nodes"] == 2 and document["totals"]["stale"] == 1
+    assert document["forget_after"] == forget
+    later = view.document(reports, 1001)
+    assert [n["node"] for n in later["nodes"]] == ["a"]
+
+
 def test_a_node_s_own_rates_are_taken_as_reported():
     view = ClusterView(None, clock=Clock())
     rates = {"in": 12.5, "out": 50.0, "dropped": 0.2}
@@ -67,8 +87,85 @@ def test_connections_are_counted_not_decoded():
     assert parsed["node"] == "a"
 
 
+def test_a_report_whose_connections_come_first_is_read_whole():
+    raw = json.dumps({"node": "ruby-a", "connections": [], "status": "OK",
+                      "reported_at": 100}, separators=(",", ":")).encode()
+    [node] = ClusterView(None, clock=Clock()).document({b"ruby-a": raw}, 101)["nodes"]
+    assert (node["status"], node["reported_at"], node["stale"]) == ("OK", 100, False)
+
+
+#: Strings that a scanner could mistake for structure: brackets, quotes, escapes.
+_TRICKY = st.lists(st.sampled_from(
+    ['[', ']', '{', '}', '"', '\\', ',', ':', ' ', 'a', '\n', '\x00', '\u00e9', '\U0001f602',
+     '\\"', '"connections":[', '],"x":']), max_size=8).map("".join)
+_SCALARS = (st.none() | st.booleans() | st.integers()
+            | st.floats(allow_nan=False) | _TRICKY)
+_JSON = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(_TRICKY, inner, max_size=4), max_leaves=12)
+
+
+@st.composite
+def status_documents(draw: st.DrawFn) -> bytes:
+    """A status document as any implementation might write it: keys in any order,
+    connections anywhere (or absent, or not an array), any JSON formatting."""
+    items = list(draw(st.dictionaries(_TRICKY | st.sampled_from(
+        ["node", "status", "reported_at", "connections_total"]), _JSON, max_size=6)).items())
+    items = [(k, v) for k, v in items if k != "connections"]
+    connections = draw(st.lists(st.dictionaries(_TRICKY, _JSON, max_size=4) | _JSON,
+                                max_size=6) | _JSON)
+    if draw(st.booleans()):
+        items.insert(draw(st.integers(0, len(items))), ("connections", connections))
+    indent = draw(st.none() | st.sampled_from([0, 2, "\t"]))
+    separators = draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,\n", " :\r\n")]))
+    return json.dumps(dict(items), ensure_ascii=draw(st.booleans()), indent=indent,
+                      separators=separators).encode()
+
+
+@given(status_documents())
+@settings(max_examples=400, deadline=None)
+def test_any_key_order_reads_as_json_loads_with_connections_counted(raw: bytes) -> None:
+    expected = json.loads(raw)
+    connections = expected.pop("connections", None)
+    if isinstance(connections, list):
+        expected["connections_total"] = len(connections)
+    elif "connections" in json.loads(raw):
+        expected["connections"] = connections
+    assert parse_report(raw) == expected
+
+
+@given(status_documents(), st.data())
+@settings(max_examples=200, deadline=None)
+def test_a_cut_or_spoilt_document_is_a_value_error(raw: bytes, data: st.DataObject) -> None:
+    cut = data.draw(st.integers(0, len(raw) - 1))
+    with pytest.raises(ValueError):
+        parse_report(raw[:cut])
+    spoilt = raw + data.draw(st.sampled_from([b",", b"}", b"x", b'"']))
+    with pytest.raises(ValueError):
+        parse_report(spoilt)
+
+
+def test_a_large_report_is_counted_without_decoding_its_connections():
+    """20,000 connections (4.6 MB) are stepped over, not built: json.loads of the
+    same document allocates more than three times its size."""
+    connection = {"request_path": "/subscribe/details/2665", "namespace": "/details/2665",
+                  "client_ip": "10.0.0.1", "user_agent": 'Mozilla/5.0 "q" [x] {y}',
+                  "created_at": 1_700_000_000, "age": 12, "msgs_sent": 7}
+    raw = json.dumps({"node": "ruby-a", "connections": [connection] * 20_000,
+                      "status": "OK", "reported_at": 1},
+                     separators=(",", ":")).encode()
+    tracemalloc.start()
+    try:
+        parsed = parse_report(raw)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert parsed == {"node": "ruby-a", "status": "OK", "reported_at": 1,
+                      "connections_total": 20_000}
+    assert peak < len(raw) / 100
+
+
 @pytest_twisted.ensureDeferred
-async def test_three_daemons_are_listed_and_a_stopped_one_turns_stale(
+async def test_three_daemons_are_listed_a_stopped_one_leaves_a_silent_one_goes_stale(
         redis_server: RedisProcess, publisher: Any) -> None:
     clock = Clock()
     clock.advance(1_800_000_000)
@@ -90,10 +187,11 @@ async def test_three_daemons_are_listed_and_a_stopped_one_turns_stale(
                     await within(reporter.last_report)
 
         await reports()
-        # Another implementation's node writes its whole status only.
+        # Another implementation's node writes its whole status only, its keys in
+        # an order of its own.
         await within(publisher.hset("admin_stream_status", "go-1", json.dumps(
-            {"node": "go-1", "status": "OK", "reported_at": clock.seconds(),
-             "connections": [{"request_path": "/subscribe/eps"}] * 2})))
+            {"node": "go-1", "connections": [{"request_path": "/subscribe/eps"}] * 2,
+             "status": "OK", "reported_at": clock.seconds()})))
         _, client = daemons[0]
         response, body = await client.text("GET", "/admin/cluster.json")
         assert response.code == 200
@@ -110,17 +208,21 @@ async def test_three_daemons_are_listed_and_a_stopped_one_turns_stale(
         assert cluster["totals"]["stale"] == 0
 
         stopped, _ = daemons.pop()
-        await stopped.stop()
+        await stopped.stop()  # a clean stop takes its entries out
         for _ in range(STALE_INTERVALS):
             await reports()
-        clock.advance(1)  # past three intervals since its last report
+        clock.advance(1)  # past three intervals since go-1's last report
         _, body = await client.text("GET", "/admin/cluster.json")
         cluster = json.loads(body)
         stale = {n["node"]: n["stale"] for n in cluster["nodes"]}
         assert stale == {"go-1": True, "twisted-development-web.0": False,
-                         "twisted-development-web.1": False,
-                         "twisted-development-web.2": True}
-        assert cluster["totals"]["nodes"] == 4 and cluster["totals"]["stale"] == 2
+                         "twisted-development-web.1": False}
+        assert cluster["totals"]["nodes"] == 3 and cluster["totals"]["stale"] == 1
+        for _ in range(FORGET_INTERVALS - STALE_INTERVALS):
+            await reports()
+        _, body = await client.text("GET", "/admin/cluster.json")
+        assert [n["node"] for n in json.loads(body)["nodes"]] == [
+            "twisted-development-web.0", "twisted-development-web.1"]
 
 
 def test_a_node_s_rates_come_from_its_last_status_builds():

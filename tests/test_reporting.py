@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from itertools import pairwise
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -15,8 +16,14 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import globalLogPublisher
 
 from conftest import running
+from daemonproc import TwistdProcess
 from emojistream.config import Settings, resolve
-from emojistream.reporting import ADMIN_INTERVAL, carbon_lines
+from emojistream.reporting import (
+    ADMIN_INTERVAL,
+    WITHDRAW_TIMEOUT,
+    AdminReporter,
+    carbon_lines,
+)
 from sseclient import within
 
 
@@ -33,8 +40,8 @@ async def test_admin_report_hsets_the_status_json(redis_server, publisher):
         await within(d.app.admin_reporter._connection.when_up())
         clock.advance(ADMIN_INTERVAL)
         await within(reporter.last_report)
-    await publisher.select(2)
-    raw = await publisher.hget("admin_stream_status", "twisted-production-web.1")
+        await publisher.select(2)
+        raw = await publisher.hget("admin_stream_status", "twisted-production-web.1")
     report = json.loads(raw)
     assert report["node"] == "twisted-production-web.1"
     assert report["status"] == "OK"
@@ -43,6 +50,95 @@ async def test_admin_report_hsets_the_status_json(redis_server, publisher):
     assert conn["request_path"] == "/subscribe/eps" and conn["user_agent"] == "ua"
     assert conn["age"] == ADMIN_INTERVAL
     assert set(report) >= {"node", "status", "reported_at", "connections"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_daemon_stopped_cleanly_takes_its_reports_out_of_redis(
+        redis_server, publisher):
+    """SIGTERM: after the drain and before its Redis connection closes, the node
+    deletes its entries from both hashes, so no cluster view lists it as stale."""
+    proc = TwistdProcess("emojistream", "--listen", "tcp:0:interface=127.0.0.1",
+                         "--admin-report", env={"REDIS_URL": redis_server.url,
+                                                "NODE_NAME": "leaving"})
+    try:
+        proc.wait_for_line(r"admin status is in Redis as 'twisted-development-leaving'")
+        for key in ("admin_stream_status", "admin_stream_summary"):
+            assert await within(publisher.hexists(key, "twisted-development-leaving"))
+        await within(publisher.hset("admin_stream_status", "other", "{}"))
+    finally:
+        code = proc.terminate()
+    assert code == 0, proc.log()
+    proc.wait_for_line(r"Took this node's admin status out of Redis")
+    for key in ("admin_stream_status", "admin_stream_summary"):
+        assert not await within(publisher.hexists(key, "twisted-development-leaving"))
+    assert await within(publisher.hkeys("admin_stream_status")) == [b"other"]
+
+
+class FakeRedis:
+    """What the reporter uses of a txredisapi protocol; each command waits for the
+    test to answer it."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[str, str, Any]] = []
+        self.replies: list[Deferred[int]] = []
+
+    def _command(self, name: str, key: str, arg: Any) -> Deferred[int]:
+        self.commands.append((name, key, arg))
+        self.replies.append(Deferred())
+        return self.replies[-1]
+
+    def hset(self, key: str, field: str, value: bytes) -> Deferred[int]:
+        return self._command("HSET", key, field)
+
+    def hdel(self, key: str, fields: list[str]) -> Deferred[int]:
+        return self._command("HDEL", key, fields)
+
+    def answer(self) -> None:
+        while any(not d.called for d in self.replies):
+            next(d for d in self.replies if not d.called).callback(1)
+
+
+class FakeConnection:
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+
+def test_withdrawing_waits_for_the_report_in_flight_then_deletes_both_entries():
+    redis = FakeRedis()
+    clock = Clock()
+    reporter = AdminReporter(FakeConnection(redis), lambda: b"{}", "n1",
+                             summary=lambda: b"{}", clock=clock)
+    report = reporter.report()
+    assert redis.commands == [("HSET", "admin_stream_status", "n1")]
+    withdrawn: list[object] = []
+    reporter.withdraw().addBoth(withdrawn.append)
+    assert reporter.report() is None  # one report at a time
+    assert not withdrawn and len(redis.commands) == 1  # its HSETs come first
+    redis.replies[0].callback(1)
+    assert redis.commands[1] == ("HSET", "admin_stream_summary", "n1")
+    redis.replies[1].callback(1)
+    assert report is not None
+    assert redis.commands[2:] == [("HDEL", "admin_stream_status", ["n1"]),
+                                  ("HDEL", "admin_stream_summary", ["n1"])]
+    redis.answer()
+    assert withdrawn == [None]
+    assert reporter.report() is None and len(redis.commands) == 4  # no report after
+
+
+def test_withdrawing_gives_up_on_a_silent_redis_and_skips_a_missing_one():
+    redis = FakeRedis()
+    clock = Clock()
+    reporter = AdminReporter(FakeConnection(redis), lambda: b"{}", "n1", clock=clock)
+    withdrawn: list[object] = []
+    reporter.withdraw().addBoth(withdrawn.append)
+    assert redis.commands == [("HDEL", "admin_stream_status", ["n1"])]
+    clock.advance(WITHDRAW_TIMEOUT - 0.1)
+    assert not withdrawn
+    clock.advance(0.1)
+    assert withdrawn == [None]  # logged, not failed: the stop goes on
+    down = AdminReporter(FakeConnection(None), lambda: b"{}", "n2", clock=clock)
+    down.withdraw().addBoth(withdrawn.append)
+    assert withdrawn == [None, None]
 
 
 def test_admin_report_defaults_follow_the_environment():
@@ -80,8 +176,8 @@ async def test_admin_reports_skip_a_redis_outage_with_one_log_line(redis_server,
         globalLogPublisher.removeObserver(events.append)
     from twisted.logger import LogLevel
 
-    admin = [e for e in events if "admin report" in str(e.get("what", ""))
-             or "admin report" in str(e.get("message", ""))]
+    admin = [e for e in events if "command connection" in str(e.get("what", ""))
+             or "command connection" in str(e.get("message", ""))]
     # Up, one warning for the outage, up again: a line per change, none per skip.
     assert [e["log_level"] for e in admin] == [LogLevel.info, LogLevel.warn, LogLevel.info]
     assert not [e for e in events if "log_failure" in e]

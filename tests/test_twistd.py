@@ -227,7 +227,8 @@ def test_json_log_format_writes_one_object_per_line():
     assert len(records) >= 3
     for record in records:
         assert {"time", "level", "namespace", "message"} <= set(record)
-    (warning,) = [r for r in records if "unreachable" in r["message"]]
+    (warning,) = [r for r in records if "subscriber connection" in r["message"]
+                  and "unreachable" in r["message"]]
     assert warning["level"] == "warn"
     assert warning["namespace"] == "emojistream.redisfeed.RedisFeed"
 
