@@ -10,7 +10,7 @@ from twisted.application.service import IService
 from twisted.logger import Logger
 from twisted.python import usage
 
-from emojistream.config import SPECS, ConfigError, Settings, resolve
+from emojistream.config import SPECS, ConfigError, Settings, config_exit, resolve
 from emojistream.endpoints import ReusePortEndpoint
 from emojistream.lifecycle import ExitOnStartupError, SystemdNotifier, stop_cleanly_on_signals
 from emojistream.service import daemon
@@ -79,7 +79,7 @@ class Options(usage.Options):
                               "resumes to work", n=settings.workers)
         except ConfigError as e:
             # Not a UsageError: twistd would print its whole option list before it.
-            raise SystemExit(f"twistd emojistream: {e}") from None
+            raise config_exit("twistd emojistream", e) from None
         #: What was given on the command line, by setting key (None: not given).
         self.given = given
         parent = getattr(self, "parent", None)
