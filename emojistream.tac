@@ -1,24 +1,24 @@
 # twistd -ny emojistream.tac: the same service tree as `twistd -n emojistream`,
 # configured from the environment variables alone (see README.md).
 import os
-import sys
 
 from twisted.application.service import Application
 from twisted.internet import reactor
 from twisted.logger import ILogObserver
 
-from emojistream.config import ConfigError, resolve
+from emojistream.config import ConfigError, config_exit, resolve
 from emojistream.logs import json_stdout
 from emojistream.service import daemon
 
 try:
     settings = resolve(os.environ, {})
 except ConfigError as e:
-    sys.exit(f"emojistream.tac: {e}")
+    raise config_exit("emojistream.tac", e) from None
 if settings.workers > 1:
     # The worker tree is built by the plugin's options; a .tac is one process.
-    sys.exit(f"emojistream.tac: WORKERS: the .tac runs one process, not {settings.workers}; "
-             "run `twistd -n emojistream` for workers")
+    raise config_exit("emojistream.tac", ConfigError(
+        f"WORKERS: the .tac runs one process, not {settings.workers}; run "
+        "`twistd -n emojistream` for workers")) from None
 
 application = Application("emojistream")
 if settings.log_format == "json":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import socket
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,8 +20,40 @@ from emojistream.tls import INTERMEDIATE_CIPHERS, parse_ciphers
 PLATFORM = "twisted"
 
 
+#: The exit status of a start stopped by a setting that cannot work (EX_CONFIG of
+#: sysexits.h): the shipped units name it in RestartPreventExitStatus=, so systemd
+#: does not restart a daemon that would only fail the same way again.
+CONFIG_ERROR_EXIT = 78
+
+
 class ConfigError(ValueError):
-    """A setting has a value that cannot be used; the message is one line for the user."""
+    """A setting has a value that cannot be used; the message is one line for the user.
+
+    C{exit_code} is the process's exit status for it: L{CONFIG_ERROR_EXIT}."""
+
+    def __init__(self, message: str, exit_code: int = CONFIG_ERROR_EXIT) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class ConfigExit(SystemExit):
+    """Ends the process for a L{ConfigError} with its exit status; C{str()} is the
+    line (said on stderr by L{config_exit})."""
+
+    def __init__(self, line: str, code: int) -> None:
+        super().__init__(code)
+        self.line = line
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def config_exit(who: str, error: ConfigError) -> ConfigExit:
+    """Say C{error} in one line on stderr; the exception that ends the process with
+    its status (C{raise config_exit(...)}). Not a traceback, not twistd's usage text."""
+    line = f"{who}: {error}"
+    print(line, file=sys.stderr, flush=True)
+    return ConfigExit(line, error.exit_code)
 
 
 _TRUE = {"true", "t", "yes", "y", "1"}
@@ -186,6 +219,8 @@ def parse_endpoint(text: str) -> str:
         raise ValueError(f"{description!r} is not a usable endpoint: {why}{path}") from None
     if description.lower().startswith("unix:"):
         _check_unix_path(description)
+    if description.lower().startswith("systemd:"):
+        _check_systemd_domain(description)
     if where is not None and not 0 <= where[0] <= 65535:
         raise ValueError(f"{description!r}: port {where[0]} is not between 0 and 65535")
     return description
@@ -220,6 +255,34 @@ def listen_address(description: str) -> tuple[int, str, int] | None:
     # (port, factory, backlog, interface); listenSSL's also has its context factory.
     (call,) = recorder.tcpServers + recorder.sslServers
     return int(call[0]), str(call[-1]), int(call[-2])
+
+
+def _check_systemd_domain(description: str) -> None:
+    """The passed socket's address family must be the C{domain=} given: Twisted adopts
+    it as told, and an IPv6 socket (a bare C{ListenStream=8001} is one, dual-stack)
+    read as IPv4 garbles every client address, so its limits and cleanup too."""
+    import os
+
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    endpoint = serverFromString(MemoryReactor(), description)
+
+    given = getattr(endpoint, "addressFamily", None)
+    fileno = getattr(endpoint, "fileno", None)
+    if given not in (socket.AF_INET, socket.AF_INET6) or not isinstance(fileno, int):
+        return
+    try:
+        with socket.socket(fileno=os.dup(fileno)) as passed:
+            family = passed.family
+    except OSError:
+        return
+    if family in (socket.AF_INET, socket.AF_INET6) and family != given:
+        names = {socket.AF_INET: "INET", socket.AF_INET6: "INET6"}
+        why = " (a bare ListenStream= port is)" if family == socket.AF_INET6 else ""
+        raise ValueError(f"{description!r}: the socket systemd passed is "
+                         f"AF_{names[family]}{why}, not AF_{names[given]}: give "
+                         f"domain={names[family]}")
 
 
 def _missing_systemd_socket() -> str:
@@ -418,7 +481,7 @@ def _listen_default(env: Mapping[str, str]) -> str:
 SPECS: tuple[Spec, ...] = (
     Spec("listen", "listen", None, parse_endpoint, None,
          "Endpoint to serve HTTP on, e.g. tcp:8001:backlog=1024, "
-         "tcp:8001:interface=127.0.0.1 or systemd:domain=INET:index=0 "
+         "tcp:8001:interface=127.0.0.1 or systemd:domain=INET6:index=0 "
          "(default: tcp:$PORT:backlog=1024, else tcp:8001:backlog=1024)",
          metavar="ENDPOINT"),
     Spec("redis", "redis", "REDIS_URL", parse_redis_url, "redis://localhost:6379",

@@ -5,6 +5,7 @@ gate that limits connections per address and pauses accepting at the open-file l
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from io import BytesIO
 from typing import Any
@@ -24,6 +25,23 @@ def _plain_response(status: bytes) -> bytes:
     return (b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n" % len(body)
             + b"Access-Control-Allow-Origin: *\r\n\r\n" + body)
+
+
+def plain_ip(host: str) -> str:
+    """C{host} as the address it stands for: an IPv4 client of a dual-stack IPv6
+    socket (systemd's C{ListenStream=PORT}) appears as C{::ffff:127.0.0.1}, and is
+    counted, limited, matched and shown as C{127.0.0.1}. Anything else is unchanged.
+
+    The one place addresses are normalised: the connection gate, the client address
+    of a request (the peer's or the one a trusted proxy reports) and the status
+    filter all go through it, so they agree on every client's address."""
+    if ":" not in host:
+        return host  # IPv4, or a name
+    try:
+        mapped = ipaddress.IPv6Address(host.removeprefix("[").removesuffix("]")).ipv4_mapped
+    except ValueError:
+        return host
+    return host if mapped is None else str(mapped)
 
 
 def tcp_socket(transport: Any) -> socket.socket | None:
@@ -364,7 +382,7 @@ class QuietSite(Site):
         return _Connection(Channel())
 
     def buildProtocol(self, addr: Any) -> Any:
-        host = str(getattr(addr, "host", ""))
+        host = plain_ip(str(getattr(addr, "host", "")))
         if not self.gate.admit(host):
             return None  # Twisted closes the connection at once
         protocol = super().buildProtocol(addr)

@@ -76,8 +76,12 @@ class _RecordingEndpoint:
             self.port = port
             self._gate.add_port(port)
             address: Any = port.getHost()
-            where = (f"{address.host}:{address.port}" if hasattr(address, "port")
-                     else str(getattr(address, "name", address)))
+            if hasattr(address, "port"):
+                host = str(address.host)
+                # An IPv6 address in brackets ([::]:8001), as in a URL.
+                where = f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+            else:
+                where = str(getattr(address, "name", address))
             self.log.info("Serving HTTP on {where}", where=where)
             waiting, self._waiting = self._waiting, []
             for w in waiting:

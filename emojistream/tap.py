@@ -11,7 +11,7 @@ from twisted.application.service import IService
 from twisted.logger import Logger
 from twisted.python import usage
 
-from emojistream.config import SPECS, ConfigError, Settings, resolve
+from emojistream.config import SPECS, ConfigError, Settings, config_exit, resolve
 from emojistream.endpoints import numbered, shared_port
 from emojistream.lifecycle import ExitOnStartupError, Signals, exit_after_stop
 from emojistream.notify import Notifier
@@ -86,7 +86,7 @@ class Options(usage.Options):
                               "resumes to work", n=settings.workers)
         except ConfigError as e:
             # Not a UsageError: twistd would print its whole option list before it.
-            raise SystemExit(f"twistd emojistream: {e}") from None
+            raise config_exit("twistd emojistream", e) from None
         #: What was given on the command line, by setting key (None: not given).
         self.given = given
         parent = getattr(self, "parent", None)

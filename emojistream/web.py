@@ -30,7 +30,7 @@ from werkzeug.routing import RequestRedirect
 
 from emojistream.cluster import ClusterUnavailable, ClusterView
 from emojistream.config import Settings
-from emojistream.http import PerAddressRate
+from emojistream.http import PerAddressRate, plain_ip
 from emojistream.hub import ID_PATTERN, Hub
 from emojistream.lifecycle import Drain
 from emojistream.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -69,8 +69,9 @@ RETRY_AFTER = b"10"
 
 
 def peer_ip(request: Request) -> str:
-    """The address of the peer that sent C{request}."""
-    return str(getattr(request.getClientAddress(), "host", ""))
+    """The address of the peer that sent C{request} (an IPv4 peer of a dual-stack
+    socket as IPv4, see L{plain_ip})."""
+    return plain_ip(str(getattr(request.getClientAddress(), "host", "")))
 
 
 class ForwardedFor:
@@ -96,7 +97,7 @@ class ForwardedFor:
             if len(addresses) >= self._hops:
                 chosen = addresses[-self._hops]
                 if chosen and _ADDRESS.fullmatch(chosen):
-                    return chosen.decode("ascii")
+                    return plain_ip(chosen.decode("ascii"))
         return peer_ip(request)
 
 
@@ -462,7 +463,7 @@ class AdminRoutes:
         except ValueError:
             return _text(request, 400, "400 Bad Request: limit and offset are whole numbers, "
                                        "path and client_ip UTF-8 text")
-        return self._status.page(offset, min(limit, 10_000), path, client_ip)
+        return self._status.page(offset, min(limit, 10_000), path, plain_ip(client_ip))
 
     @app.route("/admin/cluster.json", methods=["GET"])
     def cluster_json(self, request: Request) -> bytes | Deferred[bytes]:

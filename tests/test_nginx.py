@@ -150,3 +150,28 @@ async def test_streams_through_nginx_open_at_once_and_updates_pass_unbuffered(
         for node in nodes:
             await node.stop()
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_behind_the_shipped_config_a_client_cannot_choose_its_x_real_ip(
+        tmp_path: Path, redis_server):
+    """CLIENT_IP_HEADER=X-Real-IP behind the shipped config: nginx sets the header to
+    the address it saw, whatever the client wrote in it."""
+    node = await start_daemon({"REDIS_URL": redis_server.url, "TRUST_PROXY": "1",
+                               "CLIENT_IP_HEADER": "X-Real-IP"})
+    proxy = Nginx(tmp_path, SHIPPED.read_text())
+    conn = None
+    try:
+        await within(node.app.feed.when_subscribed())
+        proxy.start([node.port, node.port])
+        conn, _ = await open_stream(proxy.port, "/subscribe/raw",
+                                    "X-Real-IP: 203.0.113.9\r\n"
+                                    "X-Forwarded-For: 203.0.113.10\r\n")
+        status, _, _ = split_response(conn.received)
+        assert status.endswith(" 200 OK")
+        assert [s.client_ip for s in node.app.hub.streams()] == ["127.0.0.2"]
+    finally:
+        if conn is not None:
+            conn.close()
+        proxy.stop()
+        await node.stop()

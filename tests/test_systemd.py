@@ -4,15 +4,23 @@ by systemd-analyze."""
 
 from __future__ import annotations
 
+import json
+import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from twisted.web.resource import Resource
 
-from daemonproc import TwistdProcess, serve_briefly
+from conftest import REPO, repo_env
+from daemonproc import TWISTD, TwistdProcess, serve_briefly
 from emojistream.demo import free_port
 
 
@@ -60,36 +68,164 @@ def test_without_notify_socket_nothing_is_sent_and_nothing_fails(redis_server):
 ACTIVATE = "systemd-socket-activate"
 
 
-@pytest.mark.skipif(not shutil.which(ACTIVATE), reason="needs systemd's systemd-socket-activate")
-def test_a_socket_passed_by_systemd_socket_activate_serves_streams(redis_server):
-    from daemonproc import TWISTD, repo_env
+UNITS = Path(__file__).resolve().parent.parent / "deploy" / "systemd"
 
-    port = free_port()
-    proc = subprocess.Popen(
-        [ACTIVATE, "-l", f"127.0.0.1:{port}", "--fdname=http", "-E", "PYTHONPATH",
-         TWISTD, "-n", "--pidfile=", "emojistream", "--listen",
-         "systemd:domain=INET:index=0", "--redis", redis_server.url, "--drain-sec", "0.5"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=repo_env())
-    try:
-        _wait_listening(proc)
-        # The first connection starts the daemon, which adopts the socket it queues on.
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
-            conn.sendall(b"GET /subscribe/raw HTTP/1.1\r\nHost: x\r\n\r\n")
-            conn.settimeout(30)
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += conn.recv(4096)
-            assert head.startswith(b"HTTP/1.1 200 ")
-            _publish_when_subscribed(proc, redis_server.port, conn, b"data:2665")
-    finally:
-        proc.send_signal(signal.SIGTERM)
+
+def unit_values(unit: str, key: str) -> list[str]:
+    """The values of C{key=} lines in a shipped unit file, in order (comments and
+    section headers aside; no unit here continues a line)."""
+    values = []
+    for line in (UNITS / unit).read_text().splitlines():
+        name, sep, value = line.strip().partition("=")
+        if sep and not name.startswith(("#", ";")) and name.strip() == key:
+            values.append(value.strip())
+    return values
+
+
+def unit_value(unit: str, key: str) -> str:
+    """The one value of C{key=} in a shipped unit file."""
+    values = unit_values(unit, key)
+    assert len(values) == 1, (unit, key, values)
+    return values[0]
+
+
+def exec_start(unit: str) -> list[str]:
+    """A shipped service's C{ExecStart=} command line, run with this checkout's
+    twistd in place of the installed one."""
+    argv = shlex.split(unit_value(unit, "ExecStart"))
+    assert argv[0] == "/opt/emojistream/bin/twistd", argv
+    return [TWISTD, *argv[1:]]
+
+
+def listen_stream_on(port: int) -> str:
+    """The socket unit's own C{ListenStream=} value, with C{port} for its port
+    (systemd-socket-activate -l parses it as systemd does: a bare port is [::]:PORT,
+    dual-stack)."""
+    value = unit_value("emojistream@.socket", "ListenStream")
+    match = re.fullmatch(r"(.*?)(\d+)", value)
+    assert match, value
+    return match.group(1) + str(port)
+
+
+class ActivatedProcess(TwistdProcess):
+    """A command under systemd-socket-activate (which execs it at the first
+    connection), its output collected line by line as L{TwistdProcess} does."""
+
+    def __init__(self, command: list[str]) -> None:
+        # Not super().__init__(), which would start twistd itself.
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=repo_env(),
+                                     cwd=REPO)
+        self.lines = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+
+def _exchange(port: int, request: bytes) -> bytes:
+    """One request on its own connection (C{Connection: close}); all that comes back
+    until the server closes, b"" for a connection closed unanswered."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        received = b""
         try:
-            out, _ = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-    assert proc.returncode == 0, out
-    assert "Traceback" not in out
+            conn.sendall(request)
+            while chunk := conn.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        return received
+
+
+def _get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+
+
+def _open_stream(port: int, path: str) -> tuple[socket.socket, bytes]:
+    """A stream held open (its connection ends with it); returns it and its response
+    head."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+    conn.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = conn.recv(4096)
+        assert chunk, head
+        head += chunk
+    return conn, head
+
+
+def _body_json(response: bytes) -> Any:
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), response
+    if b"transfer-encoding: chunked" in head.lower():
+        decoded = b""
+        while True:
+            size, _, rest = body.partition(b"\r\n")
+            if int(size, 16) == 0:
+                break
+            decoded, body = decoded + rest[:int(size, 16)], rest[int(size, 16) + 2:]
+        body = decoded
+    return json.loads(body)
+
+
+@pytest.mark.skipif(not shutil.which(ACTIVATE), reason="needs systemd's systemd-socket-activate")
+@pytest.mark.skipif(Path("/proc/sys/net/ipv6/bindv6only").read_text().strip() != "0",
+                    reason="systemd-socket-activate makes [::] dual-stack only when the "
+                           "host's default is (the socket unit says BindIPv6Only=both)")
+def test_the_shipped_socket_and_service_record_ipv4_clients_as_ipv4(redis_server):
+    """emojistream@.socket's ListenStream= and emojistream@.service's ExecStart=, as
+    shipped (a free port for 8001): four streams from 127.0.0.1 under
+    MAX_STREAMS_PER_IP=1, status.json, cleanup, the log and the per-connection gate
+    (MAX_CONNECTIONS_PER_IP=3) all see one client, 127.0.0.1."""
+    port = free_port()
+    fdname = unit_value("emojistream@.socket", "FileDescriptorName")
+    command = [ACTIVATE, "-l", listen_stream_on(port), f"--fdname={fdname}", "-E", "PYTHONPATH",
+               "-E", "MAX_STREAMS_PER_IP=1", "-E", "MAX_CONNECTIONS_PER_IP=3",
+               *exec_start("emojistream@.service"),
+               "--redis", redis_server.url, "--drain-sec", "0.5", "--verbose"]
+    proc = ActivatedProcess(command)
+    streams: list[socket.socket] = []
+    try:
+        # Bound as the unit would: a bare port is [::]:PORT.
+        proc.wait_for_line(rf"^Listening on \[::\]:{port} as 3\.$")
+        # The first connection starts the daemon, which adopts the socket it queues on.
+        first, head = _open_stream(port, "/subscribe/raw")
+        streams.append(first)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert proc.wait_for_line(r"Serving HTTP on (\S+)$").group(1) == f"[::]:{port}"
+        # One stream per address: the three others from 127.0.0.1 are refused.
+        for _ in range(3):
+            refused = _exchange(port, _get("/subscribe/raw"))
+            assert refused.startswith(b"HTTP/1.1 429 "), refused
+        proc.wait_for_line(r"connect /subscribe/raw from 127\.0\.0\.1$")
+        _publish_when_subscribed(proc, redis_server.port, first, b"data:2665")
+
+        # status.json is built at most once a second: ask until it lists the stream.
+        deadline = time.monotonic() + 15
+        while True:
+            status = _body_json(_exchange(port, _get("/admin/status.json")))
+            if status["connections"] or time.monotonic() > deadline:
+                break
+        assert [c["client_ip"] for c in status["connections"]] == ["127.0.0.1"], status
+
+        cleanup = _exchange(port, b"POST /subscribe/cleanup/scores HTTP/1.1\r\nHost: x\r\n"
+                                  b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+        assert _body_json(cleanup) == {"status": "OK", "closed": 1}
+        while first.recv(65536):  # the stream ends, and its connection with it
+            pass
+        proc.wait_for_line(r"cleanup closed 1 stream\(s\) of 127\.0\.0\.1$")
+
+        # Every connection so far was closed by the daemon. The gate counts three idle
+        # ones as one address's three; a fourth, accepted after them, is closed
+        # unanswered.
+        streams += [socket.create_connection(("127.0.0.1", port), timeout=30)
+                    for _ in range(3)]
+        assert _exchange(port, _get("/health/live")) == b""
+    finally:
+        for conn in streams:
+            conn.close()
+        code = proc.terminate()
+    assert code == 0, proc.log()
+    assert "Traceback" not in proc.log()
+    assert "::ffff:" not in proc.log()
 
 
 def _wait_listening(proc: subprocess.Popen[str]) -> None:
@@ -99,14 +235,11 @@ def _wait_listening(proc: subprocess.Popen[str]) -> None:
     assert line.startswith("Listening on"), line
 
 
-def _publish_when_subscribed(proc: subprocess.Popen[str], redis_port: int,
+def _publish_when_subscribed(proc: TwistdProcess, redis_port: int,
                              conn: socket.socket, wanted: bytes) -> None:
     """Once the daemon's log says it is subscribed, publish a hit; wait for the stream
     to show it."""
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if "Redis subscriber connection" in line and "is up" in line:
-            break
+    proc.wait_for_line(r"Redis subscriber connection .* is up")
     with socket.create_connection(("127.0.0.1", redis_port)) as redis:
         redis.sendall(b"PUBLISH stream.score_updates 2665\r\n")
         assert redis.recv(100) == b":1\r\n"
@@ -150,7 +283,6 @@ def test_a_systemd_endpoint_without_its_socket_is_a_one_line_error(activate, mis
     assert len(lines) == 1 and missing in lines[0], out
 
 
-UNITS = Path(__file__).resolve().parent.parent / "deploy" / "systemd"
 ANALYZE = shutil.which("systemd-analyze")
 
 
@@ -191,3 +323,164 @@ def test_systemd_analyze_verify_passes_on_every_shipped_unit(unit_root: Path, un
     path.write_text(path.read_text().replace("[Install]", "Bogus=1\n[Install]"))
     broken = _verify(unit_root, unit)
     assert "Bogus" in broken.stdout + broken.stderr
+
+
+def test_v4_mapped_addresses_are_one_ipv4_address_everywhere():
+    """The one normalisation (L{plain_ip}) under the gate, the peer's address and the
+    address a trusted proxy reports: a v4-mapped address is its IPv4 address, and
+    nothing else changes."""
+    from twisted.internet.address import IPv6Address
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from emojistream.http import ConnectionGate, QuietSite, plain_ip
+    from emojistream.web import ForwardedFor, peer_ip
+
+    assert [plain_ip(a) for a in ("::ffff:127.0.0.1", "::FFFF:7f00:1", "[::ffff:10.0.0.1]",
+                                  "127.0.0.1", "::1", "2001:db8::1", "fe80::1%eth0",
+                                  "::ffff:nonsense", "name.example", "")] == [
+        "127.0.0.1", "127.0.0.1", "10.0.0.1",
+        "127.0.0.1", "::1", "2001:db8::1", "fe80::1%eth0",
+        "::ffff:nonsense", "name.example", ""]
+
+    gate = ConnectionGate(per_ip=1)
+    site = QuietSite(Resource(), gate=gate)
+    first = site.buildProtocol(IPv6Address("TCP", "::ffff:127.0.0.1", 40000))
+    assert first.gate_host == "127.0.0.1"
+    assert site.buildProtocol(IPv6Address("TCP", "::ffff:127.0.0.1", 40001)) is None
+    assert site.buildProtocol(IPv6Address("TCP", "::1", 40002)) is not None
+
+    request = DummyRequest([b""])
+    request.client = IPv6Address("TCP", "::ffff:192.0.2.7", 40003)
+    assert peer_ip(request) == "192.0.2.7"
+    request.requestHeaders.setRawHeaders(b"X-Real-IP", [b"::ffff:203.0.113.9"])
+    assert ForwardedFor("X-Real-IP")(request) == "203.0.113.9"
+
+
+@pytest.mark.skipif(not shutil.which(ACTIVATE), reason="needs systemd's systemd-socket-activate")
+def test_a_systemd_domain_other_than_the_sockets_is_a_one_line_config_error():
+    """The socket unit's own IPv6 socket adopted as IPv4 (the old shipped service)
+    would garble every address: the start stops, saying what to give."""
+    port = free_port()
+    command = [ACTIVATE, "-l", listen_stream_on(port), "--fdname=http", "-E", "PYTHONPATH",
+               TWISTD, "-n", "--pidfile=", "emojistream", "--listen",
+               "systemd:domain=INET:index=0"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=repo_env())
+    try:
+        _wait_listening(proc)
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    lines = [line for line in out.strip().splitlines()
+             if not line.startswith(("Communication attempt", "Execing "))]
+    assert len(lines) == 1 and "Traceback" not in out, out
+    assert "is AF_INET6" in lines[0] and lines[0].endswith("give domain=INET6"), out
+    assert proc.returncode == _restart_prevented(), out
+
+
+def _restart_prevented() -> int:
+    """The exit status both shipped service units keep systemd from restarting."""
+    codes = {unit_value(unit, "RestartPreventExitStatus")
+             for unit in ("emojistream.service", "emojistream@.service")}
+    assert len(codes) == 1 and all(c.isdigit() for c in codes), codes
+    return int(codes.pop())
+
+
+def test_a_setting_that_cannot_work_exits_with_the_status_the_units_do_not_restart(tmp_path):
+    """A bad setting, as a flag or in the environment, to the units' own command line
+    and to the .tac: one line and the status named in RestartPreventExitStatus=. A
+    port that is only busy exits otherwise, so Restart=on-failure retries it."""
+    code = _restart_prevented()
+    assert code != 1  # what a crash (a traceback) exits with
+    runs = {
+        "flag": ([*exec_start("emojistream.service"), "--keepalive", "-1"], {}),
+        "environment": (exec_start("emojistream.service"), {"SSE_KEEPALIVE_SEC": "-1"}),
+        "worker unit": (exec_start("emojistream@.service"), {"MAX_STREAMS": "-3"}),
+        ".tac": ([TWISTD, "-ny", str(REPO / "emojistream.tac"), "--pidfile="],
+                 {"SSE_KEEPALIVE_SEC": "-1"}),
+    }
+    for name, (command, settings) in runs.items():
+        env = {**repo_env(), "PORT": "0", **settings}
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path,
+                                timeout=60)
+        out = (result.stdout + result.stderr).strip()
+        assert result.returncode == code, (name, result.returncode, out)
+        assert len(out.splitlines()) == 1 and "Traceback" not in out, (name, out)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        result = subprocess.run(
+            [*exec_start("emojistream.service"), "--listen",
+             f"tcp:{busy.getsockname()[1]}:interface=127.0.0.1"],
+            capture_output=True, text=True, env=repo_env(), cwd=tmp_path, timeout=60)
+    # Said at listen time, in the daemon's log (stdout under -n), no longer a setting.
+    assert "in use" in result.stdout + result.stderr, result
+    assert result.returncode not in (0, code), result
+
+
+ENV_FILE = UNITS / "emojistream.env"
+ENV_GENERATOR = Path("/usr/lib/systemd/user-environment-generators/"
+                    "30-systemd-environment-d-generator")
+
+
+@pytest.mark.skipif(not ENV_GENERATOR.exists(), reason="needs systemd's environment.d generator")
+def test_every_setting_of_the_shipped_env_file_uncommented_is_accepted(tmp_path: Path):
+    """Each NAME=VALUE line of emojistream.env, commented out or not, uncommented and
+    read by systemd's own env-file parser (that of EnvironmentFile=, here through the
+    environment.d generator), is a value the daemon accepts: no comment after a
+    value."""
+    lines = {}
+    for line in ENV_FILE.read_text().splitlines():
+        match = re.fullmatch(r"#?\s*([A-Z][A-Z0-9_]*=.*)", line)
+        if match:
+            lines[match.group(1).partition("=")[0]] = match.group(1)
+    assert {"REDIS_URL", "PORT", "TRUST_PROXY", "SSE_DRAIN_SEC", "ADMIN_TOKEN"} <= set(lines)
+    # systemd's parser drops an empty assignment; the daemon is not asked about it.
+    blank = {name for name, line in lines.items() if line == name + "="}
+    config = tmp_path / "environment.d"
+    config.mkdir()
+    (config / "emojistream.conf").write_text(
+        "".join(line + "\n" for name, line in lines.items() if name not in blank))
+    out = subprocess.run([str(ENV_GENERATOR)], capture_output=True, text=True, check=True,
+                         env={"XDG_CONFIG_HOME": str(tmp_path), "HOME": str(tmp_path)},
+                         timeout=30).stdout
+    parsed = {}
+    for line in out.splitlines():
+        name, _, value = line.partition("=")
+        if name in lines:
+            parsed[name] = shlex.split(value)[0] if value else ""
+    assert set(parsed) == set(lines) - blank, out
+    assert not [v for v in parsed.values() if "#" in v], parsed
+    from emojistream.config import resolve
+
+    # The shipped ports may be taken on this host: free ones instead, nothing else.
+    env = {name: re.sub(r"\b800[12]\b", lambda _: str(free_port()), value)
+           for name, value in parsed.items()}
+    settings = resolve(env, {})
+    assert settings.trust_proxy and settings.env == "production"
+    # Nothing is left for the operator to fill in but the token, which has no safe
+    # example value.
+    assert blank == {"ADMIN_TOKEN"}, blank
+
+
+def test_the_documentation_the_units_name_is_what_the_documented_install_creates(
+        tmp_path: Path):
+    """Run the install lines of docs/DEPLOYMENT.md that write files (install, cp),
+    under a scratch root: every Documentation= of the shipped units is then there."""
+    text = (REPO / "docs" / "DEPLOYMENT.md").read_text()
+    block = text.split("## Install", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line.startswith(("install ", "cp "))]
+    assert commands, block
+    root = tmp_path / "root"
+    script = "\n".join(commands).replace("/opt/emojistream", f"{root}/opt/emojistream") \
+        .replace("/etc/emojistream", f"{root}/etc/emojistream")
+    subprocess.run(["bash", "-e", "-c", script], cwd=REPO, check=True, timeout=30)
+    for unit in ("emojistream.service", "emojistream@.service", "emojistream@.socket"):
+        for url in unit_values(unit, "Documentation"):
+            for link in url.split():
+                assert link.startswith("file:///"), (unit, link)
+                assert (root / link.removeprefix("file:///")).is_file(), (unit, link)
+    assert (root / "etc/emojistream/emojistream.env").read_text() == ENV_FILE.read_text()
