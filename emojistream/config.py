@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from emojistream.endpoints import LISTEN_BACKLOG
 from emojistream.tls import INTERMEDIATE_CIPHERS, parse_ciphers
 
 PLATFORM = "twisted"
@@ -462,11 +463,6 @@ class Spec:
     help: str
     is_flag: bool = False
     metavar: str | None = None
-
-
-#: Pending connections the listening socket queues. Twisted's default of 50 turns a
-#: reconnection wave of thousands of EventSources into a minute of dropped SYNs.
-LISTEN_BACKLOG = 1024
 
 
 #: The port served when neither --listen nor PORT says otherwise.
