@@ -560,10 +560,44 @@ async def test_over_http2_an_eps_client_that_stops_reading_is_conflated_and_gets
         finally:
             resume.set()
     events = sse_events(seen.data[1])
-    print("eps over h2:", ticks, "ticks,", len(events), "events,", counts, published)
     assert received(seen) == expected and sum(expected.values()) == published
     # Fewer messages than ticks: the summaries merged while it did not read.
     assert len(events) < ticks
     # Delivered counts the summaries it was sent, merged ones once.
     assert counts["written"] == len(events)
     assert counts["conflated"] == ticks - len(events)
+
+
+@pytest.mark.skipif(not CURL, reason="needs curl")
+@pytest_twisted.ensureDeferred
+async def test_curl_over_http2_into_a_pipe_nobody_reads_is_dropped(tls, redis_server, publisher):
+    """Issue 18, as stock curl shows it: `curl --http2 -N URL | sleep` stops reading
+    once the pipe is full, with the 32 MiB stream window curl advertises. It is
+    dropped past --max-queue-bytes, as over HTTP/1.1, long before that window."""
+    key, cert = tls
+    env = {"REDIS_URL": redis_server.url, "SSE_MAX_QUEUE_BYTES": "262144",
+           "SSE_SEND_BUFFER_BYTES": "4096"}
+    async with running(env, {"listen": listen_tls(key, cert)}) as (d, _c):
+        # Its output is a pipe this test never reads.
+        stream = curl("--cacert", str(cert.parent / "ca.pem"), "-N", "--max-time", "60",
+                      f"https://127.0.0.1:{d.port}/subscribe/details/X")
+        try:
+            while not d.app.hub.in_namespace("/details/X"):
+                await deferLater(reactor, 0.01, lambda: None)
+            (server_side,) = d.app.hub.in_namespace("/details/X")
+            assert server_side.writer.request.clientproto == b"HTTP/2"
+            filler = "x" * 60_000
+            sent = 0
+            while server_side.open and sent < 200:  # 12 MB, well within curl's window
+                await publisher.publish("stream.tweet_updates.X",
+                                        json.dumps({"seq": sent, "text": filler}))
+                sent += 1
+                while server_side.open and server_side.msgs_sent < sent:
+                    await deferLater(reactor, 0.005, lambda: None)
+            assert server_side.dropped and d.app.hub.dropped == 1, sent
+            # About the pipe's, the sockets' and the bound's worth: not 12 MB.
+            assert sent < 60, sent
+            assert len(d.app.hub) == 0
+        finally:
+            stream.kill()
+            stream.communicate()
