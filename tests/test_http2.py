@@ -398,6 +398,15 @@ async def until_status(client: Client, holds: Callable[[dict[str, Any]], bool],
         await deferLater(reactor, 0.05, lambda: None)
 
 
+async def until(holds: Callable[[], bool], seconds: float = 60) -> None:
+    """Return once C{holds()} (the daemon's state, looked at every 5 ms); fail after
+    C{seconds}."""
+    deadline = reactor.seconds() + seconds
+    while not holds():
+        assert reactor.seconds() < deadline, "timed out"
+        await deferLater(reactor, 0.005, lambda: None)
+
+
 #: The largest window HTTP/2 allows (RFC 9113 6.9.1): 2^31-1.
 HUGE_WINDOW = 2**31 - 1
 
@@ -526,8 +535,7 @@ async def test_over_http2_an_eps_client_that_stops_reading_is_conflated_and_gets
 
         slow = threads.deferToThread(stop_reading)
         try:
-            while not d.app.hub.in_namespace("/eps"):
-                await deferLater(reactor, 0.01, lambda: None)
+            await until(lambda: bool(d.app.hub.in_namespace("/eps")))
             (slow_stream,) = d.app.hub.in_namespace("/eps")
             ids = [f"{i:04X}" for i in range(0x2600, 0x2600 + 600)]  # big summaries
             ticks = backed_up_ticks = published = 0
@@ -539,8 +547,8 @@ async def test_over_http2_an_eps_client_that_stops_reading_is_conflated_and_gets
                 expected.update(batch)
                 published += len(batch)
                 # Every hit has reached the summarizer: then the tick sends them.
-                while sum(d.app.summarizer.pending().values()) < len(batch):
-                    await deferLater(reactor, 0.005, lambda: None)
+                hits = len(batch)
+                await until(lambda n=hits: sum(d.app.summarizer.pending().values()) >= n)
                 clock.advance(1 / 60)
                 ticks += 1
                 if slow_stream.backed_up:
@@ -552,8 +560,7 @@ async def test_over_http2_an_eps_client_that_stops_reading_is_conflated_and_gets
             resume.set()
             # Once the client has taken what was queued, the next keepalive tick
             # sends the merged summary.
-            while slow_stream.backed_up:
-                await deferLater(reactor, 0.01, lambda: None)
+            await until(lambda: not slow_stream.backed_up)
             clock.advance(d.app.settings.keepalive)
             seen = await within(slow, 60)
             counts = d.app.hub.message_counts()
@@ -582,8 +589,7 @@ async def test_curl_over_http2_into_a_pipe_nobody_reads_is_dropped(tls, redis_se
         stream = curl("--cacert", str(cert.parent / "ca.pem"), "-N", "--max-time", "60",
                       f"https://127.0.0.1:{d.port}/subscribe/details/X")
         try:
-            while not d.app.hub.in_namespace("/details/X"):
-                await deferLater(reactor, 0.01, lambda: None)
+            await until(lambda: bool(d.app.hub.in_namespace("/details/X")))
             (server_side,) = d.app.hub.in_namespace("/details/X")
             assert server_side.writer.request.clientproto == b"HTTP/2"
             filler = "x" * 60_000
@@ -592,8 +598,7 @@ async def test_curl_over_http2_into_a_pipe_nobody_reads_is_dropped(tls, redis_se
                 await publisher.publish("stream.tweet_updates.X",
                                         json.dumps({"seq": sent, "text": filler}))
                 sent += 1
-                while server_side.open and server_side.msgs_sent < sent:
-                    await deferLater(reactor, 0.005, lambda: None)
+                await until(lambda n=sent: not server_side.open or server_side.msgs_sent >= n)
             assert server_side.dropped and d.app.hub.dropped == 1, sent
             # About the pipe's, the sockets' and the bound's worth: not 12 MB.
             assert sent < 60, sent
