@@ -16,7 +16,10 @@ window is used up, never when the socket is full: everything written meanwhile w
 in Twisted's per-stream queue (L{H2Backlog} follows it), and a client that advertises
 huge windows and stops reading would never be paused. There the writer counts that
 queue as part of what it holds: an event stream is reset once it and the writer's own
-backlog pass the bound, and /eps conflates while the queue is long.
+backlog pass the bound, and /eps conflates while the queue is long. Below that queue
+the h2 library keeps nothing (Twisted takes its bytes after every frame), and the TLS
+records go to the TCP transport, which pauses the whole connection past its 64 KiB:
+the L{TRANSPORT_BUFFER} reserved out of the bound, as over HTTP/1.1.
 """
 
 from __future__ import annotations
