@@ -10,6 +10,16 @@ to C{max_queue} bytes in all; past that an event stream's writer drops the clien
 while paused it merges the summaries into one pending summary (counts added per ID), so
 that a client that drains still gets exact totals, in fewer messages. This module is
 the one place that decides.
+
+Over HTTP/2 Twisted pauses a stream's writer only when the stream's flow-control
+window is used up, never when the socket is full: everything written meanwhile waits
+in Twisted's per-stream queue (L{H2Backlog} follows it), and a client that advertises
+huge windows and stops reading would never be paused. There the writer counts that
+queue as part of what it holds: an event stream is reset once it and the writer's own
+backlog pass the bound, and /eps conflates while the queue is long. Below that queue
+the h2 library keeps nothing (Twisted takes its bytes after every frame), and the TLS
+records go to the TCP transport, which pauses the whole connection past its 64 KiB:
+the L{TRANSPORT_BUFFER} reserved out of the bound, as over HTTP/1.1.
 """
 
 from __future__ import annotations
@@ -23,12 +33,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
-from twisted.web._http2 import H2Stream
 from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from emojistream.compat import h2_outbound_queue, is_h2_stream
 from emojistream.sse import id_line_of
 from emojistream.summarizer import summary_frame
 
@@ -145,6 +155,72 @@ class Batcher:
             writer.flush_batch()
 
 
+class H2Backlog:
+    """What Twisted's HTTP/2 connection still holds of one stream's response: bytes
+    written to the stream and not yet framed onto the connection (its per-stream
+    outbound queue, L{emojistream.compat.h2_outbound_queue}), and how many messages
+    among them are not wholly out.
+
+    It mirrors that queue's entries, one per write, as (size, messages written up to
+    and including this one): the queue loses entries from the left as they are sent,
+    so what is still there is known in constant time per write, without summing the
+    queue. The entry at the head may be what is left of one after a frame was taken
+    from it: its own length is read.
+    """
+
+    __slots__ = ("_bytes", "_exempt", "_marks", "_queue", "_sent_msgs", "_total")
+
+    def __init__(self, queue: deque[Any], msgs: int = 0) -> None:
+        self._queue = queue
+        self._marks: deque[tuple[int, int]] = deque(
+            (len(entry), msgs) for entry in queue if isinstance(entry, bytes))
+        # Bytes in _marks, and bytes ever written.
+        self._bytes = self._total = sum(size for size, _ in self._marks)
+        # Messages wholly out of the queue (into the transport).
+        self._sent_msgs = msgs
+        # Bytes ever written up to which nothing counts toward the bound (a replay).
+        self._exempt = 0
+
+    def wrote(self, size: int, msgs: int) -> None:
+        """C{size} bytes (not 0) were written, which end message number C{msgs}."""
+        self._marks.append((size, msgs))
+        self._bytes += size
+        self._total += size
+
+    def exempt(self, size: int) -> None:
+        """The next C{size} bytes written do not count toward L{counted}."""
+        self._exempt = self._total + size
+
+    def _sync(self) -> None:
+        marks, queue = self._marks, self._queue
+        while len(marks) > len(queue):
+            size, self._sent_msgs = marks.popleft()
+            self._bytes -= size
+
+    def size(self) -> int:
+        """Bytes written to the stream that Twisted has not yet sent."""
+        self._sync()
+        marks = self._marks
+        if not marks:
+            return 0
+        head = self._queue[0]
+        if isinstance(head, bytes):
+            return self._bytes - marks[0][0] + len(head)
+        return self._bytes
+
+    def counted(self) -> int:
+        """L{size}, less what is left of a replay (a resuming client's missed events,
+        whose size its caller bounded): the bytes that count toward the bound."""
+        size = self.size()
+        return min(size, self._total - self._exempt)
+
+    def unsent_messages(self) -> int:
+        """Messages written to the stream not wholly sent (one partly framed counts)."""
+        self._sync()
+        marks = self._marks
+        return marks[-1][1] - self._sent_msgs if marks else 0
+
+
 @implementer(IPushProducer)
 class Writer:
     """How one event stream's bytes reach its client (see the module docstring).
@@ -163,6 +239,7 @@ class Writer:
         "_batch_msgs",
         "_batcher",
         "_framer",
+        "_h2",
         "_idle_mark",
         "_limit",
         "_out",
@@ -202,8 +279,15 @@ class Writer:
         self._out: Callable[[bytes], None] = request.write
         self._backlog: deque[tuple[bytes, int]] | None = None
         self._backlog_bytes = 0
-        # The transport holds up to TRANSPORT_BUFFER before pausing us; we hold the rest.
+        # The transport holds up to TRANSPORT_BUFFER before pausing us; we hold the rest
+        # (over HTTP/2, with what waits in Twisted's queue for the stream).
         self._limit = max(0, max_queue - TRANSPORT_BUFFER)
+        # Over HTTP/2, what Twisted holds of this stream (None over HTTP/1.x).
+        self._h2: H2Backlog | None = None
+
+    #: Whether this writer drops a client whose unsent bytes pass the bound (an
+    #: event stream's does; /eps conflates instead).
+    drops = True
 
     @property
     def request(self) -> Request:
@@ -225,6 +309,10 @@ class Writer:
         channel = getattr(request, "channel", None)
         if not isinstance(channel, HTTPChannel):
             self._framer = None
+            queue = h2_outbound_queue(channel)
+            if queue is not None:
+                self._h2 = H2Backlog(queue)
+                self._out = self._h2_write
             return
         if getattr(request, "chunked", False):
             if self._framer is None:
@@ -243,18 +331,25 @@ class Writer:
 
     @property
     def backed_up(self) -> bool:
-        """Whether the client's transport is full and this writer is holding back."""
-        return self._paused
+        """Whether the client's transport is full and this writer is holding back (over
+        HTTP/2: or a transport's buffer worth waits in Twisted's queue)."""
+        h2 = self._h2
+        return self._paused or (h2 is not None and h2.size() >= TRANSPORT_BUFFER)
 
     @property
     def queued(self) -> int:
-        """Bytes this writer holds back because the client is not reading."""
-        return self._backlog_bytes
+        """Bytes this writer holds back because the client is not reading (over HTTP/2,
+        with those waiting in Twisted's queue for the stream)."""
+        h2 = self._h2
+        return self._backlog_bytes + (0 if h2 is None else h2.size())
 
     @property
     def written(self) -> int:
-        """Messages written to the client's connection (handed to its transport)."""
-        return self.handed - self.discarded - self._batch_msgs - self._backlog_msgs
+        """Messages written to the client's connection (handed to its transport; over
+        HTTP/2, out of Twisted's queue for the stream)."""
+        written = self.handed - self.discarded - self._batch_msgs - self._backlog_msgs
+        h2 = self._h2
+        return written if h2 is None else written - h2.unsent_messages()
 
     def _wire(self, frame: bytes) -> bytes:
         """C{frame} as it goes on the wire: one chunk of a chunked response, or as is."""
@@ -280,7 +375,11 @@ class Writer:
         if not self.open or not frames:
             return
         self.handed += len(frames)
-        self._emit(self._wire(b"".join(frames)), len(frames))
+        data = self._wire(b"".join(frames))
+        if self._h2 is not None:
+            # Bounded by the caller, like what HTTP/1.1's transport takes whole.
+            self._h2.exempt(len(data))
+        self._emit(data, len(frames))
 
     def _emit(self, data: bytes, msgs: int = 0) -> None:
         """Write wire bytes now, or at the batcher's flush, or hold them while paused;
@@ -314,7 +413,23 @@ class Writer:
         self._backlog.append((data, msgs))
         self._backlog_bytes += len(data)
         self._backlog_msgs += msgs
-        if self._backlog_bytes > self._limit:
+        held = self._backlog_bytes
+        if self._h2 is not None:
+            held += self._h2.counted()
+        if held > self._limit:
+            self.drop()
+
+    def _h2_write(self, data: bytes) -> None:
+        """Over HTTP/2: write through the request (into Twisted's queue for the stream)
+        and note it; drop the client once what waits there and what this writer holds
+        pass the bound (Twisted would not have paused us for a full socket)."""
+        self._request.write(data)
+        h2 = self._h2
+        if h2 is None or not data:
+            return
+        h2.wrote(len(data),
+                 self.handed - self.discarded - self._batch_msgs - self._backlog_msgs)
+        if self.drops and h2.counted() + self._backlog_bytes > self._limit:
             self.drop()
 
     def flush_batch(self) -> None:
@@ -361,6 +476,9 @@ class Writer:
         if self.open:
             # What is held back goes out before the end of the response: the
             # transport buffers it (at most max_queue) and sends it as the client reads.
+            # Over HTTP/2 it is counted as written once in Twisted's queue, as over
+            # HTTP/1.1 once in the transport's.
+            self._forget_h2()
             self.flush_batch()
             self._flush(force=True)
             self.open = False
@@ -379,7 +497,7 @@ class Writer:
             transport = self._connection()
             if transport is not None:
                 transport.abortConnection()
-                if isinstance(transport, H2Stream):
+                if is_h2_stream(transport):
                     # Twisted resets the HTTP/2 stream and forgets it without telling
                     # the request, whose notifyFinish would then never fire: the stream
                     # would stay in the hub for good.
@@ -399,13 +517,24 @@ class Writer:
         return getattr(request, "transport", None) or getattr(request, "channel", None)
 
     def _discard(self) -> None:
-        """Forget what is held: the connection is gone, or going for not reading."""
+        """Forget what is held: the connection is gone, or going for not reading (over
+        HTTP/2 what waits in Twisted's queue for the stream goes with it)."""
+        h2 = self._h2
+        if h2 is not None:
+            self.discarded += h2.unsent_messages()
+            self._forget_h2()
         self.discarded += self._backlog_msgs + self._batch_msgs
         self._backlog = None
         self._backlog_bytes = 0
         self._backlog_msgs = 0
         self._batch = []
         self._batch_msgs = 0
+
+    def _forget_h2(self) -> None:
+        """Stop following Twisted's queue (and let it go: Twisted frees it)."""
+        if self._h2 is not None:
+            self._h2 = None
+            self._out = self._request.write
 
     def _release(self) -> None:
         """Stop being the response's producer (it must not end with one registered)."""
@@ -445,6 +574,8 @@ class SummaryWriter(Writer):
 
     __slots__ = ("_pending", "_pending_id", "conflated")
 
+    drops = False
+
     def __init__(self, request: Request, **kwargs: Any) -> None:
         super().__init__(request, **kwargs)
         self._pending: dict[str, int] | None = None
@@ -457,7 +588,9 @@ class SummaryWriter(Writer):
         """Write the summary, or fold C{counts} into the pending one while paused."""
         if not self.open:
             return
-        if not self._paused and self._pending is None:
+        h2 = self._h2
+        backed_up = self._paused or (h2 is not None and h2.size() >= TRANSPORT_BUFFER)
+        if not backed_up and self._pending is None:
             self.handed += 1
             framer = self._framer
             if framer is not None:
@@ -472,8 +605,16 @@ class SummaryWriter(Writer):
             for emoji_id, n in counts.items():
                 pending[emoji_id] = pending.get(emoji_id, 0) + n
         self._pending_id = id_line_of(frame)
-        if not self._paused:
+        if not backed_up:
             self._flush()
+
+    def keepalive(self, frame: bytes, tick: int, idle_ticks: int) -> None:
+        """Also send the pending summary once the client has taken what was queued:
+        over HTTP/2 nothing resumes this writer when Twisted's queue drains, so a
+        summary held for it goes with the next summary, or at the latest here."""
+        if self._pending is not None and not self.backed_up:
+            self._flush()
+        super().keepalive(frame, tick, idle_ticks)
 
     def _flush(self, force: bool = False) -> None:
         super()._flush(force)
