@@ -31,8 +31,8 @@ from twisted.python.failure import Failure
 
 from emojistream.children import child_environment, die_with_parent
 from emojistream.config import RedisAddress
-from emojistream.rankings import SCORE_KEY
 from emojistream.redisconn import RedisConnection
+from emojistream.vocabulary import SCORE_CHANNEL, SCORE_KEY, detail_channel
 
 
 def find_redis_server() -> str:
@@ -302,9 +302,8 @@ class Feeder(MultiService):
                 emoji = self._ids.draw()
                 for d in (
                     protocol.execute_command("ZINCRBY", SCORE_KEY, 1, emoji.id),
-                    protocol.publish("stream.score_updates", emoji.id),
-                    protocol.publish("stream.tweet_updates." + emoji.id,
-                                     self._tweets.tweet(emoji)),
+                    protocol.publish(SCORE_CHANNEL, emoji.id),
+                    protocol.publish(detail_channel(emoji.id), self._tweets.tweet(emoji)),
                 ):
                     # A hit lost with the connection is simply not published.
                     d.addErrback(lambda failure: None)
