@@ -69,11 +69,6 @@ def detail_namespace(emoji_id: str) -> str:
     return DETAIL_NAMESPACE_PREFIX + emoji_id
 
 
-def detail_channel(emoji_id: str) -> bytes:
-    """The Redis channel a feeder publishes one emoji's detail updates on."""
-    return DETAIL_CHANNEL_PREFIX + emoji_id.encode("ascii")
-
-
 def lineage(namespace: str) -> list[str]:
     """The namespace and its ancestors at C{/} boundaries, most specific first: a
     message published to a namespace reaches the streams of all of them."""
