@@ -31,8 +31,8 @@ from twisted.python.failure import Failure
 
 from emojistream.children import child_environment, die_with_parent
 from emojistream.config import RedisAddress
-from emojistream.rankings import SCORE_KEY
 from emojistream.redisconn import RedisConnection
+from emojistream.vocabulary import DETAIL_CHANNEL_PREFIX, SCORE_CHANNEL, SCORE_KEY
 
 
 def find_redis_server() -> str:
@@ -234,6 +234,11 @@ class WeightedIds:
         return self._emoji[bisect(self._cumulative, point)]
 
 
+# As text, the way a feeder's Redis client takes channel names (the bytes sent are the same).
+_SCORE_CHANNEL = SCORE_CHANNEL.decode("ascii")
+_DETAIL_CHANNEL_PREFIX = DETAIL_CHANNEL_PREFIX.decode("ascii")
+
+
 class Feeder(MultiService):
     """Publishes synthetic hits to Redis at C{rate} per second, like the upstream feeder.
 
@@ -302,8 +307,8 @@ class Feeder(MultiService):
                 emoji = self._ids.draw()
                 for d in (
                     protocol.execute_command("ZINCRBY", SCORE_KEY, 1, emoji.id),
-                    protocol.publish("stream.score_updates", emoji.id),
-                    protocol.publish("stream.tweet_updates." + emoji.id,
+                    protocol.publish(_SCORE_CHANNEL, emoji.id),
+                    protocol.publish(_DETAIL_CHANNEL_PREFIX + emoji.id,
                                      self._tweets.tweet(emoji)),
                 ):
                     # A hit lost with the connection is simply not published.

@@ -9,7 +9,6 @@ connections are found through the index, never by scanning every connection.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -17,27 +16,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from emojistream.stream import Stream, SummaryStream
-
-#: Emoji IDs as they appear in detail paths and channel names: 1F1FA-1F1F8, 2665...
-ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+from emojistream.vocabulary import POOLS, lineage
 
 #: Keepalive ticks per keepalive interval: the finer, the closer an idle stream's
 #: keepalives come to one per interval (here one per 4/5 of it), never more apart.
 KEEPALIVE_TICKS = 5
-
-#: The pools the admin cluster and graphite count, by stream kind.
-POOLS = ("eps", "raw", "detail", "kiosk")
-
-
-def lineage(namespace: str) -> list[str]:
-    """The namespace and its ancestors at C{/} boundaries, most specific first."""
-    chain = [namespace]
-    cut = namespace.rfind("/")
-    while cut > 0:
-        namespace = namespace[:cut]
-        chain.append(namespace)
-        cut = namespace.rfind("/")
-    return chain
 
 
 def _add_counts(counts: dict[str, int], stream: Stream) -> None:

@@ -19,10 +19,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from emojistream.hub import ID_PATTERN
+from emojistream.vocabulary import ID_PATTERN, SCORE_KEY
 
-#: The sorted set of all-time scores (member: unified ID, score: hits).
-SCORE_KEY = "emojitrack_score"
 #: Seconds one read serves every request for.
 CACHE_SECONDS = 1.0
 #: Entries one answer holds at most (and the default); emojitracker tracks about 850.

@@ -32,9 +32,9 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
-from emojistream.hub import lineage
 from emojistream.sse import encode_event
 from emojistream.summarizer import summary_frame
+from emojistream.vocabulary import EPS_NAMESPACE, lineage
 
 #: What an event costs in a buffer besides its frame's bytes (the bytes object, the
 #: entry tuple, its time and sequence objects, the deque slot), as tracemalloc
@@ -49,8 +49,6 @@ MAX_NAMESPACES = 20_000
 MAX_FLOORS = 20_000
 #: Buffers written to lately that one new namespace spares at most before one goes.
 MAX_SPARED = 64
-#: The namespace of score summaries.
-SUMMARY_NAMESPACE = "/eps"
 
 _ID = re.compile(r"([0-9a-f]{8})-([0-9]{1,18})")
 
@@ -153,7 +151,7 @@ class Journal:
         """The next score summary, encoded with its ID; its counts are kept for replay."""
         self._sequence = sequence = self._sequence + 1
         frame = summary_frame(counts, self._id_line(sequence))
-        self._keep(SUMMARY_NAMESPACE, sequence, counts,
+        self._keep(EPS_NAMESPACE, sequence, counts,
                    len(frame) * SUMMARY_FACTOR + ENTRY_OVERHEAD)
         return frame
 
@@ -271,7 +269,7 @@ class Journal:
         if gap is not None:
             return self._gap(gap)
         missed = list(_after(buffers, sequence))
-        if namespace == SUMMARY_NAMESPACE:
+        if namespace == EPS_NAMESPACE:
             frames = self._catch_up(missed)
         else:
             frames = [frame for _, _, frame, _ in missed]

@@ -7,18 +7,21 @@ import re
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from emojistream.hub import ID_PATTERN, Hub
+from emojistream.hub import Hub
 from emojistream.metrics import DeliveryDelays
 from emojistream.replay import Journal
 from emojistream.sse import encode_event
 from emojistream.stream import Batcher
 from emojistream.summarizer import ScoreSummarizer
-
-SCORE_CHANNEL = b"stream.score_updates"
-DETAIL_PREFIX = b"stream.tweet_updates."
-DETAIL_PATTERN = DETAIL_PREFIX + b"*"
-KIOSK_PREFIX = b"stream.interaction."
-KIOSK_PATTERN = KIOSK_PREFIX + b"*"
+from emojistream.vocabulary import (
+    DETAIL_CHANNEL_PREFIX,
+    DETAIL_NAMESPACE_PREFIX,
+    ID_PATTERN,
+    KIOSK_CHANNEL_PREFIX,
+    KIOSK_NAMESPACE,
+    RAW_NAMESPACE,
+    SCORE_CHANNEL,
+)
 
 
 def valid_utf8(payload: bytes) -> bytes:
@@ -107,7 +110,7 @@ class Router:
         frames, self._raw_later = self._raw_later, None
         try:
             for frame in frames or ():
-                self._hub.publish("/raw", frame)
+                self._hub.publish(RAW_NAMESPACE, frame)
         finally:
             if self._batcher is not None:
                 self._batcher.end_round()
@@ -131,9 +134,9 @@ class Router:
         elif len(payload) > self._max_payload:
             self.dropped += 1
             self.oversized += 1
-        elif channel.startswith(DETAIL_PREFIX):
+        elif channel.startswith(DETAIL_CHANNEL_PREFIX):
             self.detail(channel, payload)
-        elif self._kiosk_stream and channel.startswith(KIOSK_PREFIX):
+        elif self._kiosk_stream and channel.startswith(KIOSK_CHANNEL_PREFIX):
             self.kiosk(channel, payload)
         else:
             self.dropped += 1
@@ -153,15 +156,15 @@ class Router:
             return
         self._summarizer.hit(emoji_id)
         if self._raw_stream:
-            frame = self._frame("/raw", payload)
+            frame = self._frame(RAW_NAMESPACE, payload)
             if self._raw_later is not None:
                 self._raw_later.append(frame)
             else:
-                self._hub.publish("/raw", frame)
+                self._hub.publish(RAW_NAMESPACE, frame)
 
     def detail(self, channel: bytes, payload: bytes) -> None:
         """A detail update, for C{/details/<ID>} and its ancestors, named by its channel."""
-        emoji_id = self._emoji_id(channel[len(DETAIL_PREFIX):])
+        emoji_id = self._emoji_id(channel[len(DETAIL_CHANNEL_PREFIX):])
         if emoji_id is None:
             return
         if self._clock is not None:
@@ -170,7 +173,7 @@ class Router:
                 self._details_in_read += 1
             else:
                 self._published_in_read.append(published)
-        self._publish("/details/" + emoji_id, valid_utf8(payload), channel)
+        self._publish(DETAIL_NAMESPACE_PREFIX + emoji_id, valid_utf8(payload), channel)
 
     def kiosk(self, channel: bytes, payload: bytes) -> None:
         """A kiosk interaction, for C{/kiosk_interaction}, named by its channel (made
@@ -178,7 +181,7 @@ class Router:
         if b"\n" in channel or b"\r" in channel:
             self.dropped += 1
             return
-        self._publish("/kiosk_interaction", valid_utf8(payload), valid_utf8(channel))
+        self._publish(KIOSK_NAMESPACE, valid_utf8(payload), valid_utf8(channel))
 
     def _publish(self, namespace: str, data: bytes, event: bytes) -> None:
         self._hub.publish(namespace, self._frame(namespace, data, event))

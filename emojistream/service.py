@@ -23,7 +23,7 @@ from emojistream.config import RedisAddress, Settings
 from emojistream.demo import EmbeddedRedis, Feeder, find_redis_server, free_port, load_rankings
 from emojistream.endpoints import with_backlog
 from emojistream.http import ConnectionGate, PerAddressRate, QuietSite
-from emojistream.hub import KEEPALIVE_TICKS, POOLS, Hub
+from emojistream.hub import KEEPALIVE_TICKS, Hub
 from emojistream.lifecycle import (
     Drain,
     ExitOnStartupError,
@@ -46,12 +46,20 @@ from emojistream.reporting import (
     UdpCarbon,
     carbon_prefix,
 )
-from emojistream.router import DETAIL_PATTERN, KIOSK_PATTERN, SCORE_CHANNEL, Router
+from emojistream.router import Router
 from emojistream.sse import KEEPALIVE
 from emojistream.status import StatusReport
 from emojistream.stream import Batcher
 from emojistream.summarizer import RATE, ScoreSummarizer, Ticker
 from emojistream.tls import harden
+from emojistream.vocabulary import (
+    DETAIL_PATTERN,
+    EPS_NAMESPACE,
+    KIOSK_PATTERN,
+    POOLS,
+    SCORE_CHANNEL,
+    Kind,
+)
 from emojistream.web import AdminRoutes, Health, Root, StreamRoutes, client_ip_of
 from emojistream.workers import ParentLink, worker_number
 
@@ -165,7 +173,7 @@ class Emojistream:
                                    max_age=settings.replay_age,
                                    max_bytes=settings.replay_bytes)
         self.summarizer = ScoreSummarizer(
-            lambda counts, frame: self.hub.publish_summary("/eps", frame, counts),
+            lambda counts, frame: self.hub.publish_summary(EPS_NAMESPACE, frame, counts),
             **({} if self.journal is None else {"encode": self.journal.summary}))
         # What one read from Redis brings leaves in one write per client at its end;
         # with the latency budget, everything waits for the tick.
@@ -340,7 +348,7 @@ class Emojistream:
 
     def _gauges(self) -> dict[str, float]:
         sizes = self.hub.pool_sizes()
-        pools = POOLS if self.settings.kiosk_stream else tuple(p for p in POOLS if p != "kiosk")
+        pools = [p for p in POOLS if p is not Kind.KIOSK or self.settings.kiosk_stream]
         return {f"stream.{pool}.clients": sizes[pool] for pool in pools}
 
     def _counters(self) -> dict[str, float]:

@@ -31,7 +31,7 @@ from werkzeug.routing import RequestRedirect
 from emojistream.cluster import ClusterUnavailable, ClusterView
 from emojistream.config import Settings
 from emojistream.http import PerAddressRate, plain_ip
-from emojistream.hub import ID_PATTERN, Hub
+from emojistream.hub import Hub
 from emojistream.lifecycle import Drain
 from emojistream.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from emojistream.rankings import MAX_LIMIT, Rankings, RankingsUnavailable, parse_limit
@@ -39,6 +39,19 @@ from emojistream.replay import Journal, Resume
 from emojistream.sse import encode_retry
 from emojistream.status import StatusReport
 from emojistream.stream import Batcher, Stream, SummaryStream
+from emojistream.vocabulary import (
+    DETAIL_NAMESPACE_PREFIX,
+    DETAILS_NAMESPACE,
+    EPS_NAMESPACE,
+    ID_PATTERN,
+    ID_RULE,
+    KIOSK_NAMESPACE,
+    RAW_NAMESPACE,
+    SCORE_KINDS,
+    SUBSCRIBE,
+    Kind,
+    detail_namespace,
+)
 from emojistream.writers import ChunkFramer
 
 SSE_HEADERS = (
@@ -177,10 +190,7 @@ def _with_error_handlers(app: Klein) -> Klein:
     return app
 
 
-_BAD_ID = "400 Bad Request: an ID is 1 to 64 letters, digits, '-' or '_'"
-
-#: Stream kinds whose forced-refresh settings are the score ones; others use detail ones.
-SCORE_KINDS = frozenset({"eps", "raw"})
+_BAD_ID = "400 Bad Request: an ID is " + ID_RULE
 
 
 class StreamRoutes:
@@ -243,33 +253,33 @@ class StreamRoutes:
 
     # -- streams -----------------------------------------------------------
 
-    @app.route("/subscribe/eps", methods=["GET"])
+    @app.route(SUBSCRIBE + EPS_NAMESPACE, methods=["GET"])
     def eps(self, request: Request) -> Any:
-        return self._stream(request, "/eps", "eps")
+        return self._stream(request, EPS_NAMESPACE, Kind.EPS)
 
-    @app.route("/subscribe/raw", methods=["GET"])
+    @app.route(SUBSCRIBE + RAW_NAMESPACE, methods=["GET"])
     def raw(self, request: Request) -> Any:
         if not self._settings.raw_stream:
             return _text(request, 404, "404 Not Found: the raw stream is disabled here")
-        return self._stream(request, "/raw", "raw")
+        return self._stream(request, RAW_NAMESPACE, Kind.RAW)
 
-    @app.route("/subscribe/details", methods=["GET"])
+    @app.route(SUBSCRIBE + DETAILS_NAMESPACE, methods=["GET"])
     def all_details(self, request: Request) -> Any:
-        return self._stream(request, "/details", "detail")
+        return self._stream(request, DETAILS_NAMESPACE, Kind.DETAIL)
 
-    @app.route("/subscribe/details/<path:emoji_id>", methods=["GET"])
+    @app.route(SUBSCRIBE + DETAIL_NAMESPACE_PREFIX + "<path:emoji_id>", methods=["GET"])
     def details(self, request: Request, emoji_id: str) -> Any:
         if not ID_PATTERN.fullmatch(emoji_id):
             return _text(request, 400, _BAD_ID)
-        return self._stream(request, "/details/" + emoji_id, "detail", tag=emoji_id)
+        return self._stream(request, detail_namespace(emoji_id), Kind.DETAIL, tag=emoji_id)
 
-    @app.route("/subscribe/kiosk_interaction", methods=["GET"])
+    @app.route(SUBSCRIBE + KIOSK_NAMESPACE, methods=["GET"])
     def kiosk(self, request: Request) -> Any:
         if not self._settings.kiosk_stream:
             return _text(request, 404, "404 Not Found")
-        return self._stream(request, "/kiosk_interaction", "kiosk")
+        return self._stream(request, KIOSK_NAMESPACE, Kind.KIOSK)
 
-    def _stream(self, request: Request, namespace: str, kind: str,
+    def _stream(self, request: Request, namespace: str, kind: Kind,
                 tag: str | None = None) -> Any:
         settings = self._settings
         if request.method == b"HEAD":
@@ -299,11 +309,11 @@ class StreamRoutes:
         self._stream_headers(request)
         if resume is not None and resume.gap is not None:
             request.setHeader(b"X-Sse-Gap", resume.gap.encode("ascii"))
-        stream = (SummaryStream if kind == "eps" else Stream)(
+        stream = (SummaryStream if kind is Kind.EPS else Stream)(
             request,
             namespace=namespace,
             kind=kind,
-            request_path="/subscribe" + namespace,
+            request_path=SUBSCRIBE + namespace,
             created_at=self._clock.seconds(),
             client_ip=client_ip,
             user_agent=(request.getHeader(b"user-agent") or b"").decode("utf-8", "replace"),
@@ -376,14 +386,14 @@ class StreamRoutes:
 
     @app.route("/subscribe/cleanup/scores", methods=["POST"])
     def cleanup_scores(self, request: Request) -> bytes:
-        closed = self._close_callers(request, ("/eps", "/raw"))
+        closed = self._close_callers(request, (EPS_NAMESPACE, RAW_NAMESPACE))
         return _json(request, {"status": "OK", "closed": closed})
 
     @app.route("/subscribe/cleanup/details/<path:emoji_id>", methods=["POST"])
     def cleanup_details(self, request: Request, emoji_id: str) -> bytes:
         if not ID_PATTERN.fullmatch(emoji_id):
             return _text(request, 400, _BAD_ID)
-        closed = self._close_callers(request, ("/details/" + emoji_id,))
+        closed = self._close_callers(request, (detail_namespace(emoji_id),))
         return _json(request, {"status": "OK", "closed": closed})
 
     def _close_callers(self, request: Request, namespaces: tuple[str, ...]) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from emojistream.hub import Hub, lineage
+from emojistream.hub import Hub
 
 
 class FakeStream:
@@ -28,12 +28,6 @@ class FakeStream:
 
     def keepalive(self, frame: bytes, tick: int, idle_ticks: int) -> None:
         self.frames.append(frame)
-
-
-def test_lineage_stops_at_slash_boundaries():
-    assert lineage("/details/2665") == ["/details/2665", "/details"]
-    assert lineage("/eps") == ["/eps"]
-    assert lineage("/a/b/c") == ["/a/b/c", "/a/b", "/a"]
 
 
 def test_publish_reaches_the_namespace_and_its_ancestors_only():
