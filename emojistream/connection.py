@@ -25,7 +25,8 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -81,48 +82,58 @@ class _ObservedEndpoint:
         return d.addErrback(failed)
 
 
-@implementer(ILogObserver)
-class _Discard:
-    def __call__(self, event: Any) -> None:
-        pass
+class _Watched(ProtocolWrapper):
+    """Wraps one of the owner's protocols and, once that protocol has handled the
+    end of its connection, tells the factory."""
+
+    factory: _NotifyingFactory
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        protocol = self.wrappedProtocol
+        try:
+            super().connectionLost(reason)
+        finally:
+            self.factory.lost(protocol)
 
 
-class _QuietClientService(ClientService):
-    """C{ClientService} without its log line per retry: L{KeptConnection} logs changes."""
+class _Building(Factory):
+    """Builds the owner's protocols with the owner's callable."""
 
-    _log = Logger(observer=_Discard())
+    noisy = False
+
+    def __init__(self, build: Callable[[], Protocol]) -> None:
+        self._build = build
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        protocol = self._build()
+        protocol.factory = self
+        return protocol
 
 
-class _NotifyingFactory(Factory):
-    """Builds the owner's protocols, remembers the latest, and tells the owner when
-    one's connection ends.
+class _NotifyingFactory(WrappingFactory):
+    """Builds the owner's protocols (each wrapped in a L{_Watched}), remembers the
+    latest, and tells the owner when one's connection ends.
 
     C{ClientService} hands C{prepareConnection} a proxy of the protocol, not the
     protocol: L{latest} is the protocol itself, the one whose loss is reported.
     """
 
+    protocol = _Watched
     noisy = False
 
     def __init__(self, build: Callable[[], Protocol], on_lost: Callable[[Any], None]) -> None:
-        self._build = build
+        super().__init__(_Building(build))
         self._on_lost = on_lost
-        self.latest: Protocol | None = None
+        self.latest: Any = None
 
-    def buildProtocol(self, addr: Any) -> Protocol:
-        protocol = self._build()
-        protocol.factory = self
-        lost = protocol.connectionLost
-        on_lost = self._on_lost
+    def buildProtocol(self, addr: Any) -> ProtocolWrapper:
+        wrapper = super().buildProtocol(addr)
+        self.latest = wrapper.wrappedProtocol
+        return wrapper
 
-        def connection_lost(reason: Failure = connectionDone) -> None:
-            try:
-                lost(reason)
-            finally:
-                on_lost(protocol)
-
-        protocol.connectionLost = connection_lost  # type: ignore[method-assign]
-        self.latest = protocol
-        return protocol
+    def lost(self, protocol: Any) -> None:
+        """C{protocol}'s connection has ended (and C{protocol} has been told)."""
+        self._on_lost(protocol)
 
 
 class KeptConnection(Service):
@@ -174,9 +185,13 @@ class KeptConnection(Service):
         self._flapping = False
         self._loss_reason = ""
         self._stable: IDelayedCall | None = None
+        # The prepare step in progress (None once it has ended either way).
+        self._preparing: Deferred[None] | None = None
         self._waiting: list[tuple[str, Deferred[None]]] = []
         self._factory = _NotifyingFactory(build, self._lost)
-        self._client = _QuietClientService(
+        # Twisted's ClientService logs its own line per retry, at info level; the
+        # warnings here say what changed (down, flapping, refused) once per change.
+        self._client = ClientService(
             _ObservedEndpoint(endpoint, self._failed), self._factory,
             retryPolicy=self._delay, clock=clock, prepareConnection=self._ready,
         )
@@ -224,7 +239,9 @@ class KeptConnection(Service):
 
         Never fails: a failed C{prepare} closes the connection, and C{ClientService}
         then retries as for any lost connection (a failure here would leave it with
-        a connection it does not know how to lose).
+        a connection it does not know how to lose). Ends by the deadline or with the
+        connection at the latest, whatever C{prepare} does: C{ClientService} cannot
+        lose a connection it is still preparing.
         """
         protocol = self._factory.latest
         self._current = protocol
@@ -233,6 +250,8 @@ class KeptConnection(Service):
         deadline = self._clock.callLater(self._prepare_timeout, self._too_slow, protocol)
 
         def done(_: object) -> None:
+            if self._preparing is d:
+                self._preparing = None
             if deadline.active():
                 deadline.cancel()
             if self.state == "stopped" or self._current is not protocol:
@@ -245,6 +264,8 @@ class KeptConnection(Service):
             self._set_state("up")
 
         def failed(reason: Failure) -> None:
+            if self._preparing is d:
+                self._preparing = None
             if deadline.active():
                 deadline.cancel()
             if self._current is protocol:
@@ -254,13 +275,20 @@ class KeptConnection(Service):
                     transport.abortConnection()
 
         d: Deferred[None] = maybeDeferred(self._prepare, protocol)
+        self._preparing = d
         return d.addCallbacks(done, failed)
 
     def _too_slow(self, protocol: Any) -> None:
         if self._current is protocol and protocol.transport is not None:
             self._down(f"{self.description} did not answer within "
                        f"{self._prepare_timeout:g} s")
+            self._give_up_preparing()
             protocol.transport.abortConnection()
+
+    def _give_up_preparing(self) -> None:
+        preparing, self._preparing = self._preparing, None
+        if preparing is not None:
+            preparing.cancel()
 
     def _now_stable(self) -> None:
         self._stable = None
@@ -291,6 +319,7 @@ class KeptConnection(Service):
         if protocol is not self.protocol:
             # Lost while logging in: _ready's failure, or _too_slow, said why.
             self._down(f"{self.description} was lost while connecting")
+            self._give_up_preparing()
             return
         self.protocol = None
         self.losses += 1

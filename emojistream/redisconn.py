@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import txredisapi
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 
 from emojistream.config import RedisAddress
 from emojistream.connection import KeptConnection, backoff
@@ -93,7 +93,10 @@ class RedisConnection(KeptConnection):
         select_db: bool = True,
         retry_policy: Callable[[int], float] = backoff,
         heartbeat: float = HEARTBEAT,
+        endpoint: IStreamClientEndpoint | None = None,
     ) -> None:
+        """@param endpoint: where to connect (default: C{address} over TCP); tests
+            give an in-memory one."""
         self.address = address
         self._heartbeat = heartbeat
         self._beating: IDelayedCall | None = None
@@ -104,7 +107,8 @@ class RedisConnection(KeptConnection):
         self._prepare_more = prepare
 
         super().__init__(
-            HostnameEndpoint(reactor, address.host, address.port, timeout=5),
+            endpoint if endpoint is not None
+            else HostnameEndpoint(reactor, address.host, address.port, timeout=5),
             # Replies as the bytes Redis sent: no decoding, no number conversion.
             lambda: build(charset=None, convertNumbers=False),
             clock=reactor, name=f"Redis {purpose} connection to {address}",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import pytest_twisted
 import txredisapi
 
@@ -113,49 +112,6 @@ async def test_a_wrong_password_is_reported_not_fatal():
 
 
 @pytest_twisted.ensureDeferred
-async def test_unreachable_redis_is_logged_once_not_once_per_retry():
-    from twisted.internet import reactor
-    from twisted.internet.defer import Deferred
-    from twisted.logger import globalLogPublisher
-
-    from emojistream.config import parse_redis_url
-    from emojistream.demo import free_port
-    from emojistream.redisfeed import RedisFeed
-
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    attempts: list[int] = []
-    sixth: Deferred[None] = Deferred()
-
-    def quick_retries(attempt: int) -> float:
-        attempts.append(attempt)
-        if attempt == 6:
-            # Not from inside ClientService's own transition.
-            reactor.callLater(0, sixth.callback, None)
-        return 0.01
-
-    from emojistream.hub import Hub
-    from emojistream.router import Router
-    from emojistream.summarizer import ScoreSummarizer
-
-    router = Router(Hub(), ScoreSummarizer(lambda counts, frame: None), raw_stream=False)
-    feed = RedisFeed(parse_redis_url(f"redis://127.0.0.1:{free_port()}"), router,
-                     reactor=reactor, channels=(b"c",), patterns=(),
-                     retry_policy=quick_retries)
-    feed.startService()
-    try:
-        await within(sixth)
-    finally:
-        await feed.stopService()
-        globalLogPublisher.removeObserver(events.append)
-    mine = [e for e in events if e.get("log_namespace", "").startswith("emojistream")]
-    assert attempts[:6] == [1, 2, 3, 4, 5, 6]
-    assert len(mine) == 1, mine
-    assert "unreachable" in mine[0]["message"]
-    assert not [e for e in events if "Scheduling retry" in e.get("log_format", "")]
-
-
-@pytest_twisted.ensureDeferred
 async def test_redis_killed_under_100_clients_and_back_3_s_later(daemon, client, redis_server):
     from twisted.internet import reactor
     from twisted.internet.task import deferLater
@@ -247,87 +203,6 @@ async def test_a_subscriber_dropped_at_the_pubsub_buffer_limit_is_noticed(
     await within(feed.when_state("up"))
     assert feed.losses >= 1
     assert [line for line in logs.ours() if "was lost" in line]
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_stuck_redis_peer_is_detected_and_left_for_a_working_one(
-        redis_server, publisher, logs):
-    """The path to Redis wedges (data no longer passes, new connections are accepted
-    and never answered), then recovers: status leaves OK within 15 s, the daemon is
-    subscribed and OK within 15 s of the recovery, and the loss is one log line."""
-    import time
-
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    from tcpproxy import StuckableProxy
-
-    proxy = StuckableProxy(redis_server.port)
-    port = await proxy.start()
-    try:
-        env = {"REDIS_URL": f"redis://127.0.0.1:{port}"}
-        async with running(env) as (d, c):
-            feed = d.app.feed
-            _, reader = await c.stream("/subscribe/details/2665")
-            proxy.wedge()
-            wedged = time.monotonic()
-            await within(feed.when_state("down"), 15)
-            assert time.monotonic() - wedged < 15
-            _code, body = await status(c)
-            assert body["status"] != "OK"
-            # The peer stays wedged a while: reconnections meet it and time out.
-            await deferLater(reactor, 6, lambda: None)
-            proxy.recover()
-            recovered = time.monotonic()
-            await within(feed.when_state("up"), 15)
-            assert time.monotonic() - recovered < 15
-            _code, body = await status(c)
-            assert body["status"] == "OK"
-            await publisher.publish("stream.tweet_updates.2665", "after")
-            await reader.wait_events(1)
-            assert [e.data for e in reader.events] == ["after"]
-    finally:
-        await proxy.stop()
-    warnings = [line for line in logs.ours() if "retrying" in line and "subscriber" in line]
-    assert len(warnings) == 1, warnings
-    assert "PING" in warnings[0]
-    assert not logs.failures()
-
-
-
-def test_a_wrong_password_for_15_s_logs_a_line_per_connection_and_no_traceback(
-        redis_server_with_password):
-    """The daemon as operators run it, with the admin report's second connection."""
-    import time
-
-    from daemonproc import TwistdProcess
-
-    url = f"redis://:wrong@127.0.0.1:{redis_server_with_password.port}"
-    proc = TwistdProcess("emojistream", "--listen", "tcp:0:interface=127.0.0.1",
-                         "--redis", url, "--admin-report")
-    try:
-        proc.port()
-        started = len(proc.lines)
-        # The scenario: 15 s of refused logins (a retry every 5 s at most).
-        time.sleep(15)
-    finally:
-        assert proc.terminate() == 0
-    during = proc.lines[started:]
-    refused = [line for line in during if "was refused" in line]
-    assert len(refused) == 2, proc.log()  # one per connection: subscriber, command
-    assert all("WRONGPASS" in line for line in refused)
-    assert "Traceback" not in proc.log() and "NoTransition" not in proc.log()
-    assert len(during) <= 10, proc.log()
-
-
-@pytest.fixture
-def redis_server_with_password():
-    server = RedisProcess(extra_args=("--requirepass", "right"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest_twisted.ensureDeferred

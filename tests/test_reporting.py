@@ -4,7 +4,6 @@ read by real TCP and UDP sockets)."""
 from __future__ import annotations
 
 import json
-from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -12,7 +11,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
 from conftest import running
@@ -335,35 +334,6 @@ async def test_carbon_tcp_connection_comes_back_after_the_server_restarts(redis_
         await port.stopListening()
     assert sink.at(start + 20) == {}
     assert len(servers) == 2
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_carbon_peer_that_accepts_and_closes_is_retried_with_growing_backoff(
-        redis_server, logs):
-    accepted: list[float] = []
-
-    class Hangup(Protocol):
-        def connectionMade(self) -> None:
-            accepted.append(reactor.seconds())
-            self.transport.loseConnection()
-
-    port = reactor.listenTCP(0, Factory.forProtocol(Hangup), interface="127.0.0.1")
-    env = {"REDIS_URL": redis_server.url,
-           "GRAPHITE_URL": f"tcp://127.0.0.1:{port.getHost().port}"}
-    try:
-        async with running(env):
-            # The scenario: 3 s of a relay that hangs up on every connection.
-            await deferLater(reactor, 3, lambda: None)
-    finally:
-        await port.stopListening()
-    # Backoff doubling from 0.1 s: about 6 connections in 3 s (it was ~40).
-    assert 2 <= len(accepted) <= 8, accepted
-    gaps = [b - a for a, b in pairwise(accepted)]
-    assert gaps[-1] > gaps[0]
-    carbon = [line for line in logs.ours() if "Carbon connection" in line]
-    assert len(carbon) <= 4, carbon
-    assert len([line for line in carbon if "after it opened" in line]) == 1
-    assert not logs.failures()
 
 
 def test_a_carbon_relay_that_stops_reading_costs_no_memory_and_does_not_hold_up_stop(
