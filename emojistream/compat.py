@@ -1,4 +1,5 @@
-"""What this daemon reads of Twisted's private HTTP/2 implementation, in one place.
+"""What this daemon reads of Twisted's private API, in one place: its HTTP/2
+implementation's queues, and the logger of C{ClientService}.
 
 Twisted's C{H2Connection} pauses a stream's producer only when that stream's HTTP/2
 flow-control window is used up, never when the socket below is full: a client that
@@ -17,9 +18,29 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from twisted.application.internet import ClientService
+from twisted.logger import ILogObserver, Logger
 from twisted.web._http2 import H2Stream
+from zope.interface import implementer
 
-__all__ = ["H2Stream", "h2_outbound_queue", "is_h2_stream"]
+__all__ = ["H2Stream", "QuietClientService", "h2_outbound_queue", "is_h2_stream"]
+
+
+@implementer(ILogObserver)
+class _Discard:
+    def __call__(self, event: Any) -> None:
+        pass
+
+
+class QuietClientService(ClientService):
+    """C{ClientService} without its info line per retry ("Scheduling retry N to
+    connect ..."): a kept connection logs once per change of state instead.
+
+    Assumed of Twisted (tested): C{ClientService} logs through its class attribute
+    C{_log}, which it hands to its state machine; there is no public way to quiet it.
+    """
+
+    _log = Logger(observer=_Discard())
 
 
 def is_h2_stream(transport: object) -> bool:

@@ -15,7 +15,6 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import (
@@ -29,6 +28,8 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from emojistream.compat import QuietClientService
 
 INITIAL_DELAY = 0.1
 MAX_DELAY = 5.0
@@ -189,9 +190,9 @@ class KeptConnection(Service):
         self._preparing: Deferred[None] | None = None
         self._waiting: list[tuple[str, Deferred[None]]] = []
         self._factory = _NotifyingFactory(build, self._lost)
-        # Twisted's ClientService logs its own line per retry, at info level; the
-        # warnings here say what changed (down, flapping, refused) once per change.
-        self._client = ClientService(
+        # The warnings here say what changed (down, flapping, refused) once per change,
+        # not once per retry.
+        self._client = QuietClientService(
             _ObservedEndpoint(endpoint, self._failed), self._factory,
             retryPolicy=self._delay, clock=clock, prepareConnection=self._ready,
         )

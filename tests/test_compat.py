@@ -174,3 +174,35 @@ def test_a_reset_stream_loses_its_queue():
     channel.abortConnection()
     assert channel.streamID not in queues(pair)
     assert h2_outbound_queue(channel) is None
+
+
+def test_client_service_logs_its_retries_through_its_class_logger() -> None:
+    """QuietClientService quiets ClientService's line per retry by replacing its class
+    attribute _log: Twisted must still log retries through it (and only through it)."""
+    from twisted.application.internet import ClientService
+    from twisted.internet.defer import fail
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.task import Clock
+    from twisted.logger import Logger, globalLogPublisher
+
+    from emojistream.compat import QuietClientService
+
+    class Refused:
+        def connect(self, factory: object) -> object:
+            return fail(ConnectionRefusedError())
+
+    assert isinstance(ClientService.__dict__["_log"], Logger)
+    for service_type, retries_logged in ((ClientService, True), (QuietClientService, False)):
+        seen: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(seen.append)
+        clock = Clock()
+        try:
+            service = service_type(Refused(), Factory.forProtocol(Protocol),
+                                   retryPolicy=lambda attempt: 1.0, clock=clock)
+            service.startService()
+            clock.advance(3.5)
+            service.stopService()
+        finally:
+            globalLogPublisher.removeObserver(seen.append)
+        logged = [e for e in seen if "Scheduling retry" in str(e.get("log_format"))]
+        assert bool(logged) is retries_logged, seen

@@ -290,6 +290,9 @@ def test_a_wrong_password_is_one_line_per_connection_and_no_traceback(events: An
     refused = ours(events, "was refused")
     assert len(refused) == 1 and "WRONGPASS" in refused[0][1]
     assert len(ours(events)) == 1
+    # Not a line per retry either, from anyone (Twisted's ClientService is quieted).
+    assert not [e for e in events if "Scheduling retry" in e.get("log_format", "")]
+    assert len(events) <= 10, [e.get("log_format") for e in events]
     assert not [e for e in events if "log_failure" in e]
     assert connection.state == "stopped"
 
