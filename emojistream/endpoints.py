@@ -183,3 +183,15 @@ def numbered(description: str, number: int) -> str:
             return join_endpoint(prefix, args, kwargs)
     raise ValueError(f"{description!r} cannot give each worker its own endpoint; use "
                      "tcp:PORT (worker i listens on PORT + i - 1) or unix:PATH (PATH.i)")
+
+
+def check_unshared(description: str) -> None:
+    """Raise OSError if another process listens on a C{reuseport:} description's port:
+    bound without C{SO_REUSEPORT}, a probe fails then, where the workers' own sockets
+    would silently join the other's group and split its traffic."""
+    _prefix, args, kwargs = split_endpoint(description)
+    interface = kwargs.get("interface", "")
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((interface, int(args[0])))

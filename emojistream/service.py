@@ -159,6 +159,7 @@ class Emojistream:
                  worker: int | None = None) -> None:
         clock = reactor if clock is None else clock
         self.settings = settings
+        self.worker = worker
         self.service = OrderedStop()
         self.core = MultiService()
         self.core.setServiceParent(self.service)
@@ -229,6 +230,11 @@ class Emojistream:
         # Stopping drains the streams; the web goes first (it stops in reverse order).
         self.drain = Drain(self.hub, clock=clock, period=settings.drain)
         self.drain.setServiceParent(self.service)
+        if self.admin_reporter is not None:
+            # Stopped once the listeners have closed, before the stop is announced and
+            # the drain begins: this node leaves the hashes before a --workers parent
+            # starts its replacement, which reports under the same name.
+            self.admin_reporter.setServiceParent(self.service)
         #: Who is told of the stop (systemd, a --workers parent): stopped once the
         #: listeners have closed and before the drain, so that a parent may start a
         #: replacement on the same ports at once.
@@ -248,10 +254,12 @@ class Emojistream:
                 self.embedded_redis = EmbeddedRedis(reactor, find_redis_server(), free_port())
                 self.embedded_redis.setServiceParent(self.core)
                 parent, address = self.embedded_redis, self.embedded_redis.address
-            # The embedded Redis starts empty: the feeder seeds its all-time scores.
-            self.feeder = Feeder(address, reactor=reactor, rate=settings.demo_rate,
-                                 seed=self.embedded_redis is not None)
-            self.feeder.setServiceParent(parent)
+            if self.worker in (None, 1):
+                # One feeder per tree (worker 1's), or --workers N would feed N times
+                # --demo-rate. The embedded Redis starts empty: it seeds the scores.
+                self.feeder = Feeder(address, reactor=reactor, rate=settings.demo_rate,
+                                     seed=self.embedded_redis is not None)
+                self.feeder.setServiceParent(parent)
         return address, parent
 
     def _rankings(self, clock: Any) -> Rankings | None:
@@ -279,9 +287,6 @@ class Emojistream:
         reporter = AdminReporter(connection, self.status.encoded, settings.node_name,
                                  summary=self.status.summary, clock=clock)
         self._timer(ADMIN_INTERVAL, reporter.report, clock, "Admin report")
-        # Beside core, added before the drain: its stop (which takes this node out of
-        # the hashes) follows the drain's and precedes its connection's.
-        reporter.setServiceParent(self.service)
         return reporter
 
     def _carbon(self, reactor: Any, clock: Any) -> None:

@@ -89,6 +89,14 @@ class Worker:
     def pid(self) -> int:
         return self.handle.pid if self.handle is not None else 0
 
+    def shift(self, seconds: float, now: float) -> None:
+        """Move its clocks C{seconds} on (to C{now} at most): a stall of the parent's
+        own is not counted against it."""
+        for name in ("started", "heard", "stopping_since", "told_at"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, min(value + seconds, now))
+
 
 class _Events:
     """Binds the launcher's reports of one worker to the supervisor."""
@@ -116,6 +124,8 @@ class Supervisor(Service):
     log = Logger()
     #: Seconds between the supervisor's looks at its workers.
     CHECK_INTERVAL = 0.5
+    #: A look this much later than the one before means the parent itself stalled.
+    STALL = 2.0
 
     def __init__(self, count: int, launcher: Launcher, *, clock: Any,
                  halt: Callable[[str], object], restart_delay: float = 0.5,
@@ -145,6 +155,7 @@ class Supervisor(Service):
         self._ready_waiters: list[Deferred[None]] = []
         self._checker = LoopingCall(self.check)
         self._checker.clock = clock
+        self._last_check: float | None = None
         self._reloading = False
         self.halted = ""
         #: Workers that ended and were started again, since start.
@@ -273,6 +284,16 @@ class Supervisor(Service):
     def check(self) -> None:
         """Replace workers that hang or never start; kill those that do not stop."""
         now = self._clock.seconds()
+        last, self._last_check = self._last_check, now
+        if last is not None and now - last > self.STALL:
+            # The parent itself did not run (stopped, or its loop stuck): the workers'
+            # heartbeats wait unread in their links. Judge them from now on.
+            self.log.warn("The parent did not run for {s:.1f} s; judging its workers "
+                          "from now", s=now - last)
+            stalled = now - last - self.CHECK_INTERVAL
+            for worker in [*self.current.values(), *self.leaving]:
+                worker.shift(stalled, now)
+            return
         for worker in list(self.current.values()) if self.running else ():
             if worker.stopping_since is not None or worker.killed_for:
                 continue

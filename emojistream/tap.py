@@ -7,13 +7,13 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, ClassVar
 
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
 from emojistream.config import SPECS, ConfigError, Settings, config_exit, resolve
-from emojistream.endpoints import numbered, shared_port
-from emojistream.lifecycle import ExitOnStartupError, Signals, exit_after_stop
+from emojistream.endpoints import check_unshared, numbered, shared_port
+from emojistream.lifecycle import ExitOnStartupError, Signals, StartupError, exit_after_stop
 from emojistream.notify import Notifier
 from emojistream.service import daemon
 from emojistream.supervisor import Supervisor
@@ -142,12 +142,29 @@ def worker_arguments(settings: Settings, given: Mapping[str, str | None], number
     return args
 
 
+class _SharedPortCheck(Service):
+    """Before any worker starts: the port the workers will share is not another
+    process's (another tree's workers would take them into their group silently)."""
+
+    def __init__(self, description: str) -> None:
+        self._description = description
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        try:
+            check_unshared(self._description)
+        except OSError as e:
+            raise StartupError(f"cannot listen on {self._description!r}: "
+                               f"{e.strerror or e}") from None
+
+
 def workers_daemon(settings: Settings, given: Mapping[str, str | None], reactor: Any,
                    environ: Mapping[str, str]) -> IService:
     """The parent of C{--workers N}: supervises the workers, alone tells systemd."""
     root = ExitOnStartupError()
     supervisor_signals = Signals(reactor)
     supervisor_signals.setServiceParent(root)
+    _SharedPortCheck(shared_port(settings.listen)).setServiceParent(root)
     launcher = ProcessLauncher(reactor, lambda n: worker_arguments(settings, given, n),
                                environ)
     supervisor = Supervisor(settings.workers, launcher, clock=reactor,

@@ -221,3 +221,21 @@ def test_ready_waits_for_every_worker_and_stop_kills_those_past_the_timeout():
     assert stopped.called
     clock.advance(60)
     assert len(launcher.started) == 2
+
+
+def test_a_stall_of_the_parents_own_is_not_blamed_on_its_workers():
+    supervisor, launcher, clock, _halts = started(2, hang_timeout=5)
+    for worker in launcher.started:
+        worker.ready()
+    beat_all(launcher, clock, 2)
+    # The parent stopped for 8 s (SIGSTOP): its checker runs once, late, before it has
+    # read the heartbeats waiting in the links.
+    clock.advance(8)
+    assert all(w.signals == [] for w in launcher.started) and len(launcher.started) == 2
+    beat_all(launcher, clock, 10)
+    assert all(w.signals == [] for w in launcher.started) and len(launcher.started) == 2
+    # A worker silent while the parent runs is still replaced.
+    first = launcher.started[0]
+    beat_all(launcher, clock, 6, skip=(first,))
+    assert first.signals == [signal.SIGCONT, signal.SIGTERM]
+    assert supervisor.restarts == 1

@@ -406,3 +406,73 @@ def test_a_killed_demo_daemon_takes_its_redis_server_with_it():
         wait_until(lambda: not pid_alive(redis[0]), 5, "redis-server outlived its daemon")
     finally:
         proc.terminate()
+
+
+def test_a_second_tree_on_the_same_port_is_refused_not_merged(tmp_path: Path, redis_server):
+    first = Tree(tmp_path, redis_server.url)
+    try:
+        first.wait_serving()
+        from daemonproc import twistd
+
+        result = twistd("-n", "--pidfile=", "emojistream", "--workers", "2", "--listen",
+                        f"tcp:{first.port}:interface=127.0.0.1", "--redis", redis_server.url)
+        out = result.stdout + result.stderr
+        assert result.returncode == 1, out
+        assert "Address already in use" in out and "Started worker" not in out, out
+        assert len(_backlogs(first.port)) == 2
+    finally:
+        assert first.end() == 0
+
+
+def test_with_demo_and_workers_one_worker_feeds(tmp_path: Path, redis_server):
+    tree = Tree(tmp_path, redis_server.url, "--demo")
+    try:
+        tree.wait_serving()
+        tree.proc.wait_for_lines(r"Redis subscriber connection .* is up", 2)
+        tree.proc.wait_for_line(r"Redis demo feeder connection .* is up")
+    finally:
+        assert tree.end() == 0
+    feeders = [line for line in tree.proc.lines if "demo feeder connection" in line
+               and "is up" in line]
+    assert len(feeders) == 1 and "worker-1 " in feeders[0], feeders
+
+
+def _hexists(redis_port: int, key: str, field: str) -> bool:
+    with socket.create_connection(("127.0.0.1", redis_port)) as redis:
+        redis.sendall(f"HEXISTS {key} {field}\r\n".encode())
+        return redis.recv(100) == b":1\r\n"
+
+
+def test_a_replaced_worker_leaves_the_cluster_view_before_its_replacement_reports(
+        tmp_path: Path, redis_server):
+    # A drain longer than a report interval: the replacement reports while the old
+    # worker still drains, and the old one's stop must not take that entry away.
+    tree = Tree(tmp_path, redis_server.url, "--admin-report", "--drain-sec", "9")
+    node = "twisted-development-tree-1"
+    streams = None
+    try:
+        workers = tree.wait_serving()
+        streams = ManyStreams(tree.port, "/subscribe/raw", 40)
+        streams.pump(streams.all_started, 30)
+        wait_until(lambda: _hexists(redis_server.port, "admin_stream_status", node), 15,
+                   "worker 1 never reported")
+        os.kill(workers[1], signal.SIGTERM)
+        tree.notify.wait_for(lambda m: "2 of 2 workers serving" in m and
+                             tree.workers().get(1) != workers[1], 15)
+        # The replacement is listed by its first report (an interval after its start),
+        # and stays listed through the old worker's drain and end.
+        wait_until(lambda: _hexists(redis_server.port, "admin_stream_status", node), 8,
+                   "the replacement is not listed")
+        seen = []
+        deadline = None
+        while deadline is None or time.monotonic() < deadline:
+            streams.pump(lambda: True, 1)
+            seen.append(_hexists(redis_server.port, "admin_stream_status", node))
+            if deadline is None and not pid_alive(workers[1]):
+                deadline = time.monotonic() + 2
+            time.sleep(0.05)
+        assert all(seen), seen
+    finally:
+        if streams is not None:
+            streams.close()
+        assert tree.end() == 0
