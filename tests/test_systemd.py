@@ -256,31 +256,39 @@ def _publish_when_subscribed(proc: TwistdProcess, redis_port: int,
     ([], "no socket was passed"),
 ])
 def test_a_systemd_endpoint_without_its_socket_is_a_one_line_error(activate, missing):
-    from daemonproc import TWISTD, repo_env
+    from daemonproc import TWISTD
 
     port = free_port()
     command = [a.format(port=port) for a in activate] + [
         TWISTD, "-n", "--pidfile=", "emojistream", "--listen", "systemd:domain=INET:index=0"]
     if activate:
         command[len(activate):len(activate)] = ["-E", "PYTHONPATH"]
+    code, out, lines = _run_to_its_end(command, port if activate else None)
+    # systemd-socket-activate's own lines aside, the daemon says one line.
+    assert code != 0 and "Traceback" not in out, out
+    assert len(lines) == 1 and missing in lines[0], out
+
+
+def _run_to_its_end(command: list[str], port: int | None) -> tuple[int, str, list[str]]:
+    """Run C{command} until it exits (under systemd-socket-activate when C{port} is
+    given: the first connection starts it); its exit status, its output, and the lines
+    that are not the tool's own."""
+    from daemonproc import repo_env
+
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=repo_env())
     try:
-        if activate:
+        if port is not None:
             _wait_listening(proc)
-            # systemd-socket-activate starts the command on the first connection.
             socket.create_connection(("127.0.0.1", port), timeout=10).close()
         out, _ = proc.communicate(timeout=30)
-
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    # systemd-socket-activate's own lines aside, the daemon says one line.
     lines = [line for line in out.strip().splitlines()
              if not line.startswith(("Communication attempt", "Execing "))]
-    assert proc.returncode != 0 and "Traceback" not in out, out
-    assert len(lines) == 1 and missing in lines[0], out
+    return proc.returncode, out, lines
 
 
 ANALYZE = shutil.which("systemd-analyze")
@@ -364,21 +372,10 @@ def test_a_systemd_domain_other_than_the_sockets_is_a_one_line_config_error():
     command = [ACTIVATE, "-l", listen_stream_on(port), "--fdname=http", "-E", "PYTHONPATH",
                TWISTD, "-n", "--pidfile=", "emojistream", "--listen",
                "systemd:domain=INET:index=0"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=repo_env())
-    try:
-        _wait_listening(proc)
-        socket.create_connection(("127.0.0.1", port), timeout=10).close()
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    lines = [line for line in out.strip().splitlines()
-             if not line.startswith(("Communication attempt", "Execing "))]
+    code, out, lines = _run_to_its_end(command, port)
     assert len(lines) == 1 and "Traceback" not in out, out
     assert "is AF_INET6" in lines[0] and lines[0].endswith("give domain=INET6"), out
-    assert proc.returncode == _restart_prevented(), out
+    assert code == _restart_prevented(), out
 
 
 def _restart_prevented() -> int:
