@@ -73,10 +73,14 @@ class Signals(Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         # Before anything listens, for a signal that comes while the daemon is starting
-        # (the stop then runs as soon as the reactor does), and again after the
-        # reactor's own handlers, which it installs as it starts.
+        # (the stop then runs as soon as the reactor does), and again right after the
+        # reactor's own handlers, which it installs "during startup": in that phase
+        # too, so that nothing runs between (the "after startup" calls include the
+        # start-up garbage collection, tens of milliseconds in which a SIGTERM would
+        # meet the reactor's handler and end the process killed by it).
         self._install()
-        self._reactor.callWhenRunning(self._install)
+        if not getattr(self._reactor, "running", False):
+            self._reactor.addSystemEventTrigger("during", "startup", self._install)
 
     def _install(self) -> None:
         signal.signal(signal.SIGTERM, self._stop)
