@@ -16,7 +16,7 @@ import socket
 import tempfile
 import time
 from bisect import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -24,13 +24,17 @@ from typing import Any
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import error as ierror
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from emojistream.children import child_environment, die_with_parent
 from emojistream.config import RedisAddress
+from emojistream.lifecycle import StartupError
 from emojistream.redisconn import RedisConnection
 from emojistream.vocabulary import DETAIL_CHANNEL_PREFIX, SCORE_CHANNEL, SCORE_KEY
 
@@ -98,24 +102,46 @@ class _RedisProcess(ProcessProtocol):
 class EmbeddedRedis(MultiService):
     """Runs a private redis-server; its child services start once it accepts connections.
 
-    Stopping the service stops the children first, then the Redis process.
+    Its executable and port are found when it starts, not when it is built (building
+    a daemon touches nothing): its clients connect through L{endpoint}, which goes to
+    wherever it listens. Stopping the service stops the children first, then the
+    Redis process.
     """
 
     log = Logger()
+    #: What its clients' log lines call it: its port is not known when they are built.
+    DESCRIPTION = "the embedded Redis"
 
-    def __init__(self, reactor: Any, executable: str, port: int) -> None:
+    def __init__(self, reactor: Any, *, find: Callable[[], str] = find_redis_server,
+                 pick_port: Callable[[], int] = free_port) -> None:
         super().__init__()
         self._reactor = reactor
-        self._executable = executable
-        self.address = RedisAddress(host="127.0.0.1", port=port)
+        self._find = find
+        self._pick_port = pick_port
+        self._executable: str | None = None
+        #: Where it listens, once started.
+        self.address: RedisAddress | None = None
+        #: Where its clients connect (refused until it has started).
+        self.endpoint: IStreamClientEndpoint = _EmbeddedEndpoint(self)
         self._process: _RedisProcess | None = None
         self._transport: Any = None
         #: The child's private working directory while it runs.
         self.directory: str | None = None
 
+    def privilegedStartService(self) -> None:
+        try:
+            self._executable = self._find()
+        except OSError as e:
+            raise StartupError(f"--demo: {e}") from None
+        self.address = RedisAddress(host="127.0.0.1", port=self._pick_port())
+        super().privilegedStartService()
+
     def startService(self) -> None:
         # Only mark running here; the children start from redis_ready().
         self.running = 1
+        if self.address is None or self._executable is None:
+            self.privilegedStartService()
+        assert self.address is not None and self._executable is not None
         self._process = _RedisProcess(self)
         self.directory = tempfile.mkdtemp(prefix="emojistream-redis-")
         args = redis_server_args(self._executable, self.address.port, self.directory)
@@ -161,6 +187,22 @@ class EmbeddedRedis(MultiService):
             return process.ended
 
         return children.addCallback(stop_redis)
+
+
+@implementer(IStreamClientEndpoint)
+class _EmbeddedEndpoint:
+    """Connects to an L{EmbeddedRedis} at the port it got when it started."""
+
+    def __init__(self, owner: EmbeddedRedis) -> None:
+        self._owner = owner
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
+        address = self._owner.address
+        if address is None:
+            return fail(ierror.ConnectionRefusedError("the embedded Redis has not started"))
+        endpoint = TCP4ClientEndpoint(self._owner._reactor, address.host, address.port,
+                                      timeout=5)
+        return endpoint.connect(protocolFactory)
 
 
 @dataclass(frozen=True)
@@ -257,7 +299,8 @@ class Feeder(MultiService):
     log = Logger()
 
     def __init__(self, address: RedisAddress, *, reactor: Any, rate: float,
-                 rng: random.Random | None = None, seed: bool = False) -> None:
+                 rng: random.Random | None = None, seed: bool = False,
+                 **connection: Any) -> None:
         super().__init__()
         self._reactor = reactor
         self._rate = rate
@@ -267,7 +310,7 @@ class Feeder(MultiService):
         self._tweets = TweetMaker(rng, reactor.seconds)
         self._seed = [str(part) for e in rankings for part in (e.score, e.id)] if seed else []
         self._connection = RedisConnection(address, reactor=reactor, purpose="demo feeder",
-                                           prepare=self._seed_scores)
+                                           prepare=self._seed_scores, **connection)
         self._connection.setServiceParent(self)
         timer = TimerService(self.TICK, self.tick)
         timer.clock = reactor

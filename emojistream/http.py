@@ -249,6 +249,10 @@ class ConnectionGate:
         #: Connections closed at once because they came as accepting paused.
         self.refused_at_limit = 0
 
+    def set_fd_limit(self, fd_limit: int | None) -> None:
+        """The process's open-file limit, once known (None: unlimited)."""
+        self._ceiling = None if fd_limit is None else max(1, fd_limit - self.MARGIN)
+
     def _may_log(self, kind: str) -> bool:
         now = self._clock.seconds() if self._clock is not None else 0.0
         last = self._logged.get(kind)

@@ -39,9 +39,10 @@ def raise_fd_limit(wanted: int) -> tuple[int, int]:
     return soft, hard
 
 
-def fit_fd_limit(max_streams: int) -> None:
+def fit_fd_limit(max_streams: int) -> int | None:
     """Raise the open-file limit to hold C{max_streams} streams (each is a socket) and
-    the descriptors everything else needs; warn if it cannot be."""
+    the descriptors everything else needs; warn if it cannot be. Returns the soft
+    limit now in force (None: unlimited)."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     reserve = FD_RESERVE if hard == resource.RLIM_INFINITY else fd_reserve(hard)
     wanted = max_streams + reserve
@@ -51,6 +52,7 @@ def fit_fd_limit(max_streams: int) -> None:
                  "so at most {fit} streams can be held (raise LimitNOFILE / ulimit -n, "
                  "or lower --max-streams)", soft=soft, n=max_streams, wanted=wanted,
                  fit=max(0, soft - reserve))
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 class Signals(Service):
@@ -147,10 +149,26 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def prepare_process(reactor: Any, max_streams: int) -> None:
-    """What a daemon process (twistd plugin or .tac) needs beyond its service tree."""
-    fit_fd_limit(max_streams)
-    reactor.callWhenRunning(freeze_startup_objects)
+class ProcessLimits(Service):
+    """What a daemon process (twistd plugin or .tac) sets in its process when it
+    starts, never when it is built: the open-file limit its streams need (told to
+    C{limit_found}, the connection gate), and the start-up objects frozen out of the
+    garbage collector's walks once the reactor runs."""
+
+    def __init__(self, reactor: Any, max_streams: int,
+                 limit_found: Callable[[int | None], object]) -> None:
+        self._reactor = reactor
+        self._max_streams = max_streams
+        self._limit_found = limit_found
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        # Before anything listens: the listeners' sockets count against it.
+        self._limit_found(fit_fd_limit(self._max_streams))
+
+    def startService(self) -> None:
+        super().startService()
+        self._reactor.callWhenRunning(freeze_startup_objects)
 
 
 class StartupError(Exception):

@@ -94,9 +94,11 @@ class RedisConnection(KeptConnection):
         retry_policy: Callable[[int], float] = backoff,
         heartbeat: float = HEARTBEAT,
         endpoint: IStreamClientEndpoint | None = None,
+        where: str | None = None,
     ) -> None:
         """@param endpoint: where to connect (default: C{address} over TCP); tests
-            give an in-memory one."""
+            give an in-memory one.
+        @param where: what log lines call the server (default: C{address})."""
         self.address = address
         self._heartbeat = heartbeat
         self._beating: IDelayedCall | None = None
@@ -111,7 +113,7 @@ class RedisConnection(KeptConnection):
             else HostnameEndpoint(reactor, address.host, address.port, timeout=5),
             # Replies as the bytes Redis sent: no decoding, no number conversion.
             lambda: build(charset=None, convertNumbers=False),
-            clock=reactor, name=f"Redis {purpose} connection to {address}",
+            clock=reactor, name=f"Redis {purpose} connection to {where or address}",
             prepare=self._login, retry_policy=retry_policy,
         )
 

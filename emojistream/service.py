@@ -6,7 +6,6 @@ Shared by the twistd plugin (L{emojistream.tap}) and C{emojistream.tac}.
 from __future__ import annotations
 
 import os
-import resource
 import signal
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,7 +19,7 @@ from twisted.logger import Logger
 
 from emojistream.cluster import ClusterView
 from emojistream.config import RedisAddress, Settings
-from emojistream.demo import EmbeddedRedis, Feeder, find_redis_server, free_port, load_rankings
+from emojistream.demo import EmbeddedRedis, Feeder, load_rankings
 from emojistream.endpoints import with_backlog
 from emojistream.http import ConnectionGate, PerAddressRate, QuietSite
 from emojistream.hub import KEEPALIVE_TICKS, Hub
@@ -28,9 +27,9 @@ from emojistream.lifecycle import (
     Drain,
     ExitOnStartupError,
     OrderedStop,
+    ProcessLimits,
     Signals,
     StartupError,
-    prepare_process,
 )
 from emojistream.metrics import Delays, DeliveryDelays, Metrics, MetricSources
 from emojistream.notify import Notifier
@@ -187,12 +186,14 @@ class Emojistream:
         redis_address, redis_parent = self._redis(reactor)
         patterns = (DETAIL_PATTERN, KIOSK_PATTERN) if settings.kiosk_stream else (DETAIL_PATTERN,)
         self.feed = RedisFeed(redis_address, self.router, reactor=reactor,
-                              channels=(SCORE_CHANNEL,), patterns=patterns)
+                              channels=(SCORE_CHANNEL,), patterns=patterns,
+                              **self._redis_connect)
         self.feed.setServiceParent(redis_parent)
         # Subscribed to a replica cut off from its primary, nothing arrives: readiness
         # and status ask Redis (over a command connection, shared with the admin
         # report) every 2 s.
-        self.commands = RedisConnection(redis_address, reactor=reactor, purpose="command")
+        self.commands = RedisConnection(redis_address, reactor=reactor, purpose="command",
+                                        **self._redis_connect)
         self.commands.setServiceParent(redis_parent)
         self.redis = ReplicaWatch(self.feed, self.commands, clock=clock)
         self.rankings = self._rankings(clock)
@@ -205,11 +206,9 @@ class Emojistream:
                     "Keepalive", KEEPALIVE)
         self._timer(REPLICA_CHECK, self.redis.check, clock, "Replication check")
 
-        # Every listener's connections count together against the open-file limit.
-        soft_limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        self.gate = ConnectionGate(per_ip=settings.max_connections_per_ip,
-                                   fd_limit=None if soft_limit == resource.RLIM_INFINITY
-                                   else soft_limit, clock=clock)
+        # Every listener's connections count together against the open-file limit
+        # (which the daemon's ProcessLimits tells it when it starts).
+        self.gate = ConnectionGate(per_ip=settings.max_connections_per_ip, clock=clock)
 
         # The whole status document, megabytes with thousands of streams, goes to one
         # address a few times a second at most.
@@ -248,17 +247,23 @@ class Emojistream:
         settings = self.settings
         self.embedded_redis: EmbeddedRedis | None = None
         self.feeder: Feeder | None = None
+        #: How every client of this Redis connects (the embedded one's port is picked
+        #: when it starts).
+        self._redis_connect: dict[str, Any] = {}
         address, parent = settings.redis, self.core
         if settings.demo:
             if not settings.redis_given:
-                self.embedded_redis = EmbeddedRedis(reactor, find_redis_server(), free_port())
+                self.embedded_redis = EmbeddedRedis(reactor)
                 self.embedded_redis.setServiceParent(self.core)
-                parent, address = self.embedded_redis, self.embedded_redis.address
+                parent = self.embedded_redis
+                self._redis_connect = {"endpoint": self.embedded_redis.endpoint,
+                                       "where": EmbeddedRedis.DESCRIPTION}
             if self.worker in (None, 1):
                 # One feeder per tree (worker 1's), or --workers N would feed N times
                 # --demo-rate. The embedded Redis starts empty: it seeds the scores.
                 self.feeder = Feeder(address, reactor=reactor, rate=settings.demo_rate,
-                                     seed=self.embedded_redis is not None)
+                                     seed=self.embedded_redis is not None,
+                                     **self._redis_connect)
                 self.feeder.setServiceParent(parent)
         return address, parent
 
@@ -279,7 +284,8 @@ class Emojistream:
         if not settings.admin_report:
             return None
         connection = self.commands
-        if settings.admin_redis is not None and settings.admin_redis != redis_address:
+        if settings.admin_redis is not None and (settings.admin_redis != redis_address
+                                                 or self.embedded_redis is not None):
             connection = RedisConnection(settings.admin_redis, reactor=reactor,
                                          purpose="admin report")
             connection.setServiceParent(redis_parent)
@@ -391,12 +397,13 @@ def daemon(settings: Settings, reactor: Any, environ: Mapping[str, str] | None =
     files, signals), the service tree, and its manager told how it goes: systemd when
     it asks, or the C{--workers} parent that started this process as a worker."""
     environ = os.environ if environ is None else environ
-    prepare_process(reactor, settings.max_streams)
     root = ExitOnStartupError()
-    # First, so that signals are handled before anything listens.
-    Signals(reactor).setServiceParent(root)
     worker = worker_number(environ)
     app = Emojistream(settings, reactor, worker=worker)
+    # First, so that signals are handled before anything listens; then the open-file
+    # limit, before the listeners and the gate that counts against it.
+    Signals(reactor).setServiceParent(root)
+    ProcessLimits(reactor, settings.max_streams, app.gate.set_fd_limit).setServiceParent(root)
     app.service.setServiceParent(root)
     notifier: Notifier | None
     if worker is not None:
