@@ -7,8 +7,8 @@ import re
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from emojistream.delays import DeliveryDelays
 from emojistream.hub import Hub
-from emojistream.metrics import DeliveryDelays
 from emojistream.replay import Journal
 from emojistream.sse import encode_event
 from emojistream.stream import Batcher

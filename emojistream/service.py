@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from emojistream.cluster import ClusterView
 from emojistream.config import RedisAddress, Settings
+from emojistream.delays import Delays, DeliveryDelays
 from emojistream.demo import EmbeddedRedis, Feeder, load_rankings
 from emojistream.endpoints import with_backlog
 from emojistream.http import ConnectionGate, PerAddressRate, QuietSite
@@ -31,7 +32,7 @@ from emojistream.lifecycle import (
     Signals,
     StartupError,
 )
-from emojistream.metrics import Delays, DeliveryDelays, Metrics, MetricSources
+from emojistream.metrics import Metrics, MetricSources
 from emojistream.notify import Notifier
 from emojistream.rankings import Rankings
 from emojistream.redisconn import RedisConnection

@@ -65,7 +65,7 @@ def test_no_redis_server_is_a_one_line_start_up_error() -> None:
                                 "is not installed")
 
     embedded = EmbeddedRedis(MemoryReactorClock(), find=find, pick_port=lambda: 1)
-    with pytest.raises(StartupError, match="^--demo: no redis-server on PATH"):
+    with pytest.raises(StartupError, match=r"^--demo: no redis-server on PATH"):
         embedded.privilegedStartService()
 
 

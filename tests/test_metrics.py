@@ -9,7 +9,7 @@ import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import running
-from emojistream.metrics import Delays
+from emojistream.delays import Delays
 from memory import MemoryDaemon
 from redisproc import RedisProcess
 from sseclient import within
