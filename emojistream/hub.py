@@ -9,13 +9,15 @@ connections are found through the index, never by scanning every connection.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import Cooperator
 
-from emojistream.stream import Stream, SummaryStream
+from emojistream.stream import Stream
 from emojistream.vocabulary import POOLS, lineage
 
 #: Keepalive ticks per keepalive interval: the finer, the closer an idle stream's
@@ -23,24 +25,29 @@ from emojistream.vocabulary import POOLS, lineage
 KEEPALIVE_TICKS = 5
 
 
-def _add_counts(counts: dict[str, int], stream: Stream) -> None:
-    """Add what C{stream} wrote, discarded and (on /eps) conflated to C{counts}."""
-    counts["written"] += stream.written
-    counts["discarded"] += stream.discarded
-    counts["conflated"] += getattr(stream, "conflated", 0)
+def _one_unit() -> bool:
+    """A Cooperator's turn ends after one unit of work: one slice of streams."""
+    return True
 
 
 class Hub:
     """Every open stream, by namespace, and the counters reports read.
 
-    With a C{reactor}, a score summary goes out in slices of C{summary_slice} streams,
-    one per reactor turn: thousands of /eps clients would otherwise hold the reactor
-    for tens of milliseconds per tick while detail updates wait behind them.
+    With a C{clock}, a score summary goes out in slices of C{summary_slice} streams,
+    one per reactor turn (a C{Cooperator} scheduled on C{clock}): thousands of /eps
+    clients would otherwise hold the reactor for tens of milliseconds per tick while
+    detail updates wait behind them.
     """
 
-    def __init__(self, reactor: IReactorTime | None = None, summary_slice: int = 256) -> None:
-        self._reactor = reactor
+    def __init__(self, clock: IReactorTime | None = None, summary_slice: int = 256) -> None:
         self._summary_slice = summary_slice
+        self._turns: Cooperator | None = None
+        if clock is not None:
+            def next_turn(work: Any) -> IDelayedCall:
+                return clock.callLater(0, work)
+
+            self._turns = Cooperator(terminationPredicateFactory=lambda: _one_unit,
+                                     scheduler=next_turn)
         self._index: dict[str, dict[Stream, None]] = {}
         self._lineages: dict[str, list[str]] = {}
         self._pool_sizes: dict[str, int] = dict.fromkeys(POOLS, 0)
@@ -77,7 +84,7 @@ class Hub:
         self.closed += 1
         if stream.dropped:
             self.dropped += 1
-        _add_counts(self._ended, stream)
+        stream.tally(self._ended)
 
     def message_counts(self) -> dict[str, int]:
         """Since start: messages written to clients (one per message per client), score
@@ -85,7 +92,7 @@ class Hub:
         messages discarded unwritten when their connection ended."""
         counts = dict(self._ended)
         for stream in self.streams():
-            _add_counts(counts, stream)
+            stream.tally(counts)
         return counts
 
     def publish(self, namespace: str, frame: bytes) -> int:
@@ -116,30 +123,36 @@ class Hub:
 
         A backed-up summary stream folds C{counts} into its pending summary instead
         of queueing C{frame}. Returns None when the summary is all out, or a Deferred
-        that fires once the last slice is (it goes out a slice per reactor turn).
+        that fires once the last slice is: the first slice goes now, each further one
+        on a later reactor turn.
         """
         pool = self._index.get(namespace)
         if not pool:
             return None
-        targets = cast(tuple[SummaryStream, ...], tuple(pool))
-        return self._send_summary(targets, 0, frame, counts, None)
-
-    def _send_summary(self, targets: tuple[SummaryStream, ...], start: int, frame: bytes,
-                      counts: dict[str, int], done: Deferred[None] | None
-                      ) -> Deferred[None] | None:
-        end = len(targets) if self._reactor is None else start + self._summary_slice
-        for stream in targets[start:end]:
+        targets = tuple(pool)
+        turns, step = self._turns, self._summary_slice
+        if turns is None or len(targets) <= step:
+            for stream in targets:
+                stream.send_summary(frame, counts)
+            return None
+        for stream in targets[:step]:
             stream.send_summary(frame, counts)
-        if end < len(targets):
-            assert self._reactor is not None
-            if done is None:
-                done = Deferred()
-            self._reactor.callLater(0, self._send_summary, targets, end, frame, counts,
-                                    done)
-            return done
-        if done is not None:
-            done.callback(None)
-        return None
+        return turns.coiterate(self._slices(targets, step, frame, counts)).addCallback(
+            lambda _: None)
+
+    def _slices(self, targets: tuple[Stream, ...], start: int, frame: bytes,
+                counts: dict[str, int]) -> Iterator[None]:
+        """Send the summary to the rest of C{targets}, a slice per step; the last
+        slice ends the iteration in the very step that sends it."""
+        step = self._summary_slice
+        while True:
+            end = start + step
+            for stream in targets[start:end]:
+                stream.send_summary(frame, counts)
+            if end >= len(targets):
+                return
+            yield None
+            start = end
 
     def from_ip(self, client_ip: str) -> int:
         """How many open streams C{client_ip} holds."""
@@ -172,6 +185,7 @@ class Hub:
         return sum(self._pool_sizes.values())
 
     def snapshot(self, now: float) -> list[dict[str, Any]]:
-        """Every connection as the status report lists it, oldest first."""
+        """Every connection as the status report lists it, oldest first (parsed from
+        each stream's own C{describe_json}: the schema is written once)."""
         streams = sorted(self.streams(), key=lambda s: s.created_at)
-        return [s.describe(now) for s in streams]
+        return list(json.loads(b"[%s]" % b",".join(s.describe_json(now) for s in streams)))

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from emojistream.config import FD_RESERVE, fd_reserve
 from emojistream.hub import Hub
 from emojistream.sse import encode_retry
+from emojistream.stream import Stream
 
 log = Logger()
 
@@ -228,7 +229,7 @@ class Drain(Service):
         done: Deferred[None] = Deferred()
         remaining = len(streams)
 
-        def close(stream: Any) -> None:
+        def close(stream: Stream) -> None:
             nonlocal remaining
             # The server is going away: end the connection, not just the response.
             stream.close(hang_up=True)

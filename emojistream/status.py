@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from emojistream.hub import Hub
+from emojistream.stream import Stream
 
 
 class HasState(Protocol):
@@ -111,7 +112,7 @@ class StatusReport:
         self._build(now, self._head(now), streams, [], 0)
         return d
 
-    def _build(self, now: float, head: bytes, streams: list[Any], done: list[bytes],
+    def _build(self, now: float, head: bytes, streams: list[Stream], done: list[bytes],
                start: int) -> None:
         end = len(streams) if self._turns is None else start + SLICE
         done.extend(stream.describe_json(now) for stream in streams[start:end])

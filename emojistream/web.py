@@ -35,10 +35,11 @@ from emojistream.hub import Hub
 from emojistream.lifecycle import Drain
 from emojistream.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from emojistream.rankings import MAX_LIMIT, Rankings, RankingsUnavailable, parse_limit
-from emojistream.replay import Journal, Resume
+from emojistream.replay import Journal
 from emojistream.sse import encode_retry
 from emojistream.status import StatusReport
-from emojistream.stream import Batcher, Stream, SummaryStream
+from emojistream.stream import Batcher
+from emojistream.subscription import Refresh, Subscription
 from emojistream.vocabulary import (
     DETAIL_NAMESPACE_PREFIX,
     DETAILS_NAMESPACE,
@@ -47,7 +48,6 @@ from emojistream.vocabulary import (
     ID_RULE,
     KIOSK_NAMESPACE,
     RAW_NAMESPACE,
-    SCORE_KINDS,
     SUBSCRIBE,
     Kind,
     detail_namespace,
@@ -305,57 +305,19 @@ class StreamRoutes:
             _close_after(request)
             return _text(request, 429, "429 Too Many Requests: too many streams from "
                                        "this address")
-        resume = self._resume(request, namespace)
+        # Admitted: from here on the subscription owns the stream (resume, hub,
+        # expiry, start, end, log). The headers are set first, so that they go out
+        # with its response head.
         self._stream_headers(request)
-        if resume is not None and resume.gap is not None:
-            request.setHeader(b"X-Sse-Gap", resume.gap.encode("ascii"))
-        stream = (SummaryStream if kind is Kind.EPS else Stream)(
-            request,
-            namespace=namespace,
-            kind=kind,
-            request_path=SUBSCRIBE + namespace,
-            created_at=self._clock.seconds(),
-            client_ip=client_ip,
-            user_agent=(request.getHeader(b"user-agent") or b"").decode("utf-8", "replace"),
-            tag=tag,
-            max_queue=settings.max_queue,
-            batcher=self._batcher,
-            framer=self._framer,
-        )
-        self._hub.add(stream)
-        request.notifyFinish().addBoth(self._finished, stream)
-        first = b""
-        if settings.force_refresh:
-            scores = kind in SCORE_KINDS
-            first = encode_retry(settings.score_retry_ms if scores else settings.detail_retry_ms)
-            stream.expiry = self._clock.callLater(
-                settings.score_max_age if scores else settings.detail_max_age, stream.close)
-        # The status line and headers go out now, before the first event; then what a
-        # resuming client missed, before any live event (all within this one call).
-        stream.start(first)
-        if resume is not None:
-            stream.writer.replay(resume.frames)
-        if settings.verbose:
-            self.log.info("connect {path} from {ip}", path=stream.request_path,
-                          ip=stream.client_ip)
+        subscription = Subscription(
+            request, hub=self._hub, clock=self._clock, namespace=namespace, kind=kind,
+            client_ip=client_ip, tag=tag, max_queue=settings.max_queue,
+            batcher=self._batcher, framer=self._framer,
+            log=self.log if settings.verbose else None)
+        subscription.start(self._journal, Refresh(
+            settings.score_max_age, settings.detail_max_age, settings.score_retry_ms,
+            settings.detail_retry_ms) if settings.force_refresh else None)
         return STREAMING
-
-    def _resume(self, request: Request, namespace: str) -> Resume | None:
-        """With event IDs, what a client reconnecting with C{Last-Event-ID} (or, for
-        clients that cannot set it, C{?last_event_id=} or C{?lastEventID=}) missed;
-        else None."""
-        if self._journal is None:
-            return None
-        # The header first: a browser sends it on each reconnect, newer than the URL's.
-        last = request.getHeader(b"last-event-id")
-        if not last:
-            # lastEventID as Mercure's clients send it.
-            given = request.args.get(b"last_event_id") or request.args.get(b"lastEventID")
-            last = given[0] if given else None
-        if not last:
-            return None
-        return self._journal.resume(namespace, last.decode("latin-1"),
-                                    self._settings.max_queue)
 
     def _stream_headers(self, request: Request) -> None:
         for name, value in SSE_HEADERS:
@@ -370,17 +332,6 @@ class StreamRoutes:
             request.setHeader(b"X-Sse-Cleanup-Requested", b"true")
         if self._journal is not None:
             request.setHeader(*EXPOSE)
-
-    def _finished(self, result: object, stream: Stream) -> None:
-        stream.lost()
-        if stream.expiry is not None and stream.expiry.active():
-            stream.expiry.cancel()
-        self._hub.remove(stream)
-        if self._settings.verbose:
-            self.log.info("{what} {path} from {ip} after {age:.1f} s",
-                          what="dropped slow" if stream.dropped else "disconnect",
-                          path=stream.request_path, ip=stream.client_ip,
-                          age=self._clock.seconds() - stream.created_at)
 
     # -- cleanup -------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionAborted
@@ -113,6 +113,13 @@ class ChunkFramer:
         return self.chunked
 
 
+class Batched(Protocol):
+    """A writer that holds what it is sent for a L{Batcher}'s flush."""
+
+    def flush_batch(self) -> None:
+        """Write what it holds for the batcher, as one write."""
+
+
 class Batcher:
     """Collects what streams are sent and writes each stream's share as one write.
 
@@ -128,14 +135,12 @@ class Batcher:
         #: Odd while a round is in progress; a stream that has written in this
         #: round holds its value.
         self.round = 0
-        self._dirty: list[Writer] = []
+        self._dirty: list[Batched] = []
 
-    def add(self, writer: Writer, data: bytes) -> None:
-        """Hold C{data} for C{writer} until the next flush."""
-        batch = writer._batch
-        if not batch:
-            self._dirty.append(writer)
-        batch.append(data)
+    def enlist(self, writer: Batched) -> None:
+        """C{writer} has started holding data: flush it at the next L{flush} (a writer
+        holds its data itself, and enlists once per flush)."""
+        self._dirty.append(writer)
 
     def begin_round(self) -> None:
         """A read from Redis starts: streams' second and later writes are held."""
@@ -227,7 +232,9 @@ class Writer:
 
     It ends its response itself (L{close}); the web route tells Klein the response is
     under way (C{NOT_DONE_YET}), so no per-request Deferred chain stays alive as long
-    as the connection does.
+    as the connection does. Its subscription
+    (L{emojistream.subscription.Subscription}) owns it and hands the hub its
+    delivery methods.
     """
 
     __slots__ = (
@@ -395,17 +402,23 @@ class Writer:
         batcher = self._batcher
         if batcher is not None:
             if batcher.hold_all:
-                batcher.add(self, data)
-                self._batch_msgs += msgs
+                self._batch_up(batcher, data, msgs)
                 return
             current = batcher.round
             if current & 1:
                 if self._round == current:
-                    batcher.add(self, data)
-                    self._batch_msgs += msgs
+                    self._batch_up(batcher, data, msgs)
                     return
                 self._round = current
         self._out(data)
+
+    def _batch_up(self, batcher: Batcher, data: bytes, msgs: int) -> None:
+        """Hold C{data} (C{msgs} messages) for C{batcher}'s next flush."""
+        batch = self._batch
+        if not batch:
+            batcher.enlist(self)
+        batch.append(data)
+        self._batch_msgs += msgs
 
     def _hold(self, data: bytes, msgs: int) -> None:
         if self._backlog is None:
@@ -447,6 +460,17 @@ class Writer:
             self._hold(data, msgs)
         else:
             self._out(data)
+
+    def summary(self, frame: bytes, counts: dict[str, int]) -> None:
+        """Write a score summary: a writer that does not conflate writes it as any
+        message (only /eps's L{SummaryWriter} gets summaries in the daemon)."""
+        self.message(frame)
+
+    def tally(self, counts: dict[str, int]) -> None:
+        """Add what this writer wrote, discarded and conflated to C{counts} (the hub's
+        totals: keys C{written}, C{discarded}, C{conflated})."""
+        counts["written"] += self.written
+        counts["discarded"] += self.discarded
 
     def keepalive(self, frame: bytes, tick: int, idle_ticks: int) -> None:
         """Keepalive tick number C{tick}: write the comment C{frame} if nothing went
@@ -607,6 +631,10 @@ class SummaryWriter(Writer):
         self._pending_id = id_line_of(frame)
         if not backed_up:
             self._flush()
+
+    def tally(self, counts: dict[str, int]) -> None:
+        super().tally(counts)
+        counts["conflated"] += self.conflated
 
     def keepalive(self, frame: bytes, tick: int, idle_ticks: int) -> None:
         """Also send the pending summary once the client has taken what was queued:

@@ -50,11 +50,11 @@ class Daemon:
         try:
             if wait:
                 await within(gatherResults(
-                    [s.when_finished() for s in self.app.hub.streams()]), 5)
+                    [s.writer.when_finished() for s in self.app.hub.streams()]), 5)
         finally:
             # A test that failed may have left connections open: cut them.
             for stream in list(self.app.hub.streams()):
-                stream.drop()
+                stream.writer.drop()
             await self.app.service.stopService()
 
 

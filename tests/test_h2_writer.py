@@ -11,18 +11,16 @@ import h2.events
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 
-from emojistream.stream import Stream, SummaryStream
 from emojistream.summarizer import summary_frame
-from emojistream.writers import TRANSPORT_BUFFER
+from emojistream.writers import TRANSPORT_BUFFER, SummaryWriter, Writer
 from test_compat import H2Pair
 
 
-def detail_stream(pair: H2Pair, max_queue: int = 256 * 1024) -> Stream:
-    """A detail stream on a new request of C{pair}, told when it ends as the route does."""
+def detail_stream(pair: H2Pair, max_queue: int = 256 * 1024) -> Writer:
+    """A detail stream's writer on a new request of C{pair}, told when it ends as its
+    subscription does."""
     request = pair.get()
-    stream = Stream(request, namespace="/details/X", kind="detail",
-                    request_path="/subscribe/details/X", created_at=0, client_ip="x",
-                    user_agent="", max_queue=max_queue)
+    stream = Writer(request, max_queue=max_queue)
     request.notifyFinish().addBoth(lambda _: stream.lost())
     stream.start()
     return stream
@@ -37,7 +35,7 @@ def test_past_the_bound_a_stream_whose_socket_is_full_is_reset_and_its_queue_fre
     message = b"data:" + b"x" * 20_000 + b"\n\n"
     sent = 0
     while stream.open:
-        stream.send(message)
+        stream.message(message)
         sent += 1
         assert sent < 100, "never dropped"
     # 256 KiB less a transport buffer's worth (64 KiB) were allowed: 192 KiB.
@@ -46,7 +44,7 @@ def test_past_the_bound_a_stream_whose_socket_is_full_is_reset_and_its_queue_fre
     # Nothing was sent of them: none delivered, all discarded.
     assert stream.written == 0 and stream.discarded == sent
     # Twisted let the stream's queue go; the writer holds no reference to it either.
-    assert stream.writer._h2 is None
+    assert stream._h2 is None
     assert not pair.server._outboundStreamQueues
     # The client, once it reads, sees the stream reset.
     pair.server.resumeProducing()
@@ -57,8 +55,8 @@ def test_delivered_counts_messages_once_wholly_out_of_twisteds_queue():
     pair = H2Pair()
     stream = detail_stream(pair)
     pair.server.pauseProducing()
-    stream.send(b"data:" + b"a" * 40_000 + b"\n\n")
-    stream.send(b"data:b\n\n")
+    stream.message(b"data:" + b"a" * 40_000 + b"\n\n")
+    stream.message(b"data:b\n\n")
     assert stream.written == 0 and stream.queued == 40_007 + 8
     assert not stream.backed_up
     pair.server.resumeProducing()
@@ -69,28 +67,26 @@ def test_delivered_counts_messages_once_wholly_out_of_twisteds_queue():
     assert stream.written == 2 and stream.queued == 0
     # A client that goes away with messages unsent: those are discarded.
     pair.server.pauseProducing()
-    stream.send(b"data:c\n\n")
+    stream.message(b"data:c\n\n")
     pair.server.connectionLost(Failure(ConnectionLost("client gone")))
     assert stream.written == 2 and stream.discarded == 1 and not stream.open
 
 
 def test_eps_conflates_while_twisteds_queue_is_long_and_sends_the_merge_once_drained():
     pair = H2Pair()
-    eps = SummaryStream(pair.get(), namespace="/eps", kind="eps",
-                        request_path="/subscribe/eps", created_at=0, client_ip="x",
-                        user_agent="", max_queue=64 * 1024)
+    eps = SummaryWriter(pair.get(), max_queue=64 * 1024)
     eps.start()
     pair.server.pauseProducing()
     sent = 0
     big = {f"{i:04X}": 1 for i in range(0x2600, 0x2600 + 600)}
     while not eps.backed_up:
-        eps.send_summary(summary_frame(big), big)
+        eps.summary(summary_frame(big), big)
         sent += 1
         assert sent < 100, "never backed up"
     assert sent * len(summary_frame(big)) >= TRANSPORT_BUFFER
     # Held back, merged, never dropped (its queue is past a 64 KiB bound).
-    eps.send_summary(summary_frame({"A": 1}), {"A": 1})
-    eps.send_summary(summary_frame({"A": 2, "B": 1}), {"A": 2, "B": 1})
+    eps.summary(summary_frame({"A": 1}), {"A": 1})
+    eps.summary(summary_frame({"A": 2, "B": 1}), {"A": 2, "B": 1})
     assert eps.open and not eps.dropped and eps.conflated == 1
     # Nothing resumes it when the queue drains: the next keepalive tick sends the merge.
     pair.server.resumeProducing()
@@ -101,7 +97,7 @@ def test_eps_conflates_while_twisteds_queue_is_long_and_sends_the_merge_once_dra
     pair.turn()
     body = b"".join(e.data for e in pair.pump() if isinstance(e, h2.events.DataReceived))
     assert body.endswith(b'data:{"A":3,"B":1}\n\n')
-    assert eps.written == sent + 1 == eps.msgs_sent
+    assert eps.written == sent + 1 == eps.handed
 
 
 def test_a_replay_within_the_bound_is_not_held_against_the_stream():
@@ -111,13 +107,13 @@ def test_a_replay_within_the_bound_is_not_held_against_the_stream():
     # What a resuming client missed: up to --max-queue-bytes, bounded by the journal.
     frames = [b"data:" + json.dumps({"n": n, "x": "y" * 10_000}).encode() + b"\n\n"
               for n in range(25)]
-    stream.writer.replay(frames)
+    stream.replay(frames)
     assert stream.open and stream.queued > 192 * 1024
-    stream.send(b"data:live\n\n")
+    stream.message(b"data:live\n\n")
     assert stream.open
     # Live messages that pile up behind it are bounded as ever.
     for _ in range(100):
-        stream.send(b"data:" + b"z" * 20_000 + b"\n\n")
+        stream.message(b"data:" + b"z" * 20_000 + b"\n\n")
         if not stream.open:
             break
     assert stream.dropped
@@ -127,6 +123,6 @@ def test_a_server_side_close_counts_what_twisted_holds_as_written():
     pair = H2Pair()
     stream = detail_stream(pair)
     pair.server.pauseProducing()
-    stream.send(b"data:1\n\n")
+    stream.message(b"data:1\n\n")
     stream.close()
-    assert stream.written == 1 and stream.discarded == 0 and stream.writer._h2 is None
+    assert stream.written == 1 and stream.discarded == 0 and stream._h2 is None

@@ -149,7 +149,7 @@ async def test_ten_eventsources_to_one_origin_all_receive_over_http2(
             assert {s.writer.request.clientproto for s in d.app.hub.streams()} == {b"HTTP/2"}
             # Closing the EventSources resets their HTTP/2 streams: the server lets
             # each go, while the connection stays.
-            finished = gatherResults([s.when_finished() for s in d.app.hub.streams()])
+            finished = gatherResults([s.writer.when_finished() for s in d.app.hub.streams()])
             await threads.deferToThread(
                 h2_browser.execute_script, "window.sources.forEach((es) => es.close())")
             await within(finished, 10)
@@ -551,16 +551,16 @@ async def test_over_http2_an_eps_client_that_stops_reading_is_conflated_and_gets
                 await until(lambda n=hits: sum(d.app.summarizer.pending().values()) >= n)
                 clock.advance(1 / 60)
                 ticks += 1
-                if slow_stream.backed_up:
+                if slow_stream.writer.backed_up:
                     backed_up_ticks += 1
-            assert slow_stream.open and d.app.hub.dropped == 0
+            assert slow_stream.writer.open and d.app.hub.dropped == 0
             # It was held back by the socket, not by HTTP/2 flow control.
             assert slow_stream.writer.request.clientproto == b"HTTP/2"
-            assert slow_stream.queued < 300_000
+            assert slow_stream.writer.queued < 300_000
             resume.set()
             # Once the client has taken what was queued, the next keepalive tick
             # sends the merged summary.
-            await until(lambda: not slow_stream.backed_up)
+            await until(lambda: not slow_stream.writer.backed_up)
             clock.advance(d.app.settings.keepalive)
             seen = await within(slow, 60)
             counts = d.app.hub.message_counts()
@@ -594,11 +594,11 @@ async def test_curl_over_http2_into_a_pipe_nobody_reads_is_dropped(tls, redis_se
             assert server_side.writer.request.clientproto == b"HTTP/2"
             filler = "x" * 60_000
             sent = 0
-            while server_side.open and sent < 200:  # 12 MB, well within curl's window
+            while server_side.writer.open and sent < 200:  # 12 MB, well within curl's window
                 await publisher.publish("stream.tweet_updates.X",
                                         json.dumps({"seq": sent, "text": filler}))
                 sent += 1
-                await until(lambda n=sent: not server_side.open or server_side.msgs_sent >= n)
+                await until(lambda n=sent, w=server_side.writer: not w.open or w.handed >= n)
             assert server_side.dropped and d.app.hub.dropped == 1, sent
             # About the pipe's, the sockets' and the bound's worth: not 12 MB.
             assert sent < 60, sent

@@ -82,7 +82,7 @@ async def test_the_close_timer_is_cancelled_when_the_client_leaves_first(redis_s
         _, reader = await c.stream("/subscribe/details/2665")
         assert len(clock.getDelayedCalls()) == timers_before + 1
         (stream,) = d.app.hub.in_namespace("/details/2665")
-        finished = stream.when_finished()
+        finished = stream.writer.when_finished()
         reader.close()
         await within(finished)
         assert len(clock.getDelayedCalls()) == timers_before
@@ -238,7 +238,7 @@ async def test_verbose_logs_connect_and_disconnect_with_path_ip_and_age(redis_se
             _, reader = await c.stream("/subscribe/details/2665")
             (stream,) = d.app.hub.in_namespace("/details/2665")
             clock.advance(42)
-            finished = stream.when_finished()
+            finished = stream.writer.when_finished()
             reader.close()
             await within(finished)
     finally:

@@ -196,7 +196,7 @@ async def test_an_eventsource_whose_connection_the_server_cuts_resumes_with_no_l
                 await wait_until(chromium, lambda drv: len(drv.execute_script(
                     "return window.seen")) >= 30)
                 for stream in d.app.hub.in_namespace("/details/2665"):
-                    stream.drop()  # the server cuts the connection, mid-stream
+                    stream.writer.drop()  # the server cuts the connection, mid-stream
                 cut = len(feeder.details["2665"])
                 await wait_until(chromium, lambda drv: drv.title == "open 2")
                 await wait_until(chromium, lambda drv: len(drv.execute_script(

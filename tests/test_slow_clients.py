@@ -96,13 +96,13 @@ async def test_an_eps_client_that_stops_reading_is_conflated_and_gets_exact_tota
             await raw.wait_events(published)
             clock.advance(1 / 60)
             ticks += 1
-            if slow_stream.backed_up:
+            if slow_stream.writer.backed_up:
                 backed_up_ticks += 1
         # The normal client got every summary, one per tick.
         await normal.wait_for(lambda r: sum(
             sum(json.loads(e.data).values()) for e in r.events) == published)
         assert len(normal.events) == ticks
-        assert slow_stream.open and d.app.hub.dropped == 0
+        assert slow_stream.writer.open and d.app.hub.dropped == 0
         # The slow one resumes reading and drains: exact totals, fewer messages.
         slow.transport.resumeProducing()
 
@@ -146,7 +146,7 @@ async def test_backed_up_streams_do_not_delay_other_clients(redis_server, publis
 
 
 class FakeRequest:
-    """Just what a Stream uses of a request, recording writes (pure logic test)."""
+    """Just what a Writer uses of a request, recording writes (pure logic test)."""
 
     def __init__(self) -> None:
         self.written: list[bytes] = []
@@ -168,30 +168,28 @@ class FakeRequest:
 
 
 def raw_stream(request: FakeRequest, batcher=None):
-    """A /raw stream on C{request}, as the web route would make it."""
-    from emojistream.stream import Stream
+    """A /raw stream's writer on C{request}, as its subscription would make it."""
+    from emojistream.writers import Writer
 
-    return Stream(request, namespace="/raw", kind="raw", request_path="/subscribe/raw",
-                  created_at=0, client_ip="x", user_agent="", batcher=batcher)
+    return Writer(request, batcher=batcher)
 
 
 def test_conflation_merges_counts_while_paused():
-    from emojistream.stream import SummaryStream
     from emojistream.summarizer import summary_frame
+    from emojistream.writers import SummaryWriter
 
     request = FakeRequest()
-    stream = SummaryStream(request, namespace="/eps", kind="eps", request_path="/subscribe/eps",
-                           created_at=0, client_ip="x", user_agent="")
+    stream = SummaryWriter(request)
     stream.start()
-    stream.send_summary(summary_frame({"A": 1}), {"A": 1})
-    stream.writer.pauseProducing()
-    stream.send_summary(summary_frame({"A": 2, "B": 1}), {"A": 2, "B": 1})
-    stream.send_summary(summary_frame({"B": 4}), {"B": 4})
+    stream.summary(summary_frame({"A": 1}), {"A": 1})
+    stream.pauseProducing()
+    stream.summary(summary_frame({"A": 2, "B": 1}), {"A": 2, "B": 1})
+    stream.summary(summary_frame({"B": 4}), {"B": 4})
     assert b"".join(request.written) == b'data:{"A":1}\n\n'
     assert stream.backed_up
-    stream.writer.resumeProducing()
+    stream.resumeProducing()
     assert b"".join(request.written) == b'data:{"A":1}\n\ndata:{"A":2,"B":5}\n\n'
-    assert stream.msgs_sent == 2
+    assert stream.handed == 2
 
 
 def test_direct_writer_falls_back_where_it_cannot_send_directly():
@@ -212,16 +210,16 @@ def test_batching_writes_each_streams_frames_once_per_flush_in_order():
     stream = raw_stream(request, batcher)
     stream.start(b"retry:1\n\n")
     for i in range(3):
-        stream.send(b"data:%d\n\n" % i)
+        stream.message(b"data:%d\n\n" % i)
     assert request.written == [b"retry:1\n\n"]
     batcher.flush()
     assert request.written == [b"retry:1\n\n", b"data:0\n\ndata:1\n\ndata:2\n\n"]
     batcher.flush()
     assert len(request.written) == 2
     # Closing sends what is held first.
-    stream.send(b"data:last\n\n")
+    stream.message(b"data:last\n\n")
     stream.close()
-    assert request.written[-2:] == [b"data:last\n\n", b"<end>"] and stream.msgs_sent == 4
+    assert request.written[-2:] == [b"data:last\n\n", b"<end>"] and stream.handed == 4
 
 
 def test_within_one_read_a_streams_later_messages_leave_together_at_its_end():
@@ -232,23 +230,23 @@ def test_within_one_read_a_streams_later_messages_leave_together_at_its_end():
     stream = raw_stream(request, batcher)
     stream.start()
     # Outside a read every message goes at once.
-    stream.send(b"data:0\n\n")
+    stream.message(b"data:0\n\n")
     assert request.written[-1] == b"data:0\n\n"
     for _ in range(2):
         batcher.begin_round()
-        stream.send(b"data:1\n\n")
+        stream.message(b"data:1\n\n")
         # The first of a read goes at once: no latency when a read brings one message.
         assert request.written[-1] == b"data:1\n\n"
-        stream.send(b"data:2\n\n")
-        stream.send(b"data:3\n\n")
+        stream.message(b"data:2\n\n")
+        stream.message(b"data:3\n\n")
         assert request.written[-1] == b"data:1\n\n"
         batcher.end_round()
         assert request.written[-1] == b"data:2\n\ndata:3\n\n"
-    stream.send(b"data:4\n\n")
+    stream.message(b"data:4\n\n")
     assert request.written[-1] == b"data:4\n\n"
     assert b"".join(request.written) == (
         b"data:0\n\n" + b"data:1\n\ndata:2\n\ndata:3\n\n" * 2 + b"data:4\n\n")
-    assert stream.msgs_sent == 8
+    assert stream.handed == 8
 
 
 def test_a_stream_paused_within_a_read_keeps_its_order():
@@ -259,13 +257,13 @@ def test_a_stream_paused_within_a_read_keeps_its_order():
     stream = raw_stream(request, batcher)
     stream.start()
     batcher.begin_round()
-    stream.send(b"data:1\n\n")
-    stream.send(b"data:2\n\n")
-    stream.writer.pauseProducing()
-    stream.send(b"data:3\n\n")
+    stream.message(b"data:1\n\n")
+    stream.message(b"data:2\n\n")
+    stream.pauseProducing()
+    stream.message(b"data:3\n\n")
     batcher.end_round()
     assert b"".join(request.written) == b"data:1\n\n"
-    stream.writer.resumeProducing()
+    stream.resumeProducing()
     assert b"".join(request.written) == b"data:1\n\ndata:2\n\ndata:3\n\n"
 
 
@@ -288,26 +286,25 @@ async def test_batched_mode_delivers_everything_in_order(redis_server, publisher
 
 
 def test_a_server_side_close_still_sends_what_a_backed_up_stream_holds():
-    from emojistream.stream import SummaryStream
     from emojistream.summarizer import summary_frame
+    from emojistream.writers import SummaryWriter
 
     request = FakeRequest()
     stream = raw_stream(request)
     stream.start()
-    stream.writer.pauseProducing()
-    stream.send(b"data:1\n\n")
-    stream.send(b"data:2\n\n")
+    stream.pauseProducing()
+    stream.message(b"data:1\n\n")
+    stream.message(b"data:2\n\n")
     assert b"".join(request.written) == b""
     stream.close()
     assert b"".join(request.written) == b"data:1\n\ndata:2\n\n<end>"
 
     request = FakeRequest()
-    eps = SummaryStream(request, namespace="/eps", kind="eps", request_path="/subscribe/eps",
-                        created_at=0, client_ip="x", user_agent="")
+    eps = SummaryWriter(request)
     eps.start()
-    eps.writer.pauseProducing()
-    eps.send_summary(summary_frame({"A": 1}), {"A": 1})
-    eps.send_summary(summary_frame({"A": 2}), {"A": 2})
+    eps.pauseProducing()
+    eps.summary(summary_frame({"A": 1}), {"A": 1})
+    eps.summary(summary_frame({"A": 2}), {"A": 2})
     eps.close()
     assert b"".join(request.written) == b'data:{"A":3}\n\n<end>'
 
@@ -321,7 +318,7 @@ def test_keepalives_go_only_to_streams_idle_for_the_ticks_asked():
     stream.keepalive(KEEPALIVE, 1, 2)  # notices the response head went out
     stream.keepalive(KEEPALIVE, 2, 2)  # idle one tick
     stream.keepalive(KEEPALIVE, 3, 2)  # idle two: a keepalive
-    stream.send(b"data:1\n\n")
+    stream.message(b"data:1\n\n")
     stream.keepalive(KEEPALIVE, 4, 2)  # carried a message: not idle
     stream.keepalive(KEEPALIVE, 5, 2)
     stream.keepalive(KEEPALIVE, 6, 2)  # idle two ticks again

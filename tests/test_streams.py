@@ -220,7 +220,7 @@ async def test_disconnected_client_leaves_its_pool_at_once(client, daemon, publi
     await b.wait_events(1)
     assert hub.pool_sizes()["detail"] == 1
     (only,) = hub.in_namespace("/details/Q")
-    assert only.msgs_sent == 1
+    assert only.writer.handed == 1
 
 
 @pytest_twisted.ensureDeferred

@@ -29,7 +29,7 @@ async def test_bad_ids_get_400_with_a_one_line_text_body(client, daemon):
     _, reader = await client.stream("/subscribe/details/" + "x" * 64)
     (stream,) = daemon.app.hub.in_namespace("/details/" + "x" * 64)
     reader.close()
-    await within(stream.when_finished())
+    await within(stream.writer.when_finished())
     assert daemon.app.hub.in_namespace("/details/" + "x" * 64) == []
 
 
