@@ -28,9 +28,9 @@ from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 
 import emojistream
+from emojistream.batching import Batcher
 from emojistream.hub import Hub
 from emojistream.sse import encode_event
-from emojistream.stream import Batcher
 from emojistream.summarizer import summary_frame
 
 # Since the subscription owns a stream's life, one class for every kind; an older
@@ -85,13 +85,14 @@ def streams(hub: Hub, n: int, kind: str, namespace: str, batcher: Batcher | None
             ) -> list[Any]:
     made: list[Any] = []
     if Subscription is not None:
-        from emojistream.writers import ChunkFramer
+        from emojistream.writers import ChunkFramer, writer_for
 
         framer = ChunkFramer()
         for _ in range(n):
-            subscription = Subscription(MemoryRequest(), hub=hub,  # type: ignore[arg-type]
-                                        clock=Clock(), namespace=namespace, kind=kind,
-                                        client_ip="x", batcher=batcher, framer=framer)
+            writer = writer_for(kind, MemoryRequest(),  # type: ignore[arg-type]
+                                max_queue=1 << 20, batcher=batcher, framer=framer)
+            subscription = Subscription(writer, hub=hub, clock=Clock(), namespace=namespace,
+                                        kind=kind, client_ip="x")
             subscription.start()
             made.append(subscription)
         return made
@@ -101,7 +102,7 @@ def streams(hub: Hub, n: int, kind: str, namespace: str, batcher: Batcher | None
     # code has one (it chunks a broadcast's frame once for all of them).
     shared: dict[str, Any] = {}
     if "framer" in inspect.signature(Stream.__init__).parameters:
-        from emojistream.writers import ChunkFramer
+        from emojistream.writers import ChunkFramer, writer_for
 
         shared["framer"] = ChunkFramer()
     for i in range(n):

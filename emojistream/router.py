@@ -7,11 +7,11 @@ import re
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from emojistream.batching import Batcher
 from emojistream.delays import DeliveryDelays
 from emojistream.hub import Hub
 from emojistream.replay import Journal
 from emojistream.sse import encode_event
-from emojistream.stream import Batcher
 from emojistream.summarizer import ScoreSummarizer
 from emojistream.vocabulary import (
     DETAIL_CHANNEL_PREFIX,

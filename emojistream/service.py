@@ -17,6 +17,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 
+from emojistream.batching import Batcher
 from emojistream.cluster import ClusterView
 from emojistream.config import RedisAddress, Settings
 from emojistream.delays import Delays, DeliveryDelays
@@ -49,7 +50,6 @@ from emojistream.reporting import (
 from emojistream.router import Router
 from emojistream.sse import KEEPALIVE
 from emojistream.status import StatusReport
-from emojistream.stream import Batcher
 from emojistream.summarizer import RATE, ScoreSummarizer, Ticker
 from emojistream.tls import harden
 from emojistream.vocabulary import (

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from emojistream.writers import Batcher
-
-__all__ = ["Batcher", "Stream"]
+__all__ = ["Stream"]
 
 
 class Stream(Protocol):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -24,8 +24,12 @@ from twisted.web.server import Request
 from emojistream.hub import Hub
 from emojistream.replay import Journal, Resume
 from emojistream.sse import encode_retry
-from emojistream.vocabulary import SCORE_KINDS, SUBSCRIBE, Kind
-from emojistream.writers import Batcher, ChunkFramer, SummaryWriter, Writer
+from emojistream.vocabulary import SCORE_KINDS, SUBSCRIBE
+
+if TYPE_CHECKING:
+    # Its writer is made by the web layer (emojistream.writers.writer_for): the
+    # subscription only holds it.
+    from emojistream.writers import Writer
 
 __all__ = ["Refresh", "Subscription", "last_event_id"]
 
@@ -87,7 +91,7 @@ class Subscription:
 
     def __init__(
         self,
-        request: Request,
+        writer: Writer,
         *,
         hub: Hub,
         clock: IReactorTime,
@@ -96,8 +100,6 @@ class Subscription:
         client_ip: str,
         tag: str | None = None,
         max_queue: int = 1 << 20,
-        batcher: Batcher | None = None,
-        framer: ChunkFramer | None = None,
         log: Logger | None = None,
     ) -> None:
         self._hub = hub
@@ -109,16 +111,15 @@ class Subscription:
         self.request_path = SUBSCRIBE + namespace
         self.created_at = clock.seconds()
         self.client_ip = client_ip
+        request = writer.request
         self.user_agent = (request.getHeader(b"user-agent") or b"").decode("utf-8", "replace")
         self.tag = tag
         #: The forced-refresh close, pending while the stream is open.
         self.expiry: IDelayedCall | None = None
         # What status.json says of this stream that never changes, encoded once.
         self._described: bytes | None = None
-        writer_class = SummaryWriter if kind == Kind.EPS else Writer
         #: How its bytes reach the client (L{emojistream.writers}).
-        self.writer: Writer = writer_class(request, max_queue=max_queue, batcher=batcher,
-                                           framer=framer)
+        self.writer = writer
         # The stream's delivery methods are the writer's: no extra call per message.
         self.send: Callable[[bytes], None] = self.writer.message
         self.send_summary: Callable[[bytes, dict[str, int]], None] = self.writer.summary

@@ -28,6 +28,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import RequestRedirect
 
+from emojistream.batching import Batcher
 from emojistream.cluster import ClusterUnavailable, ClusterView
 from emojistream.config import Settings
 from emojistream.http import PerAddressRate, plain_ip
@@ -38,7 +39,6 @@ from emojistream.rankings import MAX_LIMIT, Rankings, RankingsUnavailable, parse
 from emojistream.replay import Journal
 from emojistream.sse import encode_retry
 from emojistream.status import StatusReport
-from emojistream.stream import Batcher
 from emojistream.subscription import Refresh, Subscription
 from emojistream.vocabulary import (
     DETAIL_NAMESPACE_PREFIX,
@@ -52,7 +52,7 @@ from emojistream.vocabulary import (
     Kind,
     detail_namespace,
 )
-from emojistream.writers import ChunkFramer
+from emojistream.writers import ChunkFramer, writer_for
 
 SSE_HEADERS = (
     (b"Content-Type", b"text/event-stream; charset=utf-8"),
@@ -309,10 +309,11 @@ class StreamRoutes:
         # expiry, start, end, log). The headers are set first, so that they go out
         # with its response head.
         self._stream_headers(request)
+        writer = writer_for(kind, request, max_queue=settings.max_queue,
+                            batcher=self._batcher, framer=self._framer)
         subscription = Subscription(
-            request, hub=self._hub, clock=self._clock, namespace=namespace, kind=kind,
+            writer, hub=self._hub, clock=self._clock, namespace=namespace, kind=kind,
             client_ip=client_ip, tag=tag, max_queue=settings.max_queue,
-            batcher=self._batcher, framer=self._framer,
             log=self.log if settings.verbose else None)
         subscription.start(self._journal, Refresh(
             settings.score_max_age, settings.detail_max_age, settings.score_retry_ms,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionAborted
@@ -38,9 +38,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from emojistream.batching import Batcher
 from emojistream.compat import h2_outbound_queue, is_h2_stream
 from emojistream.sse import id_line_of
 from emojistream.summarizer import summary_frame
+from emojistream.vocabulary import Kind
 
 #: What a transport buffers before it pauses its producer (Twisted's bufferSize).
 TRANSPORT_BUFFER = 65536
@@ -111,53 +113,6 @@ class ChunkFramer:
             self.frame = frame
             self.chunked = chunk(frame)
         return self.chunked
-
-
-class Batched(Protocol):
-    """A writer that holds what it is sent for a L{Batcher}'s flush."""
-
-    def flush_batch(self) -> None:
-        """Write what it holds for the batcher, as one write."""
-
-
-class Batcher:
-    """Collects what streams are sent and writes each stream's share as one write.
-
-    Always on for reads from Redis (a I{round}): within one read, a stream's first
-    message goes out at once and any later ones wait for the end of the read, so a
-    read that brings a backlog of N messages costs each client one or two sends, not
-    N. With C{hold_all} (the latency budget, C{--batch-writes}) every write waits for
-    the next C{flush}, driven by the 1/60 s tick.
-    """
-
-    def __init__(self, hold_all: bool = False) -> None:
-        self.hold_all = hold_all
-        #: Odd while a round is in progress; a stream that has written in this
-        #: round holds its value.
-        self.round = 0
-        self._dirty: list[Batched] = []
-
-    def enlist(self, writer: Batched) -> None:
-        """C{writer} has started holding data: flush it at the next L{flush} (a writer
-        holds its data itself, and enlists once per flush)."""
-        self._dirty.append(writer)
-
-    def begin_round(self) -> None:
-        """A read from Redis starts: streams' second and later writes are held."""
-        self.round = (self.round | 1) + 2
-
-    def end_round(self) -> None:
-        """The read is handled: write what it held (unless the tick does)."""
-        if self.round & 1:
-            self.round += 1
-        if not self.hold_all:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write every writer's held data, one write per writer."""
-        dirty, self._dirty = self._dirty, []
-        for writer in dirty:
-            writer.flush_batch()
 
 
 class H2Backlog:
@@ -650,3 +605,11 @@ class SummaryWriter(Writer):
             pending, self._pending = self._pending, None
             self.handed += 1
             self._out(self._wire(summary_frame(pending, self._pending_id)))
+
+
+def writer_for(kind: str, request: Request, *, max_queue: int, batcher: Batcher | None,
+               framer: ChunkFramer | None) -> Writer:
+    """The writer a stream of C{kind} gets: /eps conflates its summaries
+    (L{SummaryWriter}), every other stream drops a client that stops reading."""
+    writer_class = SummaryWriter if kind == Kind.EPS else Writer
+    return writer_class(request, max_queue=max_queue, batcher=batcher, framer=framer)

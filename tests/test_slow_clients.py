@@ -203,7 +203,7 @@ def test_direct_writer_falls_back_where_it_cannot_send_directly():
 
 
 def test_batching_writes_each_streams_frames_once_per_flush_in_order():
-    from emojistream.stream import Batcher
+    from emojistream.batching import Batcher
 
     batcher = Batcher(hold_all=True)
     request = FakeRequest()
@@ -223,7 +223,7 @@ def test_batching_writes_each_streams_frames_once_per_flush_in_order():
 
 
 def test_within_one_read_a_streams_later_messages_leave_together_at_its_end():
-    from emojistream.stream import Batcher
+    from emojistream.batching import Batcher
 
     batcher = Batcher()
     request = FakeRequest()
@@ -250,7 +250,7 @@ def test_within_one_read_a_streams_later_messages_leave_together_at_its_end():
 
 
 def test_a_stream_paused_within_a_read_keeps_its_order():
-    from emojistream.stream import Batcher
+    from emojistream.batching import Batcher
 
     batcher = Batcher()
     request = FakeRequest()

@@ -21,6 +21,7 @@ from emojistream.hub import Hub
 from emojistream.replay import Journal
 from emojistream.stream import Stream
 from emojistream.subscription import Refresh, Subscription
+from emojistream.writers import writer_for
 from sseclient import dechunk, response_events, split_response
 
 REFRESH = Refresh(score_max_age=30, detail_max_age=600, score_retry_ms=2000,
@@ -85,8 +86,11 @@ class Log:
 
 def subscribe(clock: Clock, hub: Hub, connection: Connection, namespace: str = "/raw",
               kind: str = "raw", log: Log | None = None, **kwargs: Any) -> Subscription:
-    return Subscription(connection.request, hub=hub, clock=clock, namespace=namespace,
-                        kind=kind, client_ip="192.0.2.7",
+    max_queue = kwargs.pop("max_queue", 1 << 20)
+    writer = writer_for(kind, connection.request, max_queue=max_queue,
+                        batcher=kwargs.pop("batcher", None), framer=None)
+    return Subscription(writer, hub=hub, clock=clock, namespace=namespace,
+                        kind=kind, client_ip="192.0.2.7", max_queue=max_queue,
                         log=log.logger if log is not None else None, **kwargs)
 
 
