@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from emojistream.reporting import ADMIN_INTERVAL, ADMIN_KEY, SUMMARY_KEY
 from emojistream.status import RATES
+from emojistream.waiting import Waiters
 
 #: Report intervals without a report after which a node is stale.
 STALE_INTERVALS = 3
@@ -55,7 +56,7 @@ class ClusterView:
         self._interval = interval
         self._cached: tuple[float, bytes] | None = None
         self._reading: Deferred[dict[bytes, bytes]] | None = None
-        self._waiting: list[Deferred[bytes]] = []
+        self._waiting: Waiters[bytes] = Waiters()
         # Per node: its two latest distinct reports, (reported_at, totals).
         self._history: dict[str, list[tuple[float, Mapping[str, float]]]] = {}
 
@@ -72,9 +73,7 @@ class ClusterView:
                     f"Redis is {self._connection.state}: the cluster view is unavailable"))
             self._reading = reading = self._reports(protocol)
             reading.addCallbacks(self._read, self._failed)
-        d: Deferred[bytes] = Deferred()
-        self._waiting.append(d)
-        return d
+        return self._waiting.wait()
 
     @inlineCallbacks
     def _reports(self, protocol: Any) -> Generator[Deferred[Any], Any, dict[bytes, bytes]]:
@@ -97,16 +96,12 @@ class ClusterView:
         encoded = json.dumps(self.document(reports, now), separators=(",", ":")).encode()
         self._cached = (now, encoded)
         self._reading = None
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(encoded)
+        self._waiting.fire(encoded)
 
     def _failed(self, reason: Failure) -> None:
         self._reading = None
         error = ClusterUnavailable(f"reading {ADMIN_KEY} failed: {reason.getErrorMessage()}")
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.errback(Failure(error))
+        self._waiting.fail(error)
 
     def document(self, reports: Mapping[bytes, bytes], now: float) -> dict[str, Any]:
         """The view of C{reports} (node name -> status JSON) at time C{now}."""

@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from emojistream.vocabulary import ID_PATTERN, SCORE_KEY
+from emojistream.waiting import Waiters
 
 #: Seconds one read serves every request for.
 CACHE_SECONDS = 1.0
@@ -86,7 +87,8 @@ class Rankings:
         self._known = known
         # (when read, the entries or the reason the read failed)
         self._cached: tuple[float, list[bytes] | str] | None = None
-        self._waiting: list[Deferred[list[bytes]]] | None = None
+        self._waiting: Waiters[list[bytes]] = Waiters()
+        self._reading = False
         #: Reads sent to Redis, for tests and tools.
         self.reads = 0
 
@@ -100,19 +102,17 @@ class Rankings:
         now = self._clock.seconds()
         if self._cached is not None and 0 <= now - self._cached[0] < CACHE_SECONDS:
             return self._outcome(self._cached[1])
-        if self._waiting is None:
+        if not self._reading:
             protocol = self.connection.protocol
             if protocol is None:
                 return fail(RankingsUnavailable(
                     f"Redis is {self.connection.state}: the rankings are unavailable"))
-            self._waiting = []
+            self._reading = True
             self.reads += 1
             reading: Deferred[list[bytes]] = protocol.execute_command(
                 "ZREVRANGE", SCORE_KEY, 0, MAX_LIMIT - 1, "WITHSCORES")
             reading.addCallbacks(self._read, self._failed)
-        d: Deferred[list[bytes]] = Deferred()
-        self._waiting.append(d)
-        return d
+        return self._waiting.wait()
 
     @staticmethod
     def _outcome(outcome: list[bytes] | str) -> Deferred[list[bytes]]:
@@ -134,9 +134,8 @@ class Rankings:
 
     def _done(self, outcome: list[bytes] | str) -> None:
         self._cached = (self._clock.seconds(), outcome)
-        waiting, self._waiting = self._waiting or [], None
-        for d in waiting:
-            if isinstance(outcome, str):
-                d.errback(Failure(RankingsUnavailable(outcome)))
-            else:
-                d.callback(outcome)
+        self._reading = False
+        if isinstance(outcome, str):
+            self._waiting.fail(RankingsUnavailable(outcome))
+        else:
+            self._waiting.fire(outcome)

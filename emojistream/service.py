@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
@@ -60,6 +60,7 @@ from emojistream.vocabulary import (
     SCORE_CHANNEL,
     Kind,
 )
+from emojistream.waiting import Waiters
 from emojistream.web import AdminRoutes, Health, Root, StreamRoutes, client_ip_of
 from emojistream.workers import ParentLink, worker_number
 
@@ -74,7 +75,7 @@ class _RecordingEndpoint:
     def __init__(self, endpoint: IStreamServerEndpoint, gate: ConnectionGate) -> None:
         self._endpoint = endpoint
         self._gate = gate
-        self._waiting: list[Deferred[IListeningPort]] = []
+        self._waiting: Waiters[IListeningPort] = Waiters()
         self.port: IListeningPort | None = None
 
     def listen(self, factory: Any) -> Deferred[IListeningPort]:
@@ -91,20 +92,15 @@ class _RecordingEndpoint:
             else:
                 where = str(getattr(address, "name", address))
             self.log.info("Serving HTTP on {where}", where=where)
-            waiting, self._waiting = self._waiting, []
-            for w in waiting:
-                w.callback(port)
+            self._waiting.fire(port)
             return port
 
         return d.addCallback(listening)
 
     def when_listening(self) -> Deferred[IListeningPort]:
-        d: Deferred[IListeningPort] = Deferred()
         if self.port is not None:
-            d.callback(self.port)
-        else:
-            self._waiting.append(d)
-        return d
+            return succeed(self.port)
+        return self._waiting.wait()
 
 
 class _Listener(StreamServerEndpointService):

@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from emojistream.hub import Hub
+from emojistream.waiting import Waiters
 
 
 class HasState(Protocol):
@@ -88,7 +89,8 @@ class StatusReport:
         self._counters = counters
         self._rates = RateMeter()
         self._cached: _Built | None = None
-        self._waiting: list[Deferred[None]] | None = None
+        self._waiting: Waiters[None] = Waiters()
+        self._building = False
         self._cached_state = ""
         #: Documents built for the web since start (not counting cache hits).
         self.builds = 0
@@ -101,11 +103,10 @@ class StatusReport:
         if cached is not None and 0 <= now - cached.at < CACHE_SECONDS \
                 and self._cached_state == self._feed.state:
             return succeed(None)
-        d: Deferred[None] = Deferred()
-        if self._waiting is not None:
-            self._waiting.append(d)  # a build is under way
+        d = self._waiting.wait()
+        if self._building:
             return d
-        self._waiting = [d]
+        self._building = True
         self._cached_state = self._feed.state
         streams = sorted(self._hub.streams(), key=lambda s: s.created_at)
         self._build(now, self._head(now), streams, [], 0)
@@ -123,9 +124,8 @@ class StatusReport:
         self._cached = _Built(now, head, done,
                               head + b',"connections":[' + b",".join(done) + b"]}",
                               [(s.request_path, s.client_ip) for s in streams])
-        waiting, self._waiting = self._waiting or [], None
-        for d in waiting:
-            d.callback(None)
+        self._building = False
+        self._waiting.fire(None)
 
     def _head(self, now: float) -> bytes:
         """The document without its connections, as JSON lacking the closing brace."""
