@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from emojistream.hub import Hub
+from emojistream.slices import each_slice, slice_per_turn
 from emojistream.waiting import Waiters
 
 
@@ -74,8 +76,8 @@ class StatusReport:
     With 10,000 streams the document is megabytes, so what the web and the admin
     report get (L{encoded}, L{page}) is built at most once per L{CACHE_SECONDS}, the
     same bytes going to every request in between, and built L{SLICE} connections
-    per reactor turn (with C{turns}, the reactor), so that no stream's delivery
-    waits behind the whole of it.
+    per reactor turn (with C{turns}, the reactor; see L{emojistream.slices}), so that
+    no stream's delivery waits behind the whole of it.
     """
 
     def __init__(self, hub: Hub, feed: HasState, *, node: str, clock: IReactorTime,
@@ -85,7 +87,7 @@ class StatusReport:
         self._feed = feed
         self._node = node
         self._clock = clock
-        self._turns = turns
+        self._slices = None if turns is None else slice_per_turn(turns)
         self._counters = counters
         self._rates = RateMeter()
         self._cached: _Built | None = None
@@ -109,23 +111,29 @@ class StatusReport:
         self._building = True
         self._cached_state = self._feed.state
         streams = sorted(self._hub.streams(), key=lambda s: s.created_at)
-        self._build(now, self._head(now), streams, [], 0)
-        return d
+        head = self._head(now)
+        done: list[bytes] = []
 
-    def _build(self, now: float, head: bytes, streams: list[Any], done: list[bytes],
-               start: int) -> None:
-        end = len(streams) if self._turns is None else start + SLICE
-        done.extend(stream.describe_json(now) for stream in streams[start:end])
-        if end < len(streams):
-            assert self._turns is not None
-            self._turns.callLater(0, self._build, now, head, streams, done, end)
-            return
-        self.builds += 1
-        self._cached = _Built(now, head, done,
-                              head + b',"connections":[' + b",".join(done) + b"]}",
-                              [(s.request_path, s.client_ip) for s in streams])
-        self._building = False
-        self._waiting.fire(None)
+        def encode(some: Sequence[Any]) -> None:
+            done.extend(stream.describe_json(now) for stream in some)
+
+        def built(_: object) -> None:
+            self.builds += 1
+            self._cached = _Built(now, head, done,
+                                  head + b',"connections":[' + b",".join(done) + b"]}",
+                                  [(s.request_path, s.client_ip) for s in streams])
+            self._building = False
+            self._waiting.fire(None)
+
+        def failed(reason: Failure) -> None:
+            self._building = False
+            self._waiting.fail(reason)
+
+        # At once without turns (or with few streams); a failure fails the waiters
+        # rather than leave them, and every later request, waiting for ever.
+        maybeDeferred(each_slice, streams, SLICE, encode, self._slices).addCallbacks(
+            built, failed)
+        return d
 
     def _head(self, now: float) -> bytes:
         """The document without its connections, as JSON lacking the closing brace."""
