@@ -51,6 +51,7 @@ from emojistream.sse import KEEPALIVE
 from emojistream.status import StatusReport
 from emojistream.stream import Batcher
 from emojistream.summarizer import RATE, ScoreSummarizer, Ticker
+from emojistream.timers import SafeCall
 from emojistream.tls import harden
 from emojistream.vocabulary import (
     DETAIL_PATTERN,
@@ -120,23 +121,6 @@ class _Listener(StreamServerEndpointService):
             why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise StartupError(f"cannot listen on {self._description!r}: "
                                f"{why or type(e).__name__}") from None
-
-
-class _SafeCall:
-    """A timer's call that logs its exceptions: a C{TimerService} whose call raises
-    once stops for good."""
-
-    log = Logger()
-
-    def __init__(self, call: Callable[..., object], what: str) -> None:
-        self._call = call
-        self._what = what
-
-    def __call__(self, *args: Any) -> None:
-        try:
-            self._call(*args)
-        except Exception:
-            self.log.failure("{what} failed", what=self._what)
 
 
 class Emojistream:
@@ -336,7 +320,7 @@ class Emojistream:
 
     def _timer(self, interval: float, call: Callable[..., object], clock: Any, what: str,
                *args: Any) -> IService:
-        timer = TimerService(interval, _SafeCall(call, what), *args)
+        timer = TimerService(interval, SafeCall(call, what), *args)
         timer.clock = clock
         timer.setServiceParent(self.core)
         return timer
