@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from emojistream.cache import fresh
 from emojistream.reporting import ADMIN_INTERVAL, ADMIN_KEY, SUMMARY_KEY
 from emojistream.status import RATES
 from emojistream.waiting import Waiters
@@ -33,8 +34,6 @@ STALE_INTERVALS = 3
 #: minute: crashed, or stopped while Redis was away; a clean stop deletes its
 #: entries itself). Its entries stay in Redis, for when it comes back.
 FORGET_INTERVALS = 12
-#: Seconds one read of the hash serves every request for.
-CACHE_SECONDS = 1.0
 
 
 class ClusterUnavailable(Exception):
@@ -42,7 +41,8 @@ class ClusterUnavailable(Exception):
 
 
 class ClusterView:
-    """Reads the C{admin_stream_status} hash at most once per L{CACHE_SECONDS}.
+    """Reads the C{admin_stream_status} hash at most once per L{CACHE_SECONDS
+    <emojistream.cache.CACHE_SECONDS>}.
 
     @param connection: a kept Redis connection (its C{protocol} is None while down).
     """
@@ -61,10 +61,11 @@ class ClusterView:
         self._history: dict[str, list[tuple[float, Mapping[str, float]]]] = {}
 
     def encoded(self) -> Deferred[bytes]:
-        """The cluster document as compact JSON, at most L{CACHE_SECONDS} old; fails
-        with L{ClusterUnavailable} while Redis is down."""
+        """The cluster document as compact JSON, at most L{CACHE_SECONDS
+        <emojistream.cache.CACHE_SECONDS>} old; fails with L{ClusterUnavailable} while
+        Redis is down."""
         now = self._clock.seconds()
-        if self._cached is not None and 0 <= now - self._cached[0] < CACHE_SECONDS:
+        if self._cached is not None and fresh(self._cached[0], now):
             return succeed(self._cached[1])
         if self._reading is None:
             protocol = self._connection.protocol

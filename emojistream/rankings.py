@@ -2,10 +2,11 @@
 C{emojitrack_score}, which emojitracker's feeder (and C{--demo}'s) increments per hit.
 
 The demo page starts from it and adds C{/eps} on top, as emojitracker's own page does.
-One read of Redis serves every request for L{CACHE_SECONDS}, whatever the number of
-requests and whatever C{limit} each asks for: the read always takes the top
-L{MAX_LIMIT}, and each answer is a slice of it. Each entry is shaped like one of
-emojitracker's REST API (C{/v1/rankings}): C{char}, C{id}, C{name}, C{score}.
+One read of Redis serves every request for L{CACHE_SECONDS
+<emojistream.cache.CACHE_SECONDS>}, whatever the number of requests and whatever
+C{limit} each asks for: the read always takes the top L{MAX_LIMIT}, and each answer is
+a slice of it. Each entry is shaped like one of emojitracker's REST API
+(C{/v1/rankings}): C{char}, C{id}, C{name}, C{score}.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from emojistream.cache import fresh
 from emojistream.vocabulary import ID_PATTERN, SCORE_KEY
 from emojistream.waiting import Waiters
 
-#: Seconds one read serves every request for.
-CACHE_SECONDS = 1.0
 #: Entries one answer holds at most (and the default); emojitracker tracks about 850.
 MAX_LIMIT = 1000
 
@@ -70,7 +70,8 @@ def encode_entries(reply: Sequence[bytes], known: Mapping[str, tuple[str, str]]
 
 
 class Rankings:
-    """Reads the top of L{SCORE_KEY} at most once per L{CACHE_SECONDS}.
+    """Reads the top of L{SCORE_KEY} at most once per L{CACHE_SECONDS
+    <emojistream.cache.CACHE_SECONDS>}.
 
     A read's outcome, the entries or the reason it failed, serves every request of
     its period; requests that come while a read is under way wait for it.
@@ -100,7 +101,7 @@ class Rankings:
 
     def _entries(self) -> Deferred[list[bytes]]:
         now = self._clock.seconds()
-        if self._cached is not None and 0 <= now - self._cached[0] < CACHE_SECONDS:
+        if self._cached is not None and fresh(self._cached[0], now):
             return self._outcome(self._cached[1])
         if not self._reading:
             protocol = self.connection.protocol

@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from emojistream.cache import fresh
 from emojistream.hub import Hub
 from emojistream.slices import each_slice, slice_per_turn
 from emojistream.waiting import Waiters
@@ -21,10 +22,6 @@ class HasState(Protocol):
 
     @property
     def state(self) -> str: ...
-
-
-#: Seconds one built status.json serves every request for.
-CACHE_SECONDS = 1.0
 
 
 #: Connections encoded per reactor turn while a status document is built.
@@ -74,10 +71,11 @@ class StatusReport:
     """Builds this node's status: identity, health, and every open connection.
 
     With 10,000 streams the document is megabytes, so what the web and the admin
-    report get (L{encoded}, L{page}) is built at most once per L{CACHE_SECONDS}, the
-    same bytes going to every request in between, and built L{SLICE} connections
-    per reactor turn (with C{turns}, the reactor; see L{emojistream.slices}), so that
-    no stream's delivery waits behind the whole of it.
+    report get (L{encoded}, L{page}) is built at most once per L{CACHE_SECONDS
+    <emojistream.cache.CACHE_SECONDS>}, the same bytes going to every request in
+    between, and built L{SLICE} connections per reactor turn (with C{turns}, the
+    reactor; see L{emojistream.slices}), so that no stream's delivery waits behind the
+    whole of it.
     """
 
     def __init__(self, hub: Hub, feed: HasState, *, node: str, clock: IReactorTime,
@@ -102,7 +100,7 @@ class StatusReport:
         now = self._clock.seconds()
         cached = self._cached
         # A change of the Redis state shows at once (status is "OK" only while up).
-        if cached is not None and 0 <= now - cached.at < CACHE_SECONDS \
+        if cached is not None and fresh(cached.at, now) \
                 and self._cached_state == self._feed.state:
             return succeed(None)
         d = self._waiting.wait()
