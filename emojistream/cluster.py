@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from emojistream.cache import fresh
 from emojistream.reporting import ADMIN_INTERVAL, ADMIN_KEY, SUMMARY_KEY
-from emojistream.status import RATES
+from emojistream.status import RATES, RateMeter
 from emojistream.waiting import Waiters
 
 #: Report intervals without a report after which a node is stale.
@@ -57,8 +57,8 @@ class ClusterView:
         self._cached: tuple[float, bytes] | None = None
         self._reading: Deferred[dict[bytes, bytes]] | None = None
         self._waiting: Waiters[bytes] = Waiters()
-        # Per node: its two latest distinct reports, (reported_at, totals).
-        self._history: dict[str, list[tuple[float, Mapping[str, float]]]] = {}
+        # Per node: the rates between its two latest distinct reports.
+        self._meters: dict[str, RateMeter] = {}
 
     def encoded(self) -> Deferred[bytes]:
         """The cluster document as compact JSON, at most L{CACHE_SECONDS
@@ -115,8 +115,8 @@ class ClusterView:
             if node["age"] is None or node["age"] <= forget_after:
                 nodes.append(node)
                 listed.add(name)
-        for gone in set(self._history) - listed:
-            del self._history[gone]
+        for gone in set(self._meters) - listed:
+            del self._meters[gone]
         fresh = [n for n in nodes if not n["stale"]]
         pools: dict[str, int] = {}
         for node in fresh:
@@ -168,20 +168,14 @@ class ClusterView:
         between the node's two latest distinct reports that this view has read."""
         if reported_at is None:
             return {}
-        history = self._history.setdefault(name, [])
-        if not history or history[-1][0] != reported_at:
-            history.append((reported_at, dict(totals)))
-            del history[:-2]
+        meter = self._meters.get(name)
+        if meter is None:
+            meter = self._meters[name] = RateMeter(samples=2)
+        between = meter.sample(reported_at, {total: _number(totals.get(total)) or 0.0
+                                             for total in RATES.values()})
         if all(_number(reported.get(key)) is not None for key in RATES):
             return {key: float(reported[key]) for key in RATES}
-        if len(history) < 2:
-            return {}
-        (t0, old), (t1, new) = history
-        if t1 <= t0:
-            return {}
-        return {key: round(max(0.0, (_number(new.get(total)) or 0)
-                               - (_number(old.get(total)) or 0)) / (t1 - t0), 1)
-                for key, total in RATES.items()}
+        return between
 
 
 #: JSON whitespace, and a JSON string token (validated where it is decoded).

@@ -35,25 +35,33 @@ RATES = {"in": "messages.received", "out": "messages.delivered",
 
 
 class RateMeter:
-    """Messages per second in and out, between the last few status builds: sampled
-    from the totals each build reads anyway (at most one a second, and every 5 s
-    with the admin report), so that rates cost no scan of the streams of their own."""
+    """Per second, between the last few samples of one node's totals: in from Redis,
+    out to clients, clients dropped (L{RATES}). Status samples its own totals at each
+    build (at most one a second, and every 5 s with the admin report), so that rates
+    cost no scan of the streams of their own; the cluster view keeps one per node for
+    the nodes that report none, sampling the totals of each new report.
+    """
 
     def __init__(self, samples: int = 3) -> None:
         self._samples: deque[tuple[float, dict[str, float]]] = deque(maxlen=samples)
 
     def sample(self, now: float, totals: Mapping[str, float]) -> dict[str, float]:
         """Take C{totals} at C{now}; the rates per second between the oldest sample
-        kept and this one (empty before two)."""
+        kept and this one (empty before two). The same moment again replaces its
+        sample; a moment before the last (a clock set back, a node restarted) starts
+        again; a total that went down (a restart) counts as no change."""
         values = {key: totals.get(total, 0) for key, total in RATES.items()}
-        if self._samples and self._samples[-1][0] >= now:
-            self._samples[-1] = (self._samples[-1][0], values)  # the same moment again
-        else:
-            self._samples.append((now, values))
-        (t0, old), (t1, new) = self._samples[0], self._samples[-1]
+        samples = self._samples
+        if samples and samples[-1][0] >= now:
+            if samples[-1][0] > now:
+                samples.clear()
+            else:
+                samples.pop()  # the same moment again
+        samples.append((now, values))
+        (t0, old), (t1, new) = samples[0], samples[-1]
         if t1 <= t0:
             return {}
-        return {key: round((new[key] - old[key]) / (t1 - t0), 1) for key in RATES}
+        return {key: round(max(0.0, new[key] - old[key]) / (t1 - t0), 1) for key in RATES}
 
 
 class _Built(NamedTuple):
