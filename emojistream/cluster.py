@@ -23,8 +23,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from emojistream.cache import fresh
 from emojistream.reporting import ADMIN_INTERVAL, ADMIN_KEY, SUMMARY_KEY
-from emojistream.status import RATES
+from emojistream.status import RATES, RateMeter
+from emojistream.waiting import Waiters
 
 #: Report intervals without a report after which a node is stale.
 STALE_INTERVALS = 3
@@ -32,8 +34,6 @@ STALE_INTERVALS = 3
 #: minute: crashed, or stopped while Redis was away; a clean stop deletes its
 #: entries itself). Its entries stay in Redis, for when it comes back.
 FORGET_INTERVALS = 12
-#: Seconds one read of the hash serves every request for.
-CACHE_SECONDS = 1.0
 
 
 class ClusterUnavailable(Exception):
@@ -41,7 +41,8 @@ class ClusterUnavailable(Exception):
 
 
 class ClusterView:
-    """Reads the C{admin_stream_status} hash at most once per L{CACHE_SECONDS}.
+    """Reads the C{admin_stream_status} hash at most once per L{CACHE_SECONDS
+    <emojistream.cache.CACHE_SECONDS>}.
 
     @param connection: a kept Redis connection (its C{protocol} is None while down).
     """
@@ -55,15 +56,16 @@ class ClusterView:
         self._interval = interval
         self._cached: tuple[float, bytes] | None = None
         self._reading: Deferred[dict[bytes, bytes]] | None = None
-        self._waiting: list[Deferred[bytes]] = []
-        # Per node: its two latest distinct reports, (reported_at, totals).
-        self._history: dict[str, list[tuple[float, Mapping[str, float]]]] = {}
+        self._waiting: Waiters[bytes] = Waiters()
+        # Per node: the rates between its two latest distinct reports.
+        self._meters: dict[str, RateMeter] = {}
 
     def encoded(self) -> Deferred[bytes]:
-        """The cluster document as compact JSON, at most L{CACHE_SECONDS} old; fails
-        with L{ClusterUnavailable} while Redis is down."""
+        """The cluster document as compact JSON, at most L{CACHE_SECONDS
+        <emojistream.cache.CACHE_SECONDS>} old; fails with L{ClusterUnavailable} while
+        Redis is down."""
         now = self._clock.seconds()
-        if self._cached is not None and 0 <= now - self._cached[0] < CACHE_SECONDS:
+        if self._cached is not None and fresh(self._cached[0], now):
             return succeed(self._cached[1])
         if self._reading is None:
             protocol = self._connection.protocol
@@ -72,9 +74,7 @@ class ClusterView:
                     f"Redis is {self._connection.state}: the cluster view is unavailable"))
             self._reading = reading = self._reports(protocol)
             reading.addCallbacks(self._read, self._failed)
-        d: Deferred[bytes] = Deferred()
-        self._waiting.append(d)
-        return d
+        return self._waiting.wait()
 
     @inlineCallbacks
     def _reports(self, protocol: Any) -> Generator[Deferred[Any], Any, dict[bytes, bytes]]:
@@ -97,16 +97,12 @@ class ClusterView:
         encoded = json.dumps(self.document(reports, now), separators=(",", ":")).encode()
         self._cached = (now, encoded)
         self._reading = None
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(encoded)
+        self._waiting.fire(encoded)
 
     def _failed(self, reason: Failure) -> None:
         self._reading = None
         error = ClusterUnavailable(f"reading {ADMIN_KEY} failed: {reason.getErrorMessage()}")
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.errback(Failure(error))
+        self._waiting.fail(error)
 
     def document(self, reports: Mapping[bytes, bytes], now: float) -> dict[str, Any]:
         """The view of C{reports} (node name -> status JSON) at time C{now}."""
@@ -119,8 +115,8 @@ class ClusterView:
             if node["age"] is None or node["age"] <= forget_after:
                 nodes.append(node)
                 listed.add(name)
-        for gone in set(self._history) - listed:
-            del self._history[gone]
+        for gone in set(self._meters) - listed:
+            del self._meters[gone]
         fresh = [n for n in nodes if not n["stale"]]
         pools: dict[str, int] = {}
         for node in fresh:
@@ -172,20 +168,14 @@ class ClusterView:
         between the node's two latest distinct reports that this view has read."""
         if reported_at is None:
             return {}
-        history = self._history.setdefault(name, [])
-        if not history or history[-1][0] != reported_at:
-            history.append((reported_at, dict(totals)))
-            del history[:-2]
+        meter = self._meters.get(name)
+        if meter is None:
+            meter = self._meters[name] = RateMeter(samples=2)
+        between = meter.sample(reported_at, {total: _number(totals.get(total)) or 0.0
+                                             for total in RATES.values()})
         if all(_number(reported.get(key)) is not None for key in RATES):
             return {key: float(reported[key]) for key in RATES}
-        if len(history) < 2:
-            return {}
-        (t0, old), (t1, new) = history
-        if t1 <= t0:
-            return {}
-        return {key: round(max(0.0, (_number(new.get(total)) or 0)
-                               - (_number(old.get(total)) or 0)) / (t1 - t0), 1)
-                for key, total in RATES.items()}
+        return between
 
 
 #: JSON whitespace, and a JSON string token (validated where it is decoded).

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
     IProtocol,
@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from emojistream.compat import QuietClientService
+from emojistream.waiting import Waiters
 
 INITIAL_DELAY = 0.1
 MAX_DELAY = 5.0
@@ -188,7 +189,8 @@ class KeptConnection(Service):
         self._stable: IDelayedCall | None = None
         # The prepare step in progress (None once it has ended either way).
         self._preparing: Deferred[None] | None = None
-        self._waiting: list[tuple[str, Deferred[None]]] = []
+        # Per state: who waits for it.
+        self._waiting: dict[str, Waiters[None]] = {}
         self._factory = _NotifyingFactory(build, self._lost)
         # The warnings here say what changed (down, flapping, refused) once per change,
         # not once per retry.
@@ -215,19 +217,15 @@ class KeptConnection(Service):
 
     def when_state(self, state: str) -> Deferred[None]:
         """A Deferred that fires once C{state} is (or next becomes) C{state}."""
-        d: Deferred[None] = Deferred()
         if self.state == state:
-            d.callback(None)
-        else:
-            self._waiting.append((state, d))
-        return d
+            return succeed(None)
+        return self._waiting.setdefault(state, Waiters()).wait()
 
     def _set_state(self, state: str) -> None:
         self.state = state
-        ready = [d for wanted, d in self._waiting if wanted == state]
-        self._waiting = [(w, d) for w, d in self._waiting if w != state]
-        for d in ready:
-            d.callback(None)
+        waiters = self._waiting.pop(state, None)
+        if waiters is not None:
+            waiters.fire(None)
 
     def _delay(self, attempt: int) -> float:
         # ClientService counts attempts since its last successful connect, and a

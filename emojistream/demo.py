@@ -36,6 +36,7 @@ from emojistream.children import child_environment, die_with_parent
 from emojistream.config import RedisAddress
 from emojistream.lifecycle import StartupError
 from emojistream.redisconn import RedisConnection
+from emojistream.timers import SafeCall
 from emojistream.vocabulary import DETAIL_CHANNEL_PREFIX, SCORE_CHANNEL, SCORE_KEY
 
 
@@ -312,7 +313,7 @@ class Feeder(MultiService):
         self._connection = RedisConnection(address, reactor=reactor, purpose="demo feeder",
                                            prepare=self._seed_scores, **connection)
         self._connection.setServiceParent(self)
-        timer = TimerService(self.TICK, self.tick)
+        timer = TimerService(self.TICK, SafeCall(self.tick, "Publishing demo hits", self.log))
         timer.clock = reactor
         timer.setServiceParent(self)
         self._last: float | None = None
@@ -345,18 +346,14 @@ class Feeder(MultiService):
         protocol = self._connection.protocol
         if protocol is None or not due:
             return
-        try:
-            for _ in range(due):
-                emoji = self._ids.draw()
-                for d in (
-                    protocol.execute_command("ZINCRBY", SCORE_KEY, 1, emoji.id),
-                    protocol.publish(_SCORE_CHANNEL, emoji.id),
-                    protocol.publish(_DETAIL_CHANNEL_PREFIX + emoji.id,
-                                     self._tweets.tweet(emoji)),
-                ):
-                    # A hit lost with the connection is simply not published.
-                    d.addErrback(lambda failure: None)
-                self.published += 1
-        except Exception:
-            # A timer whose call raises stops for good; the next tick tries again.
-            self.log.failure("Publishing demo hits failed")
+        for _ in range(due):
+            emoji = self._ids.draw()
+            for d in (
+                protocol.execute_command("ZINCRBY", SCORE_KEY, 1, emoji.id),
+                protocol.publish(_SCORE_CHANNEL, emoji.id),
+                protocol.publish(_DETAIL_CHANNEL_PREFIX + emoji.id,
+                                 self._tweets.tweet(emoji)),
+            ):
+                # A hit lost with the connection is simply not published.
+                d.addErrback(lambda failure: None)
+            self.published += 1

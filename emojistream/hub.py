@@ -10,24 +10,19 @@ connections are found through the index, never by scanning every connection.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import Cooperator
+from twisted.internet.interfaces import IReactorTime
 
+from emojistream.slices import each_slice, slice_per_turn
 from emojistream.stream import Stream
 from emojistream.vocabulary import POOLS, lineage
 
 #: Keepalive ticks per keepalive interval: the finer, the closer an idle stream's
 #: keepalives come to one per interval (here one per 4/5 of it), never more apart.
 KEEPALIVE_TICKS = 5
-
-
-def _one_unit() -> bool:
-    """A Cooperator's turn ends after one unit of work: one slice of streams."""
-    return True
 
 
 class Hub:
@@ -41,13 +36,7 @@ class Hub:
 
     def __init__(self, clock: IReactorTime | None = None, summary_slice: int = 256) -> None:
         self._summary_slice = summary_slice
-        self._turns: Cooperator | None = None
-        if clock is not None:
-            def next_turn(work: Any) -> IDelayedCall:
-                return clock.callLater(0, work)
-
-            self._turns = Cooperator(terminationPredicateFactory=lambda: _one_unit,
-                                     scheduler=next_turn)
+        self._turns = None if clock is None else slice_per_turn(clock)
         self._index: dict[str, dict[Stream, None]] = {}
         self._lineages: dict[str, list[str]] = {}
         self._pool_sizes: dict[str, int] = dict.fromkeys(POOLS, 0)
@@ -130,29 +119,12 @@ class Hub:
         if not pool:
             return None
         targets = tuple(pool)
-        turns, step = self._turns, self._summary_slice
-        if turns is None or len(targets) <= step:
-            for stream in targets:
-                stream.send_summary(frame, counts)
-            return None
-        for stream in targets[:step]:
-            stream.send_summary(frame, counts)
-        return turns.coiterate(self._slices(targets, step, frame, counts)).addCallback(
-            lambda _: None)
 
-    def _slices(self, targets: tuple[Stream, ...], start: int, frame: bytes,
-                counts: dict[str, int]) -> Iterator[None]:
-        """Send the summary to the rest of C{targets}, a slice per step; the last
-        slice ends the iteration in the very step that sends it."""
-        step = self._summary_slice
-        while True:
-            end = start + step
-            for stream in targets[start:end]:
+        def send(some: Sequence[Stream]) -> None:
+            for stream in some:
                 stream.send_summary(frame, counts)
-            if end >= len(targets):
-                return
-            yield None
-            start = end
+
+        return each_slice(targets, self._summary_slice, send, self._turns)
 
     def from_ip(self, client_ip: str) -> int:
         """How many open streams C{client_ip} holds."""

@@ -2,10 +2,11 @@
 C{emojitrack_score}, which emojitracker's feeder (and C{--demo}'s) increments per hit.
 
 The demo page starts from it and adds C{/eps} on top, as emojitracker's own page does.
-One read of Redis serves every request for L{CACHE_SECONDS}, whatever the number of
-requests and whatever C{limit} each asks for: the read always takes the top
-L{MAX_LIMIT}, and each answer is a slice of it. Each entry is shaped like one of
-emojitracker's REST API (C{/v1/rankings}): C{char}, C{id}, C{name}, C{score}.
+One read of Redis serves every request for L{CACHE_SECONDS
+<emojistream.cache.CACHE_SECONDS>}, whatever the number of requests and whatever
+C{limit} each asks for: the read always takes the top L{MAX_LIMIT}, and each answer is
+a slice of it. Each entry is shaped like one of emojitracker's REST API
+(C{/v1/rankings}): C{char}, C{id}, C{name}, C{score}.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from emojistream.cache import fresh
 from emojistream.vocabulary import ID_PATTERN, SCORE_KEY
+from emojistream.waiting import Waiters
 
-#: Seconds one read serves every request for.
-CACHE_SECONDS = 1.0
 #: Entries one answer holds at most (and the default); emojitracker tracks about 850.
 MAX_LIMIT = 1000
 
@@ -69,7 +70,8 @@ def encode_entries(reply: Sequence[bytes], known: Mapping[str, tuple[str, str]]
 
 
 class Rankings:
-    """Reads the top of L{SCORE_KEY} at most once per L{CACHE_SECONDS}.
+    """Reads the top of L{SCORE_KEY} at most once per L{CACHE_SECONDS
+    <emojistream.cache.CACHE_SECONDS>}.
 
     A read's outcome, the entries or the reason it failed, serves every request of
     its period; requests that come while a read is under way wait for it.
@@ -86,7 +88,8 @@ class Rankings:
         self._known = known
         # (when read, the entries or the reason the read failed)
         self._cached: tuple[float, list[bytes] | str] | None = None
-        self._waiting: list[Deferred[list[bytes]]] | None = None
+        self._waiting: Waiters[list[bytes]] = Waiters()
+        self._reading = False
         #: Reads sent to Redis, for tests and tools.
         self.reads = 0
 
@@ -98,21 +101,19 @@ class Rankings:
 
     def _entries(self) -> Deferred[list[bytes]]:
         now = self._clock.seconds()
-        if self._cached is not None and 0 <= now - self._cached[0] < CACHE_SECONDS:
+        if self._cached is not None and fresh(self._cached[0], now):
             return self._outcome(self._cached[1])
-        if self._waiting is None:
+        if not self._reading:
             protocol = self.connection.protocol
             if protocol is None:
                 return fail(RankingsUnavailable(
                     f"Redis is {self.connection.state}: the rankings are unavailable"))
-            self._waiting = []
+            self._reading = True
             self.reads += 1
             reading: Deferred[list[bytes]] = protocol.execute_command(
                 "ZREVRANGE", SCORE_KEY, 0, MAX_LIMIT - 1, "WITHSCORES")
             reading.addCallbacks(self._read, self._failed)
-        d: Deferred[list[bytes]] = Deferred()
-        self._waiting.append(d)
-        return d
+        return self._waiting.wait()
 
     @staticmethod
     def _outcome(outcome: list[bytes] | str) -> Deferred[list[bytes]]:
@@ -134,9 +135,8 @@ class Rankings:
 
     def _done(self, outcome: list[bytes] | str) -> None:
         self._cached = (self._clock.seconds(), outcome)
-        waiting, self._waiting = self._waiting or [], None
-        for d in waiting:
-            if isinstance(outcome, str):
-                d.errback(Failure(RankingsUnavailable(outcome)))
-            else:
-                d.callback(outcome)
+        self._reading = False
+        if isinstance(outcome, str):
+            self._waiting.fail(RankingsUnavailable(outcome))
+        else:
+            self._waiting.fire(outcome)

@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
@@ -51,6 +51,7 @@ from emojistream.router import Router
 from emojistream.sse import KEEPALIVE
 from emojistream.status import StatusReport
 from emojistream.summarizer import RATE, ScoreSummarizer, Ticker
+from emojistream.timers import SafeCall
 from emojistream.tls import harden
 from emojistream.vocabulary import (
     DETAIL_PATTERN,
@@ -60,6 +61,7 @@ from emojistream.vocabulary import (
     SCORE_CHANNEL,
     Kind,
 )
+from emojistream.waiting import Waiters
 from emojistream.web import AdminRoutes, Health, Root, StreamRoutes, client_ip_of
 from emojistream.workers import ParentLink, worker_number
 
@@ -74,7 +76,7 @@ class _RecordingEndpoint:
     def __init__(self, endpoint: IStreamServerEndpoint, gate: ConnectionGate) -> None:
         self._endpoint = endpoint
         self._gate = gate
-        self._waiting: list[Deferred[IListeningPort]] = []
+        self._waiting: Waiters[IListeningPort] = Waiters()
         self.port: IListeningPort | None = None
 
     def listen(self, factory: Any) -> Deferred[IListeningPort]:
@@ -91,20 +93,15 @@ class _RecordingEndpoint:
             else:
                 where = str(getattr(address, "name", address))
             self.log.info("Serving HTTP on {where}", where=where)
-            waiting, self._waiting = self._waiting, []
-            for w in waiting:
-                w.callback(port)
+            self._waiting.fire(port)
             return port
 
         return d.addCallback(listening)
 
     def when_listening(self) -> Deferred[IListeningPort]:
-        d: Deferred[IListeningPort] = Deferred()
         if self.port is not None:
-            d.callback(self.port)
-        else:
-            self._waiting.append(d)
-        return d
+            return succeed(self.port)
+        return self._waiting.wait()
 
 
 class _Listener(StreamServerEndpointService):
@@ -124,23 +121,6 @@ class _Listener(StreamServerEndpointService):
             why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise StartupError(f"cannot listen on {self._description!r}: "
                                f"{why or type(e).__name__}") from None
-
-
-class _SafeCall:
-    """A timer's call that logs its exceptions: a C{TimerService} whose call raises
-    once stops for good."""
-
-    log = Logger()
-
-    def __init__(self, call: Callable[..., object], what: str) -> None:
-        self._call = call
-        self._what = what
-
-    def __call__(self, *args: Any) -> None:
-        try:
-            self._call(*args)
-        except Exception:
-            self.log.failure("{what} failed", what=self._what)
 
 
 class Emojistream:
@@ -347,7 +327,7 @@ class Emojistream:
 
     def _timer(self, interval: float, call: Callable[..., object], clock: Any, what: str,
                *args: Any) -> IService:
-        timer = TimerService(interval, _SafeCall(call, what), *args)
+        timer = TimerService(interval, SafeCall(call, what), *args)
         timer.clock = clock
         timer.setServiceParent(self.core)
         return timer

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
+from emojistream.cache import fresh
 from emojistream.hub import Hub
+from emojistream.slices import each_slice, slice_per_turn
 from emojistream.stream import Stream
+from emojistream.waiting import Waiters
 
 
 class HasState(Protocol):
@@ -19,10 +23,6 @@ class HasState(Protocol):
 
     @property
     def state(self) -> str: ...
-
-
-#: Seconds one built status.json serves every request for.
-CACHE_SECONDS = 1.0
 
 
 #: Connections encoded per reactor turn while a status document is built.
@@ -36,25 +36,33 @@ RATES = {"in": "messages.received", "out": "messages.delivered",
 
 
 class RateMeter:
-    """Messages per second in and out, between the last few status builds: sampled
-    from the totals each build reads anyway (at most one a second, and every 5 s
-    with the admin report), so that rates cost no scan of the streams of their own."""
+    """Per second, between the last few samples of one node's totals: in from Redis,
+    out to clients, clients dropped (L{RATES}). Status samples its own totals at each
+    build (at most one a second, and every 5 s with the admin report), so that rates
+    cost no scan of the streams of their own; the cluster view keeps one per node for
+    the nodes that report none, sampling the totals of each new report.
+    """
 
     def __init__(self, samples: int = 3) -> None:
         self._samples: deque[tuple[float, dict[str, float]]] = deque(maxlen=samples)
 
     def sample(self, now: float, totals: Mapping[str, float]) -> dict[str, float]:
         """Take C{totals} at C{now}; the rates per second between the oldest sample
-        kept and this one (empty before two)."""
+        kept and this one (empty before two). The same moment again replaces its
+        sample; a moment before the last (a clock set back, a node restarted) starts
+        again; a total that went down (a restart) counts as no change."""
         values = {key: totals.get(total, 0) for key, total in RATES.items()}
-        if self._samples and self._samples[-1][0] >= now:
-            self._samples[-1] = (self._samples[-1][0], values)  # the same moment again
-        else:
-            self._samples.append((now, values))
-        (t0, old), (t1, new) = self._samples[0], self._samples[-1]
+        samples = self._samples
+        if samples and samples[-1][0] >= now:
+            if samples[-1][0] > now:
+                samples.clear()
+            else:
+                samples.pop()  # the same moment again
+        samples.append((now, values))
+        (t0, old), (t1, new) = samples[0], samples[-1]
         if t1 <= t0:
             return {}
-        return {key: round((new[key] - old[key]) / (t1 - t0), 1) for key in RATES}
+        return {key: round(max(0.0, new[key] - old[key]) / (t1 - t0), 1) for key in RATES}
 
 
 class _Built(NamedTuple):
@@ -72,10 +80,11 @@ class StatusReport:
     """Builds this node's status: identity, health, and every open connection.
 
     With 10,000 streams the document is megabytes, so what the web and the admin
-    report get (L{encoded}, L{page}) is built at most once per L{CACHE_SECONDS}, the
-    same bytes going to every request in between, and built L{SLICE} connections
-    per reactor turn (with C{turns}, the reactor), so that no stream's delivery
-    waits behind the whole of it.
+    report get (L{encoded}, L{page}) is built at most once per L{CACHE_SECONDS
+    <emojistream.cache.CACHE_SECONDS>}, the same bytes going to every request in
+    between, and built L{SLICE} connections per reactor turn (with C{turns}, the
+    reactor; see L{emojistream.slices}), so that no stream's delivery waits behind the
+    whole of it.
     """
 
     def __init__(self, hub: Hub, feed: HasState, *, node: str, clock: IReactorTime,
@@ -85,11 +94,12 @@ class StatusReport:
         self._feed = feed
         self._node = node
         self._clock = clock
-        self._turns = turns
+        self._slices = None if turns is None else slice_per_turn(turns)
         self._counters = counters
         self._rates = RateMeter()
         self._cached: _Built | None = None
-        self._waiting: list[Deferred[None]] | None = None
+        self._waiting: Waiters[None] = Waiters()
+        self._building = False
         self._cached_state = ""
         #: Documents built for the web since start (not counting cache hits).
         self.builds = 0
@@ -99,34 +109,38 @@ class StatusReport:
         now = self._clock.seconds()
         cached = self._cached
         # A change of the Redis state shows at once (status is "OK" only while up).
-        if cached is not None and 0 <= now - cached.at < CACHE_SECONDS \
+        if cached is not None and fresh(cached.at, now) \
                 and self._cached_state == self._feed.state:
             return succeed(None)
-        d: Deferred[None] = Deferred()
-        if self._waiting is not None:
-            self._waiting.append(d)  # a build is under way
+        d = self._waiting.wait()
+        if self._building:
             return d
-        self._waiting = [d]
+        self._building = True
         self._cached_state = self._feed.state
         streams = sorted(self._hub.streams(), key=lambda s: s.created_at)
-        self._build(now, self._head(now), streams, [], 0)
-        return d
+        head = self._head(now)
+        done: list[bytes] = []
 
-    def _build(self, now: float, head: bytes, streams: list[Stream], done: list[bytes],
-               start: int) -> None:
-        end = len(streams) if self._turns is None else start + SLICE
-        done.extend(stream.describe_json(now) for stream in streams[start:end])
-        if end < len(streams):
-            assert self._turns is not None
-            self._turns.callLater(0, self._build, now, head, streams, done, end)
-            return
-        self.builds += 1
-        self._cached = _Built(now, head, done,
-                              head + b',"connections":[' + b",".join(done) + b"]}",
-                              [(s.request_path, s.client_ip) for s in streams])
-        waiting, self._waiting = self._waiting or [], None
-        for d in waiting:
-            d.callback(None)
+        def encode(some: Sequence[Stream]) -> None:
+            done.extend(stream.describe_json(now) for stream in some)
+
+        def built(_: object) -> None:
+            self.builds += 1
+            self._cached = _Built(now, head, done,
+                                  head + b',"connections":[' + b",".join(done) + b"]}",
+                                  [(s.request_path, s.client_ip) for s in streams])
+            self._building = False
+            self._waiting.fire(None)
+
+        def failed(reason: Failure) -> None:
+            self._building = False
+            self._waiting.fail(reason)
+
+        # At once without turns (or with few streams); a failure fails the waiters
+        # rather than leave them, and every later request, waiting for ever.
+        maybeDeferred(each_slice, streams, SLICE, encode, self._slices).addCallbacks(
+            built, failed)
+        return d
 
     def _head(self, now: float) -> bytes:
         """The document without its connections, as JSON lacking the closing brace."""

@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from emojistream.sse import encode_event
+from emojistream.timers import SafeCall
 
 #: Ticks per second: summaries are sent at most this often.
 RATE = 60
@@ -90,7 +91,7 @@ class Ticker(Service):
         self._interval = interval
         # Told how late each tick runs (seconds), for the tick-lag histogram.
         self._lateness = lateness
-        self._call = call
+        self._call = SafeCall(call, "A tick", self.log)
         self._clock = clock
         self._due = 0.0
         self._pending: Any = None
@@ -117,9 +118,6 @@ class Ticker(Service):
     def _tick(self) -> None:
         if self._lateness is not None:
             self._lateness(max(0.0, self._clock.seconds() - self._due))
-        try:
-            self._call()
-        except Exception:
-            self.log.failure("A tick failed")
+        self._call()
         if self.running:
             self._schedule()

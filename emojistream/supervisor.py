@@ -37,6 +37,8 @@ from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succ
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from emojistream.waiting import Waiters
+
 
 class Handle(Protocol):
     """A started worker, as the launcher gives it back."""
@@ -82,8 +84,10 @@ class Worker:
     killed_for: str = ""
     last_words: str = ""
     ended: Deferred[None] = field(default_factory=Deferred)
-    _when_ready: list[Deferred[bool]] = field(default_factory=list)
-    _when_stopping: list[Deferred[None]] = field(default_factory=list)
+    #: Who waits for it to be ready (True) or to end unready (False).
+    _when_ready: Waiters[bool] = field(default_factory=Waiters)
+    #: Who waits for it to begin its stop (or to end).
+    _when_stopping: Waiters[None] = field(default_factory=Waiters)
 
     @property
     def pid(self) -> int:
@@ -152,7 +156,7 @@ class Supervisor(Service):
         self._failures: dict[int, int] = {}
         self._boot_failures: dict[int, int] = {}
         self._pending: dict[int, Any] = {}
-        self._ready_waiters: list[Deferred[None]] = []
+        self._ready_waiters: Waiters[None] = Waiters()
         self._checker = LoopingCall(self.check)
         self._checker.clock = clock
         self._last_check: float | None = None
@@ -212,15 +216,13 @@ class Supervisor(Service):
         if fields.get("READY") == "1" and worker.ready_at is None:
             worker.ready_at = now
             self._boot_failures[worker.number] = 0
-            for d in _take(worker._when_ready):
-                d.callback(True)
+            worker._when_ready.fire(True)
             self._maybe_all_serving()
         if fields.get("STOPPING") == "1":
             first = worker.stopping_since is None
             if first:
                 worker.stopping_since = now
-            for d in _take(worker._when_stopping):
-                d.callback(None)
+            worker._when_stopping.fire(None)
             if (self.running and not worker.retired
                     and self.current.get(worker.number) is worker):
                 # Signalled by someone else: it drains, a new one takes its place.
@@ -239,10 +241,8 @@ class Supervisor(Service):
     def worker_ended(self, worker: Worker, description: str) -> None:
         now = self._clock.seconds()
         self.leaving.discard(worker)
-        for d in _take(worker._when_ready):
-            d.callback(False)
-        for d in _take(worker._when_stopping):
-            d.callback(None)
+        worker._when_ready.fire(False)
+        worker._when_stopping.fire(None)
         replace = self.running and not worker.retired and self.current.get(worker.number) is worker
         if replace:
             del self.current[worker.number]
@@ -341,16 +341,13 @@ class Supervisor(Service):
 
     def _maybe_all_serving(self) -> None:
         if len(self.serving()) == self.count:
-            for d in _take(self._ready_waiters):
-                d.callback(None)
+            self._ready_waiters.fire(None)
 
     def when_serving(self) -> Deferred[None]:
         """Fires once every worker serves (for systemd's READY=1)."""
         if len(self.serving()) == self.count:
             return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._ready_waiters.append(d)
-        return d
+        return self._ready_waiters.wait()
 
     def summary(self) -> str:
         """One line for a service manager's status: how many serve, and each worker."""
@@ -395,11 +392,10 @@ class Supervisor(Service):
                 return
             if old is not None:
                 self._retire(old)
-                stopping: Deferred[None] = Deferred()
-                old._when_stopping.append(stopping)
+                # One that never became ready has nothing to drain: go on at once.
+                stopping = (old._when_stopping.wait() if old.ready_at is not None
+                            else succeed(None))
                 self._stop(old)
-                if old.stopping_since is not None and old.ready_at is None:
-                    stopping.callback(None)
                 yield stopping
             if not self.running:
                 return
@@ -411,17 +407,10 @@ class Supervisor(Service):
                 self.restarts += 1
                 new = self._launch(number)
             if new.ready_at is None:
-                ready: Deferred[bool] = Deferred()
-                new._when_ready.append(ready)
-                served = yield ready
+                served = yield new._when_ready.wait()
                 if not served:
                     self.log.warn("Rolling restart stopped: worker {n} did not start",
                                   n=number)
                     return
         self.log.info("Rolling restart done: {n} new workers serving", n=self.count)
 
-
-def _take(waiting: list[Deferred[Any]]) -> list[Deferred[Any]]:
-    taken = list(waiting)
-    waiting.clear()
-    return taken

@@ -324,7 +324,7 @@ class Writer:
             return
         self.handed += 1
         framer = self._framer
-        if framer is not None:
+        if framer is not None:  # _wire, inlined: the one hot path (a call costs ~130 ns)
             frame = framer.chunked if frame is framer.frame else framer(frame)
         self._emit(frame, 1)
 
@@ -570,11 +570,7 @@ class SummaryWriter(Writer):
         h2 = self._h2
         backed_up = self._paused or (h2 is not None and h2.size() >= TRANSPORT_BUFFER)
         if not backed_up and self._pending is None:
-            self.handed += 1
-            framer = self._framer
-            if framer is not None:
-                frame = framer.chunked if frame is framer.frame else framer(frame)
-            self._emit(frame, 1)
+            self.message(frame)
             return
         pending = self._pending
         if pending is None:

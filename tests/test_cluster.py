@@ -238,3 +238,25 @@ def test_a_node_s_rates_come_from_its_last_status_builds():
     meter.sample(110, {"messages.received": 1000})
     # Three samples kept: the oldest falls out.
     assert meter.sample(115, {"messages.received": 1600})["in"] == 100.0
+
+
+def test_rates_start_again_when_time_goes_back_and_a_total_that_falls_counts_as_none():
+    """One meter for status and for the cluster view's nodes: a clock set back (or a
+    node restarted with an earlier reported_at) starts the rates again, and a node that
+    restarted (its totals back near zero) shows no negative rate."""
+    from emojistream.status import RateMeter
+
+    meter = RateMeter()
+    meter.sample(100, {"messages.received": 500})
+    assert meter.sample(110, {"messages.received": 1500})["in"] == 100.0
+    assert meter.sample(50, {"messages.received": 1600}) == {}  # the clock went back
+    assert meter.sample(60, {"messages.received": 1700})["in"] == 10.0
+    view = ClusterView(None, clock=Clock())
+    view.document({b"a": report("a", 100, 1000)}, 101)
+    [restarted] = view.document({b"a": report("a", 105, 10)}, 106)["nodes"]
+    assert restarted["rates"] == {"in": 0.0, "out": 0.0, "dropped": 0.0}
+    [again] = view.document({b"a": report("a", 110, 510)}, 111)["nodes"]
+    assert again["rates"]["in"] == 100.0
+    # Junk where a total should be (another implementation) counts as zero.
+    [junk] = view.document({b"a": report("a", 115, "many")}, 116)["nodes"]
+    assert junk["rates"] == {"in": 0.0, "out": 0.0, "dropped": 0.0}

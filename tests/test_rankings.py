@@ -20,9 +20,10 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
 
 from conftest import running
+from emojistream.cache import CACHE_SECONDS
 from emojistream.config import RedisAddress
 from emojistream.demo import Feeder, load_rankings
-from emojistream.rankings import CACHE_SECONDS, MAX_LIMIT, encode_entries, parse_limit
+from emojistream.rankings import MAX_LIMIT, encode_entries, parse_limit
 from redisproc import RedisProcess
 from sseclient import within
 

@@ -64,7 +64,7 @@ def test_empty_ticks_send_nothing_and_output_is_compact_json():
 def test_a_failing_timer_call_is_logged_and_the_timer_keeps_running():
     from twisted.logger import globalLogPublisher
 
-    from emojistream.service import _SafeCall
+    from emojistream.timers import SafeCall
 
     calls: list[bytes] = []
     events: list[dict] = []
@@ -75,7 +75,7 @@ def test_a_failing_timer_call_is_logged_and_the_timer_keeps_running():
 
     clock = Clock()
     summarizer = ScoreSummarizer(emit)
-    timer = TimerService(1 / RATE, _SafeCall(summarizer.tick, "The score summary"))
+    timer = TimerService(1 / RATE, SafeCall(summarizer.tick, "The score summary"))
     timer.clock = clock
     globalLogPublisher.addObserver(events.append)
     try:

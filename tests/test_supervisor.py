@@ -203,6 +203,24 @@ def test_a_rolling_restart_replaces_one_worker_at_a_time():
     assert [w.signals for w in (new1, new2)] == [[], []]
 
 
+def test_a_rolling_restart_over_a_worker_not_yet_ready_goes_on_and_its_end_is_heard():
+    # Its stop was waited for and fired by hand too: its end fired it again, and the
+    # AlreadyCalledError that raised kept the supervisor from hearing of the end.
+    supervisor, launcher, _clock, _halts = started(1)
+    [old] = launcher.started
+    done = supervisor.reload()
+    assert old.signals == [signal.SIGTERM]
+    new = launcher.of(1)[-1]
+    assert new is not old
+    old.end("exit code 0")
+    assert not supervisor.leaving
+    new.ready()
+    assert done.called
+    stopped = supervisor.stopService()
+    new.end("exit code 0")
+    assert stopped.called
+
+
 def test_ready_waits_for_every_worker_and_stop_kills_those_past_the_timeout():
     supervisor, launcher, clock, _halts = started(2, stop_timeout=5)
     ready = supervisor.when_serving()
