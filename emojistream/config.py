@@ -12,11 +12,12 @@ import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from emojistream.endpoints import LISTEN_BACKLOG
-from emojistream.tls import INTERMEDIATE_CIPHERS, parse_ciphers
+from emojistream.endpoints import LISTEN_BACKLOG, listen_address
+from emojistream.tls import parse_ciphers
 
 PLATFORM = "twisted"
 
@@ -227,37 +228,6 @@ def parse_endpoint(text: str) -> str:
     return description
 
 
-def listen_address(description: str) -> tuple[int, str, int] | None:
-    """The port, interface and backlog a C{tcp:}, C{tcp6:}, C{ssl:} or C{reuseport:}
-    endpoint listens on (None for other kinds). Raises what Twisted's parser raises.
-
-    The endpoint is built against a L{MemoryReactor} and asked to listen there, which
-    only records the call: Twisted's own reading of the string, no socket, no global
-    reactor, and none of the endpoints' private attributes.
-    """
-    from twisted.internet.endpoints import (
-        SSL4ServerEndpoint,
-        TCP4ServerEndpoint,
-        TCP6ServerEndpoint,
-        serverFromString,
-    )
-    from twisted.internet.protocol import Factory
-    from twisted.internet.testing import MemoryReactor
-
-    from emojistream.endpoints import ReusePortEndpoint
-
-    recorder = MemoryReactor()
-    endpoint = serverFromString(recorder, description)
-    if isinstance(endpoint, ReusePortEndpoint):
-        return endpoint.port, endpoint.interface, endpoint.backlog
-    if not isinstance(endpoint, TCP4ServerEndpoint | TCP6ServerEndpoint | SSL4ServerEndpoint):
-        return None
-    endpoint.listen(Factory())
-    # (port, factory, backlog, interface); listenSSL's also has its context factory.
-    (call,) = recorder.tcpServers + recorder.sslServers
-    return int(call[0]), str(call[-1]), int(call[-2])
-
-
 def _check_systemd_domain(description: str) -> None:
     """The passed socket's address family must be the C{domain=} given: Twisted adopts
     it as told, and an IPv6 socket (a bare C{ListenStream=8001} is one, dual-stack)
@@ -451,216 +421,52 @@ def _deadline(text: str) -> float:
     return parse_seconds(text, least=MIN_DEADLINE)
 
 
+#: A default that depends on the environment or on other settings: given the
+#: environment and the settings read so far, the text to parse and what it came from
+#: (the name an error gives).
+Derive = Callable[[Mapping[str, str], Mapping[str, Any]], tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class Unset:
+    """The value of a setting that is not given, where no text means it: an empty
+    admin token given is an error, while none given is no token."""
+
+    value: Any
+
+
 @dataclass(frozen=True)
 class Spec:
-    """One setting: its environment variable, its option and how to read it."""
+    """One setting: its environment variable, its option, how to read it and its
+    default, the only place the default is written (L{Settings} takes it from here).
+
+    C{default} is the text that is parsed when the setting is not given (and shown by
+    --help), a L{Derive} for a default that depends on something else, or L{Unset}."""
 
     key: str
     option: str
     env: str | None
     parse: Callable[[str], Any]
-    default: str | None
+    default: str | Derive | Unset
     help: str
     is_flag: bool = False
-    metavar: str | None = None
+
+    @property
+    def shown_default(self) -> str | None:
+        """The default --help shows: the text, when it depends on nothing else."""
+        return self.default if isinstance(self.default, str) else None
 
 
 #: The port served when neither --listen nor PORT says otherwise.
 DEFAULT_PORT = 8001
 
 
-def _listen_default(env: Mapping[str, str]) -> str:
+def _listen_default(env: Mapping[str, str], values: Mapping[str, Any]) -> tuple[str, str]:
     port = env.get("PORT") or str(DEFAULT_PORT)
-    return f"tcp:{port}:backlog={LISTEN_BACKLOG}"
+    return f"tcp:{port}:backlog={LISTEN_BACKLOG}", "PORT"
 
 
-SPECS: tuple[Spec, ...] = (
-    Spec("listen", "listen", None, parse_endpoint, None,
-         "Endpoint to serve HTTP on, e.g. tcp:8001:backlog=1024, "
-         "tcp:8001:interface=127.0.0.1 or systemd:domain=INET6:index=0 "
-         "(default: tcp:$PORT:backlog=1024, else tcp:8001:backlog=1024)",
-         metavar="ENDPOINT"),
-    Spec("redis", "redis", "REDIS_URL", parse_redis_url, "redis://localhost:6379",
-         "Redis to subscribe to, redis://[:password@]host:port[/db]", metavar="URL"),
-    Spec("raw_stream", "raw-stream", "ENABLE_RAW_STREAM", parse_bool, "true",
-         "Serve /subscribe/raw, one message per score hit", is_flag=True),
-    Spec("keepalive", "keepalive", "SSE_KEEPALIVE_SEC", _interval, "15",
-         "Seconds between ':' keepalive comments on streams idle that long (at least 0.05)",
-         metavar="SECONDS"),
-    Spec("verbose", "verbose", "VERBOSE", parse_bool, "false",
-         "Log every stream connect and disconnect", is_flag=True),
-    Spec("env", "env", "RACK_ENV", parse_env_name, "development",
-         "Deployment environment name (development, staging, production)", metavar="NAME"),
-    Spec("node", "node", None, parse_node_name, None,
-         "This node's name in reports: letters, digits, . _ - (default: $NODE_NAME, else "
-         "$DYNO, else the host name)",
-         metavar="NAME"),
-    Spec("kiosk_stream", "kiosk-interaction-stream", "ENABLE_KIOSK_INTERACTION_STREAM",
-         parse_bool, "false",
-         "Serve /subscribe/kiosk_interaction (subscribes to stream.interaction.*)",
-         is_flag=True),
-    Spec("force_refresh", "force-refresh", "SSE_FORCE_REFRESH", parse_bool, "false",
-         "Legacy forced refresh: retry hints, X-Sse-Cleanup-Requested, closing old streams",
-         is_flag=True),
-    Spec("score_retry_ms", "score-retry-ms", "SSE_SCORE_RETRY_MS", parse_count, "100",
-         "retry: hint of score streams (eps, raw) in forced-refresh mode", metavar="MS"),
-    Spec("detail_retry_ms", "detail-retry-ms", "SSE_DETAIL_RETRY_MS", parse_count,
-         "500", "retry: hint of detail and kiosk streams in forced-refresh mode",
-         metavar="MS"),
-    Spec("score_max_age", "score-forceclose-sec", "SSE_SCORE_FORCECLOSE_SEC",
-         _deadline, "300",
-         "Age at which score streams are closed in forced-refresh mode (at least 1)",
-         metavar="SECONDS"),
-    Spec("detail_max_age", "detail-forceclose-sec", "SSE_DETAIL_FORCECLOSE_SEC",
-         _deadline, "300",
-         "Age at which detail and kiosk streams are closed in forced-refresh mode (at least 1)",
-         metavar="SECONDS"),
-    Spec("trust_proxy", "trust-proxy", "TRUST_PROXY", parse_bool, "false",
-         "Take the client IP from the address the trusted proxy appended to "
-         "X-Forwarded-For (behind a proxy only)", is_flag=True),
-    Spec("proxy_hops", "proxy-hops", "PROXY_HOPS", parse_positive_int, "1",
-         "With --trust-proxy: how many trusted proxies append to the header; the client "
-         "is the address that many from the end", metavar="N"),
-    Spec("client_ip_header", "client-ip-header", "CLIENT_IP_HEADER", parse_header_name,
-         "X-Forwarded-For", "With --trust-proxy: the header the proxy sets "
-         "(e.g. X-Real-IP)", metavar="NAME"),
-    Spec("admin_report", "admin-report", "ADMIN_REPORT", parse_bool, None,
-         "HSET this node's status into admin_stream_status every 5 s, and serve the "
-         "cluster view (default: on in staging, production and --demo)", is_flag=True),
-    Spec("admin_redis", "admin-redis", "ADMIN_REDIS_URL", parse_optional_redis_url, "",
-         "Redis the admin reports are written to (default: --redis); for a node "
-         "subscribed to a read-only replica, name the primary", metavar="URL"),
-    Spec("graphite", "graphite", "GRAPHITE_URL", parse_graphite_url, "",
-         "Carbon target for metrics every 10 s, tcp://host:2003 or udp://host:2003 "
-         "(default: off)", metavar="URL"),
-    Spec("graphite_interval", "graphite-interval", "GRAPHITE_INTERVAL_SEC",
-         _interval, "10", "Seconds between carbon reports (at least 0.05)", metavar="SECONDS"),
-    Spec("graphite_prefix", "graphite-prefix", "HOSTEDGRAPHITE_APIKEY", parse_metric_key, "",
-         "Key put in front of every carbon metric path (hosted graphite's API key)",
-         metavar="KEY"),
-    Spec("max_queue", "max-queue-bytes", "SSE_MAX_QUEUE_BYTES", parse_positive_int, "1048576",
-         "Bytes held for a client that is not reading before its event stream is dropped "
-         "(its /eps stream is conflated instead)", metavar="BYTES"),
-    Spec("send_buffer", "send-buffer-bytes", "SSE_SEND_BUFFER_BYTES", parse_count, "0",
-         "SO_SNDBUF of each client socket; smaller finds clients that stopped reading "
-         "sooner and holds less kernel memory for them (0: the system's default)",
-         metavar="BYTES"),
-    Spec("batch_writes", "batch-writes", "SSE_BATCH_WRITES", parse_bool, "false",
-         "Latency budget: send each client's messages in one write per 1/60 s tick "
-         "(less CPU per message, up to a tick more latency)", is_flag=True),
-    Spec("max_payload", "max-payload-bytes", "MAX_PAYLOAD_BYTES", parse_positive_int, "65536",
-         "Larger detail and kiosk payloads from Redis are dropped (and counted)",
-         metavar="BYTES"),
-    Spec("max_streams", "max-streams", "MAX_STREAMS", parse_positive_int, None,
-         "Open streams at most; more get 503 with Retry-After (default: 20000, or what "
-         "the open-file limit allows if that is less)", metavar="N"),
-    Spec("max_streams_per_ip", "max-streams-per-ip", "MAX_STREAMS_PER_IP", parse_count, "0",
-         "Open streams per client IP at most, more get 429 (0: no limit)", metavar="N"),
-    Spec("request_timeout", "request-timeout", "REQUEST_TIMEOUT_SEC", _deadline,
-         "10", "Seconds a client has to send a whole request head; slower ones get 408 "
-         "(answered streams are never timed; at least 1)", metavar="SECONDS"),
-    Spec("max_connections_per_ip", "max-connections-per-ip", "MAX_CONNECTIONS_PER_IP",
-         parse_count, "0", "Open TCP connections per client address at most; more are "
-         "closed at once (0: no limit; keep 0 behind a proxy)", metavar="N"),
-    Spec("admin_listen", "admin-listen", "ADMIN_LISTEN", parse_optional_endpoint, "",
-         "Serve /admin/ on this endpoint only (e.g. tcp:8002:interface=127.0.0.1) "
-         "instead of the main one", metavar="ENDPOINT"),
-    Spec("admin_token", "admin-token", "ADMIN_TOKEN", parse_token, None,
-         "Require 'Authorization: Bearer <token>' on /admin/ (16+ characters; empty is an "
-         "error, leave it out for none)", metavar="TOKEN"),
-    Spec("drain", "drain-sec", "SSE_DRAIN_SEC", parse_positive_float, "10",
-         "On SIGTERM, close streams spread over this many seconds, then exit",
-         metavar="SECONDS"),
-    Spec("log_format", "log-format", "LOG_FORMAT", parse_log_format, "text",
-         "Log as text lines or as one JSON object per line on standard output (json)",
-         metavar="FORMAT"),
-    Spec("workers", "workers", "WORKERS",
-         parse_at_most(parse_positive_int, MAX_WORKERS, "one per core is the most that helps"),
-         "1",
-         "Run this many worker processes on the --listen port (SO_REUSEPORT), each "
-         "subscribed to Redis and reporting as <node>-<i>; the parent restarts any that "
-         "dies and stops all on SIGTERM (at most 64)", metavar="N"),
-    Spec("event_ids", "event-ids", "SSE_EVENT_IDS", parse_bool, "false",
-         "Resumable streams: every event carries an id:, and a client reconnecting with "
-         "Last-Event-ID (or ?last_event_id=) first gets what it missed", is_flag=True),
-    Spec("replay_events", "replay-events", "SSE_REPLAY_EVENTS", parse_positive_int, "10000",
-         "With --event-ids: events kept for replay per namespace at most", metavar="N"),
-    Spec("replay_age", "replay-sec", "SSE_REPLAY_SEC", _deadline, "300",
-         "With --event-ids: seconds an event is kept for replay at most (at least 1)",
-         metavar="SECONDS"),
-    Spec("replay_bytes", "replay-bytes", "SSE_REPLAY_BYTES", parse_positive_int, "33554432",
-         "With --event-ids: memory all replay buffers hold at most (the largest give up "
-         "their oldest events first)", metavar="BYTES"),
-    Spec("demo_page", "demo-page", "DEMO_PAGE", parse_bool, None,
-         "Serve the live emoji grid at / (default: on with --demo)", is_flag=True),
-    Spec("demo", "demo", None, parse_bool, "false",
-         "Start a private redis-server and a synthetic feeder publishing into it "
-         "(with --redis, feed that Redis instead)", is_flag=True),
-    Spec("demo_rate", "demo-rate", None,
-         parse_at_most(parse_positive_float, MAX_DEMO_RATE, "hits per second"), "250",
-         "Hits per second the --demo feeder publishes (at most 10000)", metavar="HZ"),
-    Spec("tls_ciphers", "tls-ciphers", "TLS_CIPHERS", parse_ciphers, "",
-         "TLS 1.2 cipher suites of ssl: listeners, in OpenSSL's syntax (default: "
-         "Mozilla's intermediate list, forward secrecy and AEAD only; TLS 1.3 suites "
-         "are OpenSSL's)", metavar="CIPHERS"),
-)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Every setting the daemon runs with, already validated."""
-
-    listen: str = f"tcp:{DEFAULT_PORT}:backlog={LISTEN_BACKLOG}"
-    redis: RedisAddress = RedisAddress()
-    redis_given: bool = False
-    raw_stream: bool = True
-    keepalive: float = 15.0
-    verbose: bool = False
-    env: str = "development"
-    node: str = "localhost"
-    kiosk_stream: bool = False
-    force_refresh: bool = False
-    score_retry_ms: int = 100
-    detail_retry_ms: int = 500
-    score_max_age: float = 300.0
-    detail_max_age: float = 300.0
-    trust_proxy: bool = False
-    proxy_hops: int = 1
-    client_ip_header: str = "X-Forwarded-For"
-    admin_report: bool = False
-    admin_redis: RedisAddress | None = None
-    graphite: GraphiteTarget | None = None
-    graphite_interval: float = 10.0
-    graphite_prefix: str = ""
-    log_format: str = "text"
-    max_queue: int = 1 << 20
-    max_payload: int = 65536
-    send_buffer: int = 0
-    batch_writes: bool = False
-    max_streams: int = MAX_STREAMS
-    max_streams_per_ip: int = 0
-    request_timeout: float = 10.0
-    max_connections_per_ip: int = 0
-    admin_listen: str = ""
-    admin_token: str = ""
-    drain: float = 10.0
-    workers: int = 1
-    event_ids: bool = False
-    replay_events: int = 10_000
-    replay_age: float = 300.0
-    replay_bytes: int = 32 << 20
-    demo_page: bool = False
-    demo: bool = False
-    demo_rate: float = 250.0
-    tls_ciphers: str = INTERMEDIATE_CIPHERS
-
-    @property
-    def node_name(self) -> str:
-        """This node's name in status reports: C{<platform>-<env>-<node>}."""
-        return f"{PLATFORM}-{self.env}-{self.node}"
-
-
-def _default_node(env: Mapping[str, str]) -> tuple[str, str]:
+def _default_node(env: Mapping[str, str], values: Mapping[str, Any]) -> tuple[str, str]:
     """The node name and where it came from: C{NODE_NAME} (even empty, which is then
     an error), else Heroku's C{DYNO}, else the host name."""
     if "NODE_NAME" in env:
@@ -670,42 +476,274 @@ def _default_node(env: Mapping[str, str]) -> tuple[str, str]:
     return socket.gethostname(), "the host name (set NODE_NAME or --node)"
 
 
+def _max_streams_default(env: Mapping[str, str], values: Mapping[str, Any]
+                         ) -> tuple[str, str]:
+    return str(default_max_streams()), "the open-file limit"
+
+
+def _admin_report_default(env: Mapping[str, str], values: Mapping[str, Any]
+                          ) -> tuple[str, str]:
+    # In demo mode too: the admin page's cluster view then shows the demo node.
+    on = values["env"] in ("staging", "production") or values["demo"]
+    return str(on).lower(), "--admin-report"
+
+
+def _demo_page_default(env: Mapping[str, str], values: Mapping[str, Any]
+                       ) -> tuple[str, str]:
+    return str(values["demo"]).lower(), "--demo-page"
+
+
+#: Seconds between carbon reports unless told otherwise.
+GRAPHITE_INTERVAL = "10"
+
+SPECS: tuple[Spec, ...] = (
+    Spec("listen", "listen", None, parse_endpoint, _listen_default,
+         f"Endpoint to serve HTTP on, e.g. tcp:{DEFAULT_PORT}:backlog={LISTEN_BACKLOG}, "
+         f"tcp:{DEFAULT_PORT}:interface=127.0.0.1 or systemd:domain=INET6:index=0 "
+         f"(default: tcp:$PORT:backlog={LISTEN_BACKLOG}, else "
+         f"tcp:{DEFAULT_PORT}:backlog={LISTEN_BACKLOG})"),
+    Spec("redis", "redis", "REDIS_URL", parse_redis_url, "redis://localhost:6379",
+         "Redis to subscribe to, redis://[:password@]host:port[/db]"),
+    Spec("raw_stream", "raw-stream", "ENABLE_RAW_STREAM", parse_bool, "true",
+         "Serve /subscribe/raw, one message per score hit", is_flag=True),
+    Spec("keepalive", "keepalive", "SSE_KEEPALIVE_SEC", _interval, "15",
+         "Seconds between ':' keepalive comments on streams idle that long "
+         f"(at least {MIN_INTERVAL:g})"),
+    Spec("verbose", "verbose", "VERBOSE", parse_bool, "false",
+         "Log every stream connect and disconnect", is_flag=True),
+    Spec("env", "env", "RACK_ENV", parse_env_name, "development",
+         "Deployment environment name (development, staging, production)"),
+    Spec("node", "node", None, parse_node_name, _default_node,
+         "This node's name in reports: letters, digits, . _ - (default: $NODE_NAME, else "
+         "$DYNO, else the host name)"),
+    Spec("kiosk_stream", "kiosk-interaction-stream", "ENABLE_KIOSK_INTERACTION_STREAM",
+         parse_bool, "false",
+         "Serve /subscribe/kiosk_interaction (subscribes to stream.interaction.*)",
+         is_flag=True),
+    Spec("force_refresh", "force-refresh", "SSE_FORCE_REFRESH", parse_bool, "false",
+         "Legacy forced refresh: retry hints, X-Sse-Cleanup-Requested, closing old streams",
+         is_flag=True),
+    Spec("score_retry_ms", "score-retry-ms", "SSE_SCORE_RETRY_MS", parse_count, "100",
+         "retry: hint of score streams (eps, raw) in forced-refresh mode"),
+    Spec("detail_retry_ms", "detail-retry-ms", "SSE_DETAIL_RETRY_MS", parse_count,
+         "500", "retry: hint of detail and kiosk streams in forced-refresh mode"),
+    Spec("score_max_age", "score-forceclose-sec", "SSE_SCORE_FORCECLOSE_SEC",
+         _deadline, "300",
+         f"Age at which score streams are closed in forced-refresh mode (at least "
+         f"{MIN_DEADLINE:g})"),
+    Spec("detail_max_age", "detail-forceclose-sec", "SSE_DETAIL_FORCECLOSE_SEC",
+         _deadline, "300",
+         "Age at which detail and kiosk streams are closed in forced-refresh mode "
+         f"(at least {MIN_DEADLINE:g})"),
+    Spec("trust_proxy", "trust-proxy", "TRUST_PROXY", parse_bool, "false",
+         "Take the client IP from the address the trusted proxy appended to "
+         "X-Forwarded-For (behind a proxy only)", is_flag=True),
+    Spec("proxy_hops", "proxy-hops", "PROXY_HOPS", parse_positive_int, "1",
+         "With --trust-proxy: how many trusted proxies append to the header; the client "
+         "is the address that many from the end"),
+    Spec("client_ip_header", "client-ip-header", "CLIENT_IP_HEADER", parse_header_name,
+         "X-Forwarded-For", "With --trust-proxy: the header the proxy sets "
+         "(e.g. X-Real-IP)"),
+    Spec("admin_report", "admin-report", "ADMIN_REPORT", parse_bool, _admin_report_default,
+         "HSET this node's status into admin_stream_status every 5 s, and serve the "
+         "cluster view (default: on in staging, production and --demo)", is_flag=True),
+    Spec("admin_redis", "admin-redis", "ADMIN_REDIS_URL", parse_optional_redis_url, "",
+         "Redis the admin reports are written to (default: --redis); for a node "
+         "subscribed to a read-only replica, name the primary"),
+    Spec("graphite", "graphite", "GRAPHITE_URL", parse_graphite_url, "",
+         f"Carbon target for metrics every {GRAPHITE_INTERVAL} s, tcp://host:2003 or "
+         "udp://host:2003 "
+         "(default: off)"),
+    Spec("graphite_interval", "graphite-interval", "GRAPHITE_INTERVAL_SEC",
+         _interval, GRAPHITE_INTERVAL,
+         f"Seconds between carbon reports (at least {MIN_INTERVAL:g})"),
+    Spec("graphite_prefix", "graphite-prefix", "HOSTEDGRAPHITE_APIKEY", parse_metric_key, "",
+         "Key put in front of every carbon metric path (hosted graphite's API key)"),
+    Spec("max_queue", "max-queue-bytes", "SSE_MAX_QUEUE_BYTES", parse_positive_int, "1048576",
+         "Bytes held for a client that is not reading before its event stream is dropped "
+         "(its /eps stream is conflated instead)"),
+    Spec("send_buffer", "send-buffer-bytes", "SSE_SEND_BUFFER_BYTES", parse_count, "0",
+         "SO_SNDBUF of each client socket; smaller finds clients that stopped reading "
+         "sooner and holds less kernel memory for them (0: the system's default)"),
+    Spec("batch_writes", "batch-writes", "SSE_BATCH_WRITES", parse_bool, "false",
+         "Latency budget: send each client's messages in one write per 1/60 s tick "
+         "(less CPU per message, up to a tick more latency)", is_flag=True),
+    Spec("max_payload", "max-payload-bytes", "MAX_PAYLOAD_BYTES", parse_positive_int, "65536",
+         "Larger detail and kiosk payloads from Redis are dropped (and counted)"),
+    Spec("max_streams", "max-streams", "MAX_STREAMS", parse_positive_int,
+         _max_streams_default,
+         f"Open streams at most; more get 503 with Retry-After (default: {MAX_STREAMS}, or what "
+         "the open-file limit allows if that is less)"),
+    Spec("max_streams_per_ip", "max-streams-per-ip", "MAX_STREAMS_PER_IP", parse_count, "0",
+         "Open streams per client IP at most, more get 429 (0: no limit)"),
+    Spec("request_timeout", "request-timeout", "REQUEST_TIMEOUT_SEC", _deadline,
+         "10", "Seconds a client has to send a whole request head; slower ones get 408 "
+         f"(answered streams are never timed; at least {MIN_DEADLINE:g})"),
+    Spec("max_connections_per_ip", "max-connections-per-ip", "MAX_CONNECTIONS_PER_IP",
+         parse_count, "0", "Open TCP connections per client address at most; more are "
+         "closed at once (0: no limit; keep 0 behind a proxy)"),
+    Spec("admin_listen", "admin-listen", "ADMIN_LISTEN", parse_optional_endpoint, "",
+         "Serve /admin/ on this endpoint only (e.g. tcp:8002:interface=127.0.0.1) "
+         "instead of the main one"),
+    Spec("admin_token", "admin-token", "ADMIN_TOKEN", parse_token, Unset(""),
+         "Require 'Authorization: Bearer <token>' on /admin/ (16+ characters; empty is an "
+         "error, leave it out for none)"),
+    Spec("drain", "drain-sec", "SSE_DRAIN_SEC", parse_positive_float, "10",
+         "On SIGTERM, close streams spread over this many seconds, then exit"),
+    Spec("log_format", "log-format", "LOG_FORMAT", parse_log_format, "text",
+         "Log as text lines or as one JSON object per line on standard output (json)"),
+    Spec("workers", "workers", "WORKERS",
+         parse_at_most(parse_positive_int, MAX_WORKERS, "one per core is the most that helps"),
+         "1",
+         "Run this many worker processes on the --listen port (SO_REUSEPORT), each "
+         "subscribed to Redis and reporting as <node>-<i>; the parent restarts any that "
+         f"dies and stops all on SIGTERM (at most {MAX_WORKERS})"),
+    Spec("event_ids", "event-ids", "SSE_EVENT_IDS", parse_bool, "false",
+         "Resumable streams: every event carries an id:, and a client reconnecting with "
+         "Last-Event-ID (or ?last_event_id=) first gets what it missed", is_flag=True),
+    Spec("replay_events", "replay-events", "SSE_REPLAY_EVENTS", parse_positive_int, "10000",
+         "With --event-ids: events kept for replay per namespace at most"),
+    Spec("replay_age", "replay-sec", "SSE_REPLAY_SEC", _deadline, "300",
+         "With --event-ids: seconds an event is kept for replay at most "
+         f"(at least {MIN_DEADLINE:g})"),
+    Spec("replay_bytes", "replay-bytes", "SSE_REPLAY_BYTES", parse_positive_int, "33554432",
+         "With --event-ids: memory all replay buffers hold at most (the largest give up "
+         "their oldest events first)"),
+    Spec("demo_page", "demo-page", "DEMO_PAGE", parse_bool, _demo_page_default,
+         "Serve the live emoji grid at / (default: on with --demo)", is_flag=True),
+    Spec("demo", "demo", None, parse_bool, "false",
+         "Start a private redis-server and a synthetic feeder publishing into it "
+         "(with --redis, feed that Redis instead)", is_flag=True),
+    Spec("demo_rate", "demo-rate", None,
+         parse_at_most(parse_positive_float, MAX_DEMO_RATE, "hits per second"), "250",
+         f"Hits per second the --demo feeder publishes (at most {MAX_DEMO_RATE})"),
+    Spec("tls_ciphers", "tls-ciphers", "TLS_CIPHERS", parse_ciphers, "",
+         "TLS 1.2 cipher suites of ssl: listeners, in OpenSSL's syntax (default: "
+         "Mozilla's intermediate list, forward secrecy and AEAD only; TLS 1.3 suites "
+         "are OpenSSL's)"),
+)
+
+
+def _spec(key: str) -> Spec:
+    (spec,) = (spec for spec in SPECS if spec.key == key)
+    return spec
+
+
+def _plain_defaults() -> dict[str, Any]:
+    """The settings whose default is a text, parsed: what derived defaults of an empty
+    environment depend on."""
+    return {spec.key: spec.parse(spec.default) for spec in SPECS
+            if isinstance(spec.default, str)}
+
+
+def _default_of(key: str) -> Any:
+    """The value of setting C{key} when nothing gives it, environment empty: its
+    table default, parsed (derived ones from the other settings' defaults)."""
+    default = _spec(key).default
+    if isinstance(default, Unset):
+        return default.value
+    if isinstance(default, str):
+        return _spec(key).parse(default)
+    return _spec(key).parse(default({}, _plain_defaults())[0])
+
+
+def _table(key: str) -> Callable[[], Any]:
+    """A L{Settings} field's default factory: the default in L{SPECS}, not written
+    again in Settings."""
+    return partial(_default_of, key)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting the daemon runs with, already validated.
+
+    C{Settings()} is what an empty environment and no options give: each default
+    comes from L{SPECS}, where it is written once."""
+
+    listen: str = field(default_factory=_table("listen"))
+    redis: RedisAddress = field(default_factory=_table("redis"))
+    redis_given: bool = False
+    raw_stream: bool = field(default_factory=_table("raw_stream"))
+    keepalive: float = field(default_factory=_table("keepalive"))
+    verbose: bool = field(default_factory=_table("verbose"))
+    env: str = field(default_factory=_table("env"))
+    node: str = field(default_factory=_table("node"))
+    kiosk_stream: bool = field(default_factory=_table("kiosk_stream"))
+    force_refresh: bool = field(default_factory=_table("force_refresh"))
+    score_retry_ms: int = field(default_factory=_table("score_retry_ms"))
+    detail_retry_ms: int = field(default_factory=_table("detail_retry_ms"))
+    score_max_age: float = field(default_factory=_table("score_max_age"))
+    detail_max_age: float = field(default_factory=_table("detail_max_age"))
+    trust_proxy: bool = field(default_factory=_table("trust_proxy"))
+    proxy_hops: int = field(default_factory=_table("proxy_hops"))
+    client_ip_header: str = field(default_factory=_table("client_ip_header"))
+    admin_report: bool = field(default_factory=_table("admin_report"))
+    admin_redis: RedisAddress | None = field(default_factory=_table("admin_redis"))
+    graphite: GraphiteTarget | None = field(default_factory=_table("graphite"))
+    graphite_interval: float = field(default_factory=_table("graphite_interval"))
+    graphite_prefix: str = field(default_factory=_table("graphite_prefix"))
+    log_format: str = field(default_factory=_table("log_format"))
+    max_queue: int = field(default_factory=_table("max_queue"))
+    max_payload: int = field(default_factory=_table("max_payload"))
+    send_buffer: int = field(default_factory=_table("send_buffer"))
+    batch_writes: bool = field(default_factory=_table("batch_writes"))
+    max_streams: int = field(default_factory=_table("max_streams"))
+    max_streams_per_ip: int = field(default_factory=_table("max_streams_per_ip"))
+    request_timeout: float = field(default_factory=_table("request_timeout"))
+    max_connections_per_ip: int = field(default_factory=_table("max_connections_per_ip"))
+    admin_listen: str = field(default_factory=_table("admin_listen"))
+    admin_token: str = field(default_factory=_table("admin_token"))
+    drain: float = field(default_factory=_table("drain"))
+    workers: int = field(default_factory=_table("workers"))
+    event_ids: bool = field(default_factory=_table("event_ids"))
+    replay_events: int = field(default_factory=_table("replay_events"))
+    replay_age: float = field(default_factory=_table("replay_age"))
+    replay_bytes: int = field(default_factory=_table("replay_bytes"))
+    demo_page: bool = field(default_factory=_table("demo_page"))
+    demo: bool = field(default_factory=_table("demo"))
+    demo_rate: float = field(default_factory=_table("demo_rate"))
+    tls_ciphers: str = field(default_factory=_table("tls_ciphers"))
+
+    @property
+    def node_name(self) -> str:
+        """This node's name in status reports: C{<platform>-<env>-<node>}."""
+        return f"{PLATFORM}-{self.env}-{self.node}"
+
+
+def _parse(spec: Spec, text: str, source: str) -> Any:
+    try:
+        return spec.parse(text)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
 def resolve(env: Mapping[str, str], options: Mapping[str, str | None]) -> Settings:
     """Combine environment and options (options win) into validated L{Settings}.
 
     C{options} maps a spec's key to the text given on the command line, or None when
     the option was not given. Raises L{ConfigError} naming the offending setting.
+    A setting given nowhere takes its table default; those derived from the
+    environment or other settings (L{Derive}) once all the others are known.
     """
     values: dict[str, Any] = {}
+    derived: list[tuple[Spec, Derive]] = []
     for spec in SPECS:
         given = options.get(spec.key)
         source = f"--{spec.option}"
         if given is None and spec.env is not None and spec.env in env:
             given, source = env[spec.env], spec.env
         if given is None:
-            if spec.key == "listen":
-                given = _listen_default(env)
-                source = "PORT"
-            elif spec.key == "node":
-                given, source = _default_node(env)
-            elif spec.key == "max_streams":
-                given = str(default_max_streams())
-                source = "the open-file limit"
-            elif spec.default is None:
-                # Settings' own default (admin_token: none), or decided below once
-                # what it depends on is known (admin_report, demo_page).
+            if isinstance(spec.default, Unset):
+                values[spec.key] = spec.default.value
                 continue
-            else:
-                given = spec.default
-        try:
-            values[spec.key] = spec.parse(given)
-        except ValueError as e:
-            raise ConfigError(f"{source}: {e}") from None
-    if "admin_report" not in values:
-        # In demo mode too: the admin page's cluster view then shows the demo node.
-        values["admin_report"] = values["env"] in ("staging", "production") or values["demo"]
-    if "demo_page" not in values:
-        values["demo_page"] = values["demo"]
+            if not isinstance(spec.default, str):
+                derived.append((spec, spec.default))
+                continue
+            given = spec.default
+        values[spec.key] = _parse(spec, given, source)
+    for spec, derive in derived:
+        given, source = derive(env, values)
+        values[spec.key] = _parse(spec, given, source)
     values["redis_given"] = (
         options.get("redis") is not None or "REDIS_URL" in env
     )

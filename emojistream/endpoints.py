@@ -102,7 +102,9 @@ def _escape(text: str) -> str:
 
 def split_endpoint(description: str) -> tuple[str, list[str], dict[str, str]]:
     """An endpoint description's type, positional and keyword arguments, as Twisted's
-    string grammar reads them (C{:} between arguments, C{key=value}, C{\\} escapes)."""
+    string grammar reads them (C{:} between arguments, C{key=value}, C{\\} escapes):
+    the words, for rewriting a description (L{join_endpoint}). What a description
+    listens on, defaults filled in, is L{listen_address}'s (Twisted's own reading)."""
     prefix, *rest = _split_unescaped(description.strip(), ":")
     args: list[str] = []
     kwargs: dict[str, str] = {}
@@ -185,13 +187,44 @@ def numbered(description: str, number: int) -> str:
                      "tcp:PORT (worker i listens on PORT + i - 1) or unix:PATH (PATH.i)")
 
 
+def listen_address(description: str) -> tuple[int, str, int] | None:
+    """The port, interface and backlog a C{tcp:}, C{tcp6:}, C{ssl:} or C{reuseport:}
+    endpoint listens on (None for other kinds). Raises what Twisted's parser raises.
+
+    The endpoint is built against a L{MemoryReactor} and asked to listen there, which
+    only records the call: Twisted's own reading of the string, no socket, no global
+    reactor, and none of the endpoints' private attributes.
+    """
+    from twisted.internet.endpoints import (
+        SSL4ServerEndpoint,
+        TCP4ServerEndpoint,
+        TCP6ServerEndpoint,
+        serverFromString,
+    )
+    from twisted.internet.protocol import Factory
+    from twisted.internet.testing import MemoryReactor
+
+    recorder = MemoryReactor()
+    endpoint = serverFromString(recorder, description)
+    if isinstance(endpoint, ReusePortEndpoint):
+        return endpoint.port, endpoint.interface, endpoint.backlog
+    if not isinstance(endpoint, TCP4ServerEndpoint | TCP6ServerEndpoint | SSL4ServerEndpoint):
+        return None
+    endpoint.listen(Factory())
+    # (port, factory, backlog, interface); listenSSL's also has its context factory.
+    (call,) = recorder.tcpServers + recorder.sslServers
+    return int(call[0]), str(call[-1]), int(call[-2])
+
+
 def check_unshared(description: str) -> None:
     """Raise OSError if another process listens on a C{reuseport:} description's port:
     bound without C{SO_REUSEPORT}, a probe fails then, where the workers' own sockets
     would silently join the other's group and split its traffic."""
-    _prefix, args, kwargs = split_endpoint(description)
-    interface = kwargs.get("interface", "")
+    where = listen_address(description)
+    if where is None:
+        raise ValueError(f"{description!r} names no port")
+    port, interface, _backlog = where
     family = socket.AF_INET6 if ":" in interface else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((interface, int(args[0])))
+        probe.bind((interface, port))

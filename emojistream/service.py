@@ -62,7 +62,14 @@ from emojistream.vocabulary import (
     Kind,
 )
 from emojistream.waiting import Waiters
-from emojistream.web import AdminRoutes, Health, Root, StreamRoutes, client_ip_of
+from emojistream.web import (
+    AdminRoutes,
+    Health,
+    Root,
+    StreamRoutes,
+    StreamSettings,
+    client_ip_of,
+)
 from emojistream.workers import ParentLink, worker_number
 
 _log = Logger()
@@ -296,21 +303,25 @@ class Emojistream:
         self.web.setServiceParent(self.service)
         #: The HTTP sites, main then admin (tests drive them in memory).
         self.sites: list[QuietSite] = []
-        streams = StreamRoutes(self.hub, settings, clock=clock, batcher=self.batcher,
-                               drain=self.drain, journal=self.journal,
-                               rankings=self.rankings).app.resource()
+        client_ip = client_ip_of(settings)
+        streams = StreamRoutes(self.hub, StreamSettings.of(settings), clock=clock,
+                               client_ip=client_ip, batcher=self.batcher, drain=self.drain,
+                               journal=self.journal, rankings=self.rankings)
         admin = AdminRoutes(
             self.status, settings.admin_token,
             whole_rate=self.whole_status_rate,
-            client_ip=client_ip_of(settings), metrics=self.metrics.exposition,
-            cluster=self.cluster).app.resource()
+            client_ip=client_ip, metrics=self.metrics.exposition,
+            cluster=self.cluster)
         health = Health(lambda: self.redis.state == "up")
+        # The admin routes are on the main listener, or on their own alone.
+        main = [*streams.routes(), *health.routes()]
         self.endpoint = self._listen(
             reactor, settings.listen,
-            Root(streams, None if settings.admin_listen else admin, health))
+            Root(main if settings.admin_listen else [*main, *admin.routes()]))
         self.admin_endpoint: _RecordingEndpoint | None = None
         if settings.admin_listen:
-            self.admin_endpoint = self._listen(reactor, settings.admin_listen, Root(None, admin))
+            self.admin_endpoint = self._listen(reactor, settings.admin_listen,
+                                               Root(admin.routes()))
 
     def _listen(self, reactor: Any, description: str, root: Root) -> _RecordingEndpoint:
         site = QuietSite(root, send_buffer=self.settings.send_buffer,

@@ -41,14 +41,14 @@ class Options(usage.Options):
     )
 
     optParameters: ClassVar[list[list[Any]]] = [
-        [s.option, None, None, _describe(s.help, s.default, s.env)]
+        [s.option, None, None, _describe(s.help, s.shown_default, s.env)]
         for s in SPECS if not s.is_flag
     ]
     optFlags: ClassVar[list[list[Any]]] = [
         flag
         for s in SPECS if s.is_flag
         for flag in (
-            [[s.option, None, _describe(s.help, s.default, s.env)],
+            [[s.option, None, _describe(s.help, s.shown_default, s.env)],
              [f"no-{s.option}", None, f"Turn --{s.option} off (overrides {s.env})"]]
             if s.env else [[s.option, None, s.help]]
         )

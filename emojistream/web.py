@@ -1,6 +1,7 @@
 """HTTP routes: the SSE streams and cleanup (L{StreamRoutes}), the admin status
-(L{AdminRoutes}), and what every response shares. The HTTP plumbing beneath them
-(channel, request, site, connection limits) is L{emojistream.http}'s.
+(L{AdminRoutes}), the health checks (L{Health}), and the one router that serves a
+listener's table of them (L{Root}). The HTTP plumbing beneath them (channel,
+request, site, connection limits) is L{emojistream.http}'s.
 
 Every response carries C{Access-Control-Allow-Origin: *}; errors are short
 plain-text bodies with the right status, never an HTML page or a traceback.
@@ -11,7 +12,8 @@ from __future__ import annotations
 import hmac
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
 from http import HTTPStatus
 from importlib.resources import files
 from typing import Any
@@ -23,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource, Resource
+from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import RequestRedirect
@@ -139,10 +141,14 @@ def _close_after(request: Request) -> None:
 
 
 def _text(request: IRequest, code: int, body: str) -> bytes:
+    """A short plain-text answer, with its length (not chunked, whichever code path
+    renders it: every error and health answer is framed the same)."""
     # The reason phrase too: Twisted's table lacks some (429 would be "Unknown Status").
     request.setResponseCode(code, HTTPStatus(code).phrase.encode("ascii"))
     request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-    return body.encode("utf-8") + b"\n"
+    encoded = body.encode("utf-8") + b"\n"
+    request.setHeader(b"Content-Length", b"%d" % len(encoded))
+    return encoded
 
 
 def _json_headers(request: IRequest) -> None:
@@ -183,23 +189,79 @@ def _internal_error(request: IRequest, failure: Failure) -> bytes:
     return _text(request, 500, "500 Internal Server Error")
 
 
-def _with_error_handlers(app: Klein) -> Klein:
-    """C{app}, answering routing errors and unexpected failures as short text."""
-    app.handle_errors(HTTPException)(lambda self, request, failure: _http_error(request, failure))
-    app.handle_errors(Exception)(lambda self, request, failure: _internal_error(request, failure))
-    return app
+#: The methods of a route that reads; HEAD comes with GET (Werkzeug's rule).
+GET = ("GET",)
+#: The methods of a route that acts.
+POST = ("POST",)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One entry of a listener's routing table: a Werkzeug rule (its C{<path:...>}
+    parts are the handler's keyword arguments), the methods it answers, and the
+    handler (the request in, what Klein renders out).
+
+    Every route also answers C{OPTIONS} (a CORS preflight), and any other method with
+    405 and C{Allow}. With no C{methods} the path is known but not served with these
+    settings (a disabled stream): the handler answers every other method (a 404
+    saying why)."""
+
+    rule: str
+    methods: tuple[str, ...]
+    handler: Callable[..., Any]
+
+
+def _not_found(why: str = "") -> Callable[[IRequest], bytes]:
+    """The handler of a path that is known but not served here: 404, saying why."""
+    def answer(request: IRequest) -> bytes:
+        return _text(request, 404, f"404 Not Found: {why}" if why else "404 Not Found")
+    return answer
+
+
+def _served(rule: str, handler: Callable[..., Any], served: bool, why: str = "", *,
+            guard: Callable[[Callable[[IRequest], bytes]], Callable[[IRequest], bytes]]
+            = lambda handler: handler) -> Route:
+    """A GET route when C{served}; else the same path answering 404 (C{why}, behind
+    C{guard}) to every method but the preflight."""
+    if served:
+        return Route(rule, GET, handler)
+    return Route(rule, (), guard(_not_found(why)))
 
 
 _BAD_ID = "400 Bad Request: an ID is " + ID_RULE
 
 
-class StreamRoutes:
-    """The streams and cleanup endpoints: one instance per server, collaborators injected."""
+@dataclass(frozen=True)
+class StreamSettings:
+    """What the stream routes need of the settings, and nothing else of them."""
 
-    app = _with_error_handlers(Klein())
+    raw_stream: bool
+    kiosk_stream: bool
+    demo_page: bool
+    max_streams: int
+    max_streams_per_ip: int
+    max_queue: int
+    force_refresh: bool
+    score_retry_ms: int
+    detail_retry_ms: int
+    score_max_age: float
+    detail_max_age: float
+    verbose: bool
+
+    @classmethod
+    def of(cls, settings: Settings) -> StreamSettings:
+        """These values of C{settings}."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+
+
+class StreamRoutes:
+    """The streams and cleanup endpoints, and the demo page with its ranking: one
+    instance per server, collaborators injected."""
+
     log = Logger()
 
-    def __init__(self, hub: Hub, settings: Settings, *, clock: IReactorTime,
+    def __init__(self, hub: Hub, settings: StreamSettings, *, clock: IReactorTime,
+                 client_ip: Callable[[Request], str] = peer_ip,
                  batcher: Batcher | None = None, drain: Drain | None = None,
                  journal: Journal | None = None, rankings: Rankings | None = None) -> None:
         self._hub = hub
@@ -211,28 +273,39 @@ class StreamRoutes:
         self._batcher = batcher
         self._settings = settings
         self._clock = clock
-        self._client_ip = client_ip_of(settings)
+        self._client_ip = client_ip
         self._demo_page = (files("emojistream") / "data" / "demo.html").read_bytes() \
             if settings.demo_page else b""
 
+    def routes(self) -> list[Route]:
+        """The stream routes; what these settings leave off answers 404."""
+        settings = self._settings
+        return [
+            Route(SUBSCRIBE + EPS_NAMESPACE, GET, self.eps),
+            _served(SUBSCRIBE + RAW_NAMESPACE, self.raw, settings.raw_stream,
+                    "the raw stream is disabled here"),
+            Route(SUBSCRIBE + DETAILS_NAMESPACE, GET, self.all_details),
+            Route(SUBSCRIBE + DETAIL_NAMESPACE_PREFIX + "<path:emoji_id>", GET, self.details),
+            _served(SUBSCRIBE + KIOSK_NAMESPACE, self.kiosk, settings.kiosk_stream),
+            Route("/subscribe/cleanup/scores", POST, self.cleanup_scores),
+            Route("/subscribe/cleanup/details/<path:emoji_id>", POST, self.cleanup_details),
+            _served("/", self.index, settings.demo_page),
+            _served("/api/rankings", self.rankings, self._rankings is not None),
+        ]
+
     # -- the demo page ----------------------------------------------------------
 
-    @app.route("/", methods=["GET"])
     def index(self, request: Request) -> bytes:
         """The live emoji grid (C{--demo}, or C{--demo-page}): a page that uses the
         streams as any client would."""
-        if not self._settings.demo_page:
-            return _text(request, 404, "404 Not Found")
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-cache")
         return self._demo_page
 
-    @app.route("/api/rankings", methods=["GET"])
     def rankings(self, request: Request) -> bytes | Deferred[bytes]:
         """The all-time ranking the demo page starts from (L{emojistream.rankings}),
         served with the page: C{?limit=N} entries, 1 to 1000, all of them by default."""
-        if self._rankings is None:
-            return _text(request, 404, "404 Not Found")
+        assert self._rankings is not None  # routed only then
         _json_headers(request)
         values = request.args.get(b"limit")
         try:
@@ -253,30 +326,21 @@ class StreamRoutes:
 
     # -- streams -----------------------------------------------------------
 
-    @app.route(SUBSCRIBE + EPS_NAMESPACE, methods=["GET"])
     def eps(self, request: Request) -> Any:
         return self._stream(request, EPS_NAMESPACE, Kind.EPS)
 
-    @app.route(SUBSCRIBE + RAW_NAMESPACE, methods=["GET"])
     def raw(self, request: Request) -> Any:
-        if not self._settings.raw_stream:
-            return _text(request, 404, "404 Not Found: the raw stream is disabled here")
         return self._stream(request, RAW_NAMESPACE, Kind.RAW)
 
-    @app.route(SUBSCRIBE + DETAILS_NAMESPACE, methods=["GET"])
     def all_details(self, request: Request) -> Any:
         return self._stream(request, DETAILS_NAMESPACE, Kind.DETAIL)
 
-    @app.route(SUBSCRIBE + DETAIL_NAMESPACE_PREFIX + "<path:emoji_id>", methods=["GET"])
     def details(self, request: Request, emoji_id: str) -> Any:
         if not ID_PATTERN.fullmatch(emoji_id):
             return _text(request, 400, _BAD_ID)
         return self._stream(request, detail_namespace(emoji_id), Kind.DETAIL, tag=emoji_id)
 
-    @app.route(SUBSCRIBE + KIOSK_NAMESPACE, methods=["GET"])
     def kiosk(self, request: Request) -> Any:
-        if not self._settings.kiosk_stream:
-            return _text(request, 404, "404 Not Found")
         return self._stream(request, KIOSK_NAMESPACE, Kind.KIOSK)
 
     def _stream(self, request: Request, namespace: str, kind: Kind,
@@ -336,12 +400,10 @@ class StreamRoutes:
 
     # -- cleanup -------------------------------------------------------------
 
-    @app.route("/subscribe/cleanup/scores", methods=["POST"])
     def cleanup_scores(self, request: Request) -> bytes:
         closed = self._close_callers(request, (EPS_NAMESPACE, RAW_NAMESPACE))
         return _json(request, {"status": "OK", "closed": closed})
 
-    @app.route("/subscribe/cleanup/details/<path:emoji_id>", methods=["POST"])
     def cleanup_details(self, request: Request, emoji_id: str) -> bytes:
         if not ID_PATTERN.fullmatch(emoji_id):
             return _text(request, 400, _BAD_ID)
@@ -375,8 +437,6 @@ class AdminRoutes:
     #: Bytes from which the whole document counts as big (about 1,500 connections).
     BIG_DOCUMENT = 256 * 1024
 
-    app = _with_error_handlers(Klein())
-
     def __init__(self, status: StatusReport, token: str = "", *,
                  whole_rate: PerAddressRate | None = None,
                  client_ip: Callable[[Request], str] = peer_ip,
@@ -390,6 +450,24 @@ class AdminRoutes:
         self._client_ip = client_ip
         self._page = (files("emojistream") / "data" / "admin.html").read_bytes()
 
+    def routes(self) -> list[Route]:
+        """The admin routes, wherever they are served (the main listener, or the
+        C{--admin-listen} one alone)."""
+        return [
+            Route("/admin/", GET, self.page),
+            Route("/admin/status.json", GET, self.status_json),
+            _served("/admin/cluster.json", self.cluster_json, self._cluster is not None,
+                    "the cluster view comes with --admin-report", guard=self._guard),
+            _served("/metrics", self.metrics, self._metrics is not None, guard=self._guard),
+        ]
+
+    def _guard(self, handler: Callable[[IRequest], bytes]) -> Callable[[IRequest], bytes]:
+        """C{handler} behind the token: a path left off is so only for those who may
+        see what it would serve."""
+        def answer(request: IRequest) -> bytes:
+            return handler(request) if self._authorized(request) else self._refuse(request)
+        return answer
+
     def _authorized(self, request: IRequest) -> bool:
         if not self._token:
             return True
@@ -402,7 +480,6 @@ class AdminRoutes:
         request.setHeader(b"WWW-Authenticate", b'Bearer realm="emojistream admin"')
         return _text(request, 401, "401 Unauthorized: a bearer token is required")
 
-    @app.route("/admin/status.json", methods=["GET"])
     def status_json(self, request: Request) -> bytes | Deferred[bytes]:
         if not self._authorized(request):
             return self._refuse(request)
@@ -427,14 +504,11 @@ class AdminRoutes:
                                        "path and client_ip UTF-8 text")
         return self._status.page(offset, min(limit, 10_000), path, plain_ip(client_ip))
 
-    @app.route("/admin/cluster.json", methods=["GET"])
     def cluster_json(self, request: Request) -> bytes | Deferred[bytes]:
         """Every node reporting into C{admin_stream_status} (L{emojistream.cluster})."""
         if not self._authorized(request):
             return self._refuse(request)
-        if self._cluster is None:
-            return _text(request, 404, "404 Not Found: the cluster view comes with "
-                                       "--admin-report")
+        assert self._cluster is not None  # routed only then
         _json_headers(request)
 
         def unavailable(failure: Failure) -> bytes:
@@ -444,18 +518,15 @@ class AdminRoutes:
 
         return self._cluster.encoded().addErrback(unavailable)
 
-    @app.route("/metrics", methods=["GET"])
     def metrics(self, request: Request) -> bytes:
         """Prometheus text exposition (L{emojistream.metrics})."""
         if not self._authorized(request):
             return self._refuse(request)
-        if self._metrics is None:
-            return _text(request, 404, "404 Not Found")
+        assert self._metrics is not None  # routed only then
         request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE)
         request.setHeader(b"Cache-Control", b"no-cache")
         return self._metrics()
 
-    @app.route("/admin/", methods=["GET"])
     def page(self, request: Request) -> bytes:
         # The page itself holds no data; its script sends the token for status.json.
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
@@ -519,27 +590,50 @@ class Health:
     def __init__(self, subscribed: Callable[[], bool]) -> None:
         self._subscribed = subscribed
 
-    def render(self, request: IRequest, which: bytes) -> bytes:
+    def routes(self) -> list[Route]:
+        """The two checks."""
+        return [Route("/health/live", GET, self.live), Route("/health/ready", GET, self.ready)]
+
+    def live(self, request: IRequest) -> bytes:
         request.setHeader(b"Cache-Control", b"no-cache")
-        if which == b"live":
-            return _text(request, 200, "OK")
+        return _text(request, 200, "OK")
+
+    def ready(self, request: IRequest) -> bytes:
+        request.setHeader(b"Cache-Control", b"no-cache")
         if self._subscribed():
             return _text(request, 200, "OK")
         return _text(request, 503, "503 Service Unavailable: not subscribed to Redis")
 
 
 class Root(Resource):
-    """Every request's entry: sets the CORS header, then hands the whole request to
-    the health checks, the admin routes (paths under /admin) or the stream routes."""
+    """Every request's entry on one listener, and its one router: sets the CORS
+    header, turns away what no route could take (a path that is not UTF-8 or holds
+    control characters, a malformed Host), then finds the route in the listener's
+    table, one Klein app built from it.
+
+    The same answers on every path: a route's method runs its handler, OPTIONS is a
+    CORS preflight (204), another method is 405 with C{Allow}; a path in no route
+    (on this listener) is 404 whatever the method; C{/admin} redirects to C{/admin/}
+    (Werkzeug's rule)."""
 
     isLeaf = True
 
-    def __init__(self, streams: IResource | None, admin: IResource | None,
-                 health: Health | None = None) -> None:
+    def __init__(self, routes: Iterable[Route]) -> None:
         super().__init__()
-        self._streams = streams
-        self._admin = admin
-        self._health = health
+        app = Klein()
+        rules = set()
+        for route in routes:
+            if route.rule in rules:
+                raise ValueError(f"{route.rule!r} is routed twice")
+            rules.add(route.rule)
+            methods = [*route.methods, "OPTIONS"] if route.methods else None
+            app.route(route.rule, methods=methods, endpoint=route.rule)(
+                _answering_preflights(route))
+        app.handle_errors(HTTPException)(_http_error)
+        app.handle_errors(Exception)(_internal_error)
+        #: The rules this listener serves.
+        self.rules = frozenset(rules)
+        self._app = app.resource()
 
     def render(self, request: IRequest) -> Any:
         request.setHeader(*CORS)
@@ -552,15 +646,15 @@ class Root(Resource):
             return _text(request, 400, "400 Bad Request: the path holds control characters")
         if not _valid_host(request.getHeader(b"host")):
             return _text(request, 400, "400 Bad Request: the Host header is not valid")
+        return self._app.render(request)
+
+
+def _answering_preflights(route: Route) -> Callable[..., Any]:
+    """C{route}'s handler, with C{OPTIONS} answered as a CORS preflight."""
+    handler = route.handler
+
+    def handle(request: IRequest, **arguments: Any) -> Any:
         if request.method == b"OPTIONS":
             return _preflight(request)
-        if self._health is not None and path in (b"/health/live", b"/health/ready"):
-            if request.method not in (b"GET", b"HEAD"):
-                request.setHeader(b"Allow", b"GET, HEAD")
-                return _text(request, 405, "405 Method Not Allowed")
-            return self._health.render(request, path.rsplit(b"/", 1)[1])
-        is_admin = path in (b"/admin", b"/metrics") or path.startswith(b"/admin/")
-        target = self._admin if is_admin else self._streams
-        if target is None:
-            return _text(request, 404, "404 Not Found")
-        return target.render(request)
+        return handler(request, **arguments)
+    return handle

@@ -6,7 +6,7 @@ import json
 import socket
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import pytest
 from twisted.python import usage
@@ -18,6 +18,7 @@ from emojistream.config import (
     ConfigError,
     RedisAddress,
     Settings,
+    Spec,
     listen_address,
     parse_bool,
     parse_redis_url,
@@ -239,13 +240,38 @@ def test_listen_address_reads_the_endpoint_without_listening():
         listen_address("tcp:eighty")
 
 
-def test_every_default_is_the_settings_default():
-    """The defaults --help shows are the ones Settings uses (written twice)."""
-    defaults = Settings()
+def test_settings_defaults_are_what_nothing_given_resolves_to():
+    """Each default is written once, in SPECS: Settings() is what an empty environment
+    and an empty command line give, derived defaults (listen, node, the stream limit,
+    admin report, demo page) and the absent token included."""
+    assert Settings() == resolve({}, {})
+    assert Settings() == options([]).settings
+    assert {f.name for f in fields(Settings)} == {spec.key for spec in SPECS} | {
+        "redis_given"}
+
+
+def test_help_shows_the_default_settings_use():
+    """--help renders each fixed default from the table, and it is what Settings holds;
+    the listen default it spells out is Settings' own."""
+    helps = str(Options(environ={}))
     for spec in SPECS:
-        if spec.default is not None:
-            assert spec.parse(spec.default) == getattr(defaults, spec.key), spec.key
-    assert {f.name for f in fields(Settings)} >= {spec.key for spec in SPECS}
+        if spec.shown_default is not None:
+            assert spec.parse(spec.shown_default) == getattr(Settings(), spec.key), spec.key
+            assert f"default {spec.shown_default}]" in " ".join(helps.split()), spec.key
+    (listen,) = (spec for spec in SPECS if spec.key == "listen")
+    assert f"else {Settings().listen})" in listen.help
+    assert "metavar" not in {f.name for f in fields(Spec)}
+
+
+def test_a_default_changed_in_the_table_changes_settings_and_resolve(monkeypatch):
+    """The table is the only place: a default changed there is the one Settings() and
+    resolve() use, with nothing else to keep in step."""
+    import emojistream.config as config
+
+    changed = tuple(replace(spec, default="7") if spec.key == "keepalive" else spec
+                    for spec in SPECS)
+    monkeypatch.setattr(config, "SPECS", changed)
+    assert Settings().keepalive == 7.0 == resolve({}, {}).keepalive
 
 
 #: Settings with a bound: option, environment variable, a value past it, the message,

@@ -4,10 +4,14 @@ message on a channel reaches the namespace named for it (pure logic, no I/O)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from fnmatch import fnmatchcase
 
 import pytest
+from twisted.internet.task import Clock
 
+from emojistream.config import Settings
+from emojistream.hub import Hub
 from emojistream.router import Router
 from emojistream.summarizer import ScoreSummarizer
 from emojistream.vocabulary import (
@@ -30,7 +34,7 @@ from emojistream.vocabulary import (
     detail_namespace,
     lineage,
 )
-from emojistream.web import StreamRoutes
+from emojistream.web import StreamRoutes, StreamSettings
 
 
 def test_the_names_are_the_contracts_bytes():
@@ -78,7 +82,8 @@ def test_lineage_stops_at_slash_boundaries():
 
 
 def test_each_namespace_is_served_under_subscribe():
-    rules = {rule.rule for rule in StreamRoutes.app.url_map.iter_rules()}
+    settings = StreamSettings.of(replace(Settings(), kiosk_stream=True))
+    rules = {route.rule for route in StreamRoutes(Hub(Clock()), settings, clock=Clock()).routes()}
     for namespace in (EPS_NAMESPACE, RAW_NAMESPACE, DETAILS_NAMESPACE, KIOSK_NAMESPACE):
         assert SUBSCRIBE + namespace in rules
     assert SUBSCRIBE + DETAIL_NAMESPACE_PREFIX + "<path:emoji_id>" in rules
