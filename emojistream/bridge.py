@@ -24,10 +24,12 @@ What is promised, and the residual risks:
   between: real traffic does not do that, a test that publishes one payload in a
   loop does), the messages between the two runs are taken for appended: lost, never
   duplicated.
-- A new holder that did not hear the stream's newest entry within L{ALIGN_WAIT} of a
-  lease third (it started after the old holder's last append, or its own
+- A new holder that cannot find the stream's newest entry in what it heard within a
+  third of a lease (it started after the old holder's last append, or its own
   subscription broke) appends everything it still holds: the messages nobody heard
-  are a gap, and if it was only that far behind, the overlap is appended twice.
+  are a gap. If it was only behind by more than that, or heard fewer than
+  L{emojistream.history.ALIGN_LEAST} of the stream's newest entries (it subscribed
+  just before the old holder's last appends), the overlap is appended twice.
 - A bridge whose subscription breaks forgets what it heard (it cannot tell what it
   missed); the holder also gives the lease up, so a standby that heard everything
   takes over.

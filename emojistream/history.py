@@ -198,24 +198,31 @@ def append_call(stream_key: str, messages: Sequence[tuple[bytes, bytes]], *,
     return keys, args
 
 
-def align(heard: Sequence[tuple[bytes, bytes]], tail: Sequence[tuple[bytes, bytes]]
-          ) -> int | None:
+#: Entries a candidate must agree on with the tail (or the whole tail, if shorter)
+#: before it is taken for where the stream ends: one alone could be any score update.
+ALIGN_LEAST = 8
+
+
+def align(heard: Sequence[tuple[bytes, bytes]], tail: Sequence[tuple[bytes, bytes]], *,
+          least: int = ALIGN_LEAST) -> int | None:
     """Where the stream's newest entries C{tail} (oldest first) end in C{heard}, the
     messages one subscriber heard (oldest first): the index in C{heard} of the first
-    message the stream does not hold yet, or None if the tail's newest entry is not
-    among them.
+    message the stream does not hold yet, or None if it cannot be told.
 
     Pub/sub delivers to every subscriber of one Redis in one order, so what the stream
     holds is a run of what any subscriber heard. The tail's newest entry is looked for
     from the newest message back; a candidate must agree with the tail entry by entry,
-    back as far as both go. The latest candidate wins: if the same run of C{len(tail)}
-    messages was heard twice, the ones between are taken for appended already (lost,
-    never duplicated).
+    back as far as both go, and on C{least} entries at least (or the whole tail): a
+    candidate near the start of what was heard, with only a score update or two to
+    compare, could be a coincidence. The latest candidate wins: if the same run of
+    C{len(tail)} messages was heard twice, the ones between are taken for appended
+    already (lost, never duplicated).
     """
     if not tail:
         return 0
     newest = tail[-1]
-    for j in range(len(heard) - 1, -1, -1):
+    enough = min(least, len(tail))
+    for j in range(len(heard) - 1, enough - 2, -1):
         if heard[j] != newest:
             continue
         depth = min(len(tail), j + 1)

@@ -110,8 +110,20 @@ def test_align_finds_where_the_stream_ends_in_what_was_heard():
     assert align(heard, heard[:4]) == 4
     assert align(heard, heard[6:9]) == 9
     assert align(heard, heard) == 10
-    # The tail's older entries fell before what was heard: compared as far as both go.
-    assert align(heard[5:], heard[:7]) == 2
+    # The tail's older entries fell before what was heard: compared as far as both go,
+    # if that is 8 entries at least (or the whole tail).
+    assert align(heard[1:], heard[:9]) == 8
+    assert align(heard[2:], heard[:9]) is None
+    assert align(heard[2:], heard[:9], least=7) == 7
+    assert align(heard[8:], heard[:9], least=1) == 1
+
+
+def test_align_takes_no_coincidence_at_the_start_of_what_was_heard():
+    """A bridge that starts anew hears a common score update first: the stream's last
+    entry before the start may be the same ID; it is not taken for that entry."""
+    tail = [score(n) for n in range(10)] + [score(2665)]
+    heard = [score(2665), score(1), score(2)]
+    assert align(heard, tail) is None
 
 
 def test_align_with_an_empty_tail_appends_everything():
