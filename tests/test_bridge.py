@@ -333,3 +333,26 @@ def test_the_shipped_unit_does_not_restart_a_bridge_whose_settings_cannot_work(t
     assert result.returncode == code == CONFIG_ERROR_EXIT, out
     assert out == "twistd emojistream-bridge: EMOJISTREAM_BRIDGE_LEASE: '-1' must be a " \
                   "positive number"
+
+
+def test_under_systemd_it_notifies_ready_watchdog_its_state_and_stopping(
+        tmp_path, redis_server, bridges):
+    path = tmp_path / "notify"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.settimeout(20)
+    try:
+        bridge = start_bridge(bridges, redis_server.url,
+                              env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"})
+        messages = [listener.recv(4096).decode()]
+        while "STATUS=active" not in messages[-1]:
+            messages.append(listener.recv(4096).decode())
+        assert any(m.startswith("READY=1") for m in messages)
+        assert messages[-1] == "WATCHDOG=1\nSTATUS=active, 0 appended, 0 dropped to " \
+                               "emojistream:events"
+        bridge.proc.send_signal(signal.SIGTERM)
+        while not messages[-1].startswith("STOPPING=1"):
+            messages.append(listener.recv(4096).decode())
+        assert bridge.proc.wait(20) == 0
+    finally:
+        listener.close()
