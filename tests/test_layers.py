@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "emojistream"
 #: What a message meets on its way, and what decides about it.
 CORE = ("vocabulary", "sse", "hub", "summarizer", "router", "replay", "delays",
         "stream", "subscription", "batching", "status", "rankings", "slices", "waiting",
-        "cache", "timers")
+        "cache", "timers", "history")
 #: Modules that reach the process or the host (or whose only use is to).
 PROCESS_MODULES = {"os", "sys", "signal", "resource", "gc", "socket", "subprocess",
                    "atexit", "ctypes", "tempfile", "shutil", "threading", "select",

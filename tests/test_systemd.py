@@ -318,10 +318,11 @@ def unit_root(tmp_path: Path) -> Path:
 @pytest.mark.skipif(not ANALYZE or not Path("/usr/lib/systemd/system").is_dir(),
                     reason="needs systemd's systemd-analyze")
 @pytest.mark.parametrize("unit", ["emojistream.service", "emojistream@1.socket",
-                                  "emojistream@1.service"])
+                                  "emojistream@1.service", "emojistream-bridge.service"])
 def test_systemd_analyze_verify_passes_on_every_shipped_unit(unit_root: Path, unit: str):
     shipped = {p.name for p in UNITS.iterdir() if p.suffix in (".service", ".socket")}
-    assert shipped == {"emojistream.service", "emojistream@.socket", "emojistream@.service"}
+    assert shipped == {"emojistream.service", "emojistream@.socket", "emojistream@.service",
+                       "emojistream-bridge.service"}
     result = _verify(unit_root, unit)
     # verify exits 0 on settings it could not parse and ignores: those lines count too.
     assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), (
@@ -475,7 +476,8 @@ def test_the_documentation_the_units_name_is_what_the_documented_install_creates
     script = "\n".join(commands).replace("/opt/emojistream", f"{root}/opt/emojistream") \
         .replace("/etc/emojistream", f"{root}/etc/emojistream")
     subprocess.run(["bash", "-e", "-c", script], cwd=REPO, check=True, timeout=30)
-    for unit in ("emojistream.service", "emojistream@.service", "emojistream@.socket"):
+    for unit in ("emojistream.service", "emojistream@.service", "emojistream@.socket",
+                 "emojistream-bridge.service"):
         for url in unit_values(unit, "Documentation"):
             for link in url.split():
                 assert link.startswith("file:///"), (unit, link)

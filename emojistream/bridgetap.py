@@ -1,0 +1,183 @@
+"""The bridge's twistd plugin: C{twistd -n emojistream-bridge [options]}.
+
+Settings the bridge shares with the daemon read the daemon's environment names
+(C{REDIS_URL}, C{ENABLE_KIOSK_INTERACTION_STREAM}, C{LOG_FORMAT}), so both can run
+from one environment file; its own have C{EMOJISTREAM_} names.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from twisted.application.service import IService
+from twisted.internet.defer import succeed
+from twisted.python import usage
+
+from emojistream.bridge import DEFAULT_LEASE, MIN_LEASE, Bridge, RedisHistory, Subscriber
+from emojistream.config import (
+    ConfigError,
+    RedisAddress,
+    Spec,
+    config_exit,
+    parse_at_most,
+    parse_bool,
+    parse_log_format,
+    parse_positive_int,
+    parse_redis_url,
+    parse_seconds,
+)
+from emojistream.history import DEFAULT_MAXLEN, DEFAULT_STREAM_KEY, parse_stream_key
+from emojistream.lifecycle import ExitOnStartupError, OrderedStop, Signals
+from emojistream.notify import Notifier
+from emojistream.redisconn import RedisConnection
+from emojistream.vocabulary import DETAIL_PATTERN, KIOSK_PATTERN, SCORE_CHANNEL
+
+#: The longest lease: a standby waits this long for a holder that died silently.
+MAX_LEASE = 3600.0
+#: The most entries kept: well past what a Redis host holds (180 bytes an entry).
+MAX_MAXLEN = 1_000_000_000
+
+
+def _lease(text: str) -> float:
+    return float(parse_at_most(lambda t: parse_seconds(t, least=MIN_LEASE), MAX_LEASE,
+                               "seconds")(text))
+
+
+SPECS: tuple[Spec, ...] = (
+    Spec("redis", "redis", "REDIS_URL", parse_redis_url, "redis://localhost:6379",
+         "Redis the feeder publishes to and the stream lives in, "
+         "redis://[[user]:password@]host:port[/db]"),
+    Spec("stream_key", "stream-key", "EMOJISTREAM_STREAM_KEY", parse_stream_key,
+         DEFAULT_STREAM_KEY, "Key of the Redis Stream the messages are appended to "
+         "(its epoch and lease are <key>:epoch and <key>:bridge)"),
+    Spec("maxlen", "stream-maxlen", "EMOJISTREAM_STREAM_MAXLEN",
+         parse_at_most(parse_positive_int, MAX_MAXLEN, "entries"), str(DEFAULT_MAXLEN),
+         "Entries the stream keeps, about (XADD MAXLEN ~): the default is an hour at "
+         "400 hits/s, two messages each, some 520 MB of Redis"),
+    Spec("kiosk_stream", "kiosk-stream", "ENABLE_KIOSK_INTERACTION_STREAM", parse_bool,
+         "false", "Bridge the kiosk channels (stream.interaction.*) too; give every "
+         "bridge of one stream the same", is_flag=True),
+    Spec("lease", "lease", "EMOJISTREAM_BRIDGE_LEASE", _lease, f"{DEFAULT_LEASE:g}",
+         "Seconds of the appending bridge's lease: a standby takes over within about "
+         f"this long of a silent death (at least {MIN_LEASE:g})"),
+    Spec("log_format", "log-format", "LOG_FORMAT", parse_log_format, "text",
+         "Log as text lines or as one JSON object per line on standard output (json)"),
+)
+
+
+@dataclass(frozen=True)
+class BridgeSettings:
+    """Every setting the bridge runs with, already validated."""
+
+    redis: RedisAddress = field(default_factory=RedisAddress)
+    stream_key: str = DEFAULT_STREAM_KEY
+    maxlen: int = DEFAULT_MAXLEN
+    kiosk_stream: bool = False
+    lease: float = DEFAULT_LEASE
+    log_format: str = "text"
+
+
+def resolve(env: Mapping[str, str], options: Mapping[str, str | None]) -> BridgeSettings:
+    """Environment and options (options win) as validated L{BridgeSettings}; raises
+    L{ConfigError} naming the offending setting."""
+    values: dict[str, Any] = {}
+    for spec in SPECS:
+        given, source = options.get(spec.key), f"--{spec.option}"
+        if given is None and spec.env is not None and spec.env in env:
+            given, source = env[spec.env], spec.env
+        if given is None:
+            assert spec.default is not None
+            given = spec.default
+        try:
+            values[spec.key] = spec.parse(given)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    return BridgeSettings(**values)
+
+
+def _describe(spec: Spec) -> str:
+    return f"{spec.help} [env {spec.env}, default {spec.default}]"
+
+
+class Options(usage.Options):
+    """Command-line options; each overrides its environment variable."""
+
+    synopsis = "[options]"
+    longdesc = ("Appends the messages emojitracker's feeder PUBLISHes to a Redis Stream, "
+                "the shared history emojistream nodes can read. Run several for safety: "
+                "one holds a lease in Redis and appends, the others stand by.")
+
+    optParameters: ClassVar[list[list[Any]]] = [
+        [s.option, None, None, _describe(s)] for s in SPECS if not s.is_flag]
+    optFlags: ClassVar[list[list[Any]]] = [
+        flag for s in SPECS if s.is_flag
+        for flag in ([s.option, None, _describe(s)],
+                     [f"no-{s.option}", None, f"Turn --{s.option} off (overrides {s.env})"])
+    ]
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self.environ = os.environ if environ is None else environ
+        self.settings: BridgeSettings | None = None
+
+    def postOptions(self) -> None:
+        given: dict[str, str | None] = {}
+        for spec in SPECS:
+            if spec.is_flag:
+                on, off = self[spec.option], self[f"no-{spec.option}"]
+                if on and off:
+                    raise usage.UsageError(f"--{spec.option} and --no-{spec.option} "
+                                           "contradict each other")
+                given[spec.key] = "true" if on else "false" if off else None
+            else:
+                given[spec.key] = self[spec.option]
+        try:
+            settings = resolve(self.environ, given)
+        except ConfigError as e:
+            # Not a UsageError: twistd would print its whole option list before it.
+            raise config_exit("twistd emojistream-bridge", e) from None
+        parent = getattr(self, "parent", None)
+        if settings.log_format == "json" and parent is not None and not parent.get("logger"):
+            parent["logger"] = "emojistream.logs.json_stdout"
+        self.settings = settings
+
+
+def bridge_service(settings: BridgeSettings, reactor: Any,
+                   environ: Mapping[str, str] | None = None) -> tuple[IService, Bridge]:
+    """The bridge's service tree and the bridge in it. It stops in order: the
+    subscriber first (nothing new comes), then the bridge (appends what waits, gives
+    the lease up), then the command connection."""
+    environ = os.environ if environ is None else environ
+    root = ExitOnStartupError()
+    Signals(reactor).setServiceParent(root)
+    tree = OrderedStop()
+    tree.setServiceParent(root)
+    commands = RedisConnection(settings.redis, reactor=reactor, purpose="command")
+    commands.setServiceParent(tree)
+    history = RedisHistory(commands, settings.stream_key, maxlen=settings.maxlen)
+    bridge = Bridge(history, clock=reactor, stream_key=settings.stream_key,
+                    lease=settings.lease)
+    bridge.setServiceParent(tree)
+    patterns = (DETAIL_PATTERN, KIOSK_PATTERN) if settings.kiosk_stream else (DETAIL_PATTERN,)
+    subscriber = Subscriber(settings.redis, bridge, reactor=reactor,
+                            channels=(SCORE_CHANNEL, bridge.release_channel),
+                            patterns=patterns)
+    bridge.feed = subscriber
+    subscriber.setServiceParent(tree)
+    notifier = Notifier.for_systemd(environ, clock=reactor, listening=lambda: succeed(None),
+                                    status=bridge.summary)
+    if notifier is not None:
+        # Added last, stopped first: STOPPING=1 goes as the stop begins.
+        notifier.setServiceParent(tree)
+    return root, bridge
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """The bridge's service tree, built from parsed options."""
+    if reactor is None:
+        from twisted.internet import reactor
+    assert options.settings is not None
+    return bridge_service(options.settings, reactor, options.environ)[0]
