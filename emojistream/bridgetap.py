@@ -10,28 +10,28 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from twisted.application.service import IService
 from twisted.internet.defer import succeed
-from twisted.python import usage
 
 from emojistream.bridge import DEFAULT_LEASE, MIN_LEASE, Bridge, RedisHistory, Subscriber
 from emojistream.config import (
-    ConfigError,
     RedisAddress,
     Spec,
-    config_exit,
     parse_at_most,
     parse_bool,
     parse_log_format,
     parse_positive_int,
     parse_redis_url,
     parse_seconds,
+    resolve_table,
+    table_default,
 )
 from emojistream.history import DEFAULT_MAXLEN, DEFAULT_STREAM_KEY, parse_stream_key
 from emojistream.lifecycle import ExitOnStartupError, OrderedStop, Signals
 from emojistream.notify import Notifier
+from emojistream.options import TableOptions, option_lists
 from emojistream.redisconn import RedisConnection
 from emojistream.vocabulary import DETAIL_PATTERN, KIOSK_PATTERN, SCORE_CHANNEL
 
@@ -70,79 +70,36 @@ SPECS: tuple[Spec, ...] = (
 
 @dataclass(frozen=True)
 class BridgeSettings:
-    """Every setting the bridge runs with, already validated."""
+    """Every setting the bridge runs with, already validated; C{BridgeSettings()} is
+    what nothing given resolves to (each default written once, in L{SPECS})."""
 
-    redis: RedisAddress = field(default_factory=RedisAddress)
-    stream_key: str = DEFAULT_STREAM_KEY
-    maxlen: int = DEFAULT_MAXLEN
-    kiosk_stream: bool = False
-    lease: float = DEFAULT_LEASE
-    log_format: str = "text"
+    redis: RedisAddress = field(default_factory=table_default(SPECS, "redis"))
+    stream_key: str = field(default_factory=table_default(SPECS, "stream_key"))
+    maxlen: int = field(default_factory=table_default(SPECS, "maxlen"))
+    kiosk_stream: bool = field(default_factory=table_default(SPECS, "kiosk_stream"))
+    lease: float = field(default_factory=table_default(SPECS, "lease"))
+    log_format: str = field(default_factory=table_default(SPECS, "log_format"))
 
 
 def resolve(env: Mapping[str, str], options: Mapping[str, str | None]) -> BridgeSettings:
     """Environment and options (options win) as validated L{BridgeSettings}; raises
     L{ConfigError} naming the offending setting."""
-    values: dict[str, Any] = {}
-    for spec in SPECS:
-        given, source = options.get(spec.key), f"--{spec.option}"
-        if given is None and spec.env is not None and spec.env in env:
-            given, source = env[spec.env], spec.env
-        if given is None:
-            assert spec.default is not None
-            given = spec.default
-        try:
-            values[spec.key] = spec.parse(given)
-        except ValueError as e:
-            raise ConfigError(f"{source}: {e}") from None
-    return BridgeSettings(**values)
+    return BridgeSettings(**resolve_table(SPECS, env, options))
 
 
-def _describe(spec: Spec) -> str:
-    return f"{spec.help} [env {spec.env}, default {spec.default}]"
-
-
-class Options(usage.Options):
+class Options(TableOptions[BridgeSettings]):
     """Command-line options; each overrides its environment variable."""
 
     synopsis = "[options]"
     longdesc = ("Appends the messages emojitracker's feeder PUBLISHes to a Redis Stream, "
                 "the shared history emojistream nodes can read. Run several for safety: "
                 "one holds a lease in Redis and appends, the others stand by.")
+    specs = SPECS
+    program = "emojistream-bridge"
+    optParameters, optFlags = option_lists(SPECS)
 
-    optParameters: ClassVar[list[list[Any]]] = [
-        [s.option, None, None, _describe(s)] for s in SPECS if not s.is_flag]
-    optFlags: ClassVar[list[list[Any]]] = [
-        flag for s in SPECS if s.is_flag
-        for flag in ([s.option, None, _describe(s)],
-                     [f"no-{s.option}", None, f"Turn --{s.option} off (overrides {s.env})"])
-    ]
-
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        super().__init__()
-        self.environ = os.environ if environ is None else environ
-        self.settings: BridgeSettings | None = None
-
-    def postOptions(self) -> None:
-        given: dict[str, str | None] = {}
-        for spec in SPECS:
-            if spec.is_flag:
-                on, off = self[spec.option], self[f"no-{spec.option}"]
-                if on and off:
-                    raise usage.UsageError(f"--{spec.option} and --no-{spec.option} "
-                                           "contradict each other")
-                given[spec.key] = "true" if on else "false" if off else None
-            else:
-                given[spec.key] = self[spec.option]
-        try:
-            settings = resolve(self.environ, given)
-        except ConfigError as e:
-            # Not a UsageError: twistd would print its whole option list before it.
-            raise config_exit("twistd emojistream-bridge", e) from None
-        parent = getattr(self, "parent", None)
-        if settings.log_format == "json" and parent is not None and not parent.get("logger"):
-            parent["logger"] = "emojistream.logs.json_stdout"
-        self.settings = settings
+    def settle(self, given: Mapping[str, str | None]) -> BridgeSettings:
+        return resolve(self.environ, given)
 
 
 def bridge_service(settings: BridgeSettings, reactor: Any,

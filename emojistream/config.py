@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -624,33 +624,39 @@ SPECS: tuple[Spec, ...] = (
 )
 
 
-def _spec(key: str) -> Spec:
-    (spec,) = (spec for spec in SPECS if spec.key == key)
+def _spec(specs: Sequence[Spec], key: str) -> Spec:
+    (spec,) = (spec for spec in specs if spec.key == key)
     return spec
 
 
-def _plain_defaults() -> dict[str, Any]:
+def _plain_defaults(specs: Sequence[Spec]) -> dict[str, Any]:
     """The settings whose default is a text, parsed: what derived defaults of an empty
     environment depend on."""
-    return {spec.key: spec.parse(spec.default) for spec in SPECS
+    return {spec.key: spec.parse(spec.default) for spec in specs
             if isinstance(spec.default, str)}
 
 
-def _default_of(key: str) -> Any:
+def _default_of(specs: Sequence[Spec], key: str) -> Any:
     """The value of setting C{key} when nothing gives it, environment empty: its
     table default, parsed (derived ones from the other settings' defaults)."""
-    default = _spec(key).default
+    spec = _spec(specs, key)
+    default = spec.default
     if isinstance(default, Unset):
         return default.value
     if isinstance(default, str):
-        return _spec(key).parse(default)
-    return _spec(key).parse(default({}, _plain_defaults())[0])
+        return spec.parse(default)
+    return spec.parse(default({}, _plain_defaults(specs))[0])
+
+
+def table_default(specs: Sequence[Spec], key: str) -> Callable[[], Any]:
+    """A settings field's default factory: the default in C{specs}, not written
+    again in the settings class."""
+    return partial(_default_of, specs, key)
 
 
 def _table(key: str) -> Callable[[], Any]:
-    """A L{Settings} field's default factory: the default in L{SPECS}, not written
-    again in Settings."""
-    return partial(_default_of, key)
+    """A L{Settings} field's default factory, reading L{SPECS} when called."""
+    return lambda: _default_of(SPECS, key)
 
 
 @dataclass(frozen=True)
@@ -717,17 +723,16 @@ def _parse(spec: Spec, text: str, source: str) -> Any:
         raise ConfigError(f"{source}: {e}") from None
 
 
-def resolve(env: Mapping[str, str], options: Mapping[str, str | None]) -> Settings:
-    """Combine environment and options (options win) into validated L{Settings}.
-
-    C{options} maps a spec's key to the text given on the command line, or None when
-    the option was not given. Raises L{ConfigError} naming the offending setting.
-    A setting given nowhere takes its table default; those derived from the
-    environment or other settings (L{Derive}) once all the others are known.
-    """
+def resolve_table(specs: Sequence[Spec], env: Mapping[str, str],
+                  options: Mapping[str, str | None]) -> dict[str, Any]:
+    """Each setting of C{specs}, validated: from C{options} (the text given on the
+    command line by key, None when not given), else its environment variable, else
+    its table default; those derived from the environment or other settings
+    (L{Derive}) once all the others are known. Raises L{ConfigError} naming the
+    offending setting."""
     values: dict[str, Any] = {}
     derived: list[tuple[Spec, Derive]] = []
-    for spec in SPECS:
+    for spec in specs:
         given = options.get(spec.key)
         source = f"--{spec.option}"
         if given is None and spec.env is not None and spec.env in env:
@@ -744,6 +749,14 @@ def resolve(env: Mapping[str, str], options: Mapping[str, str | None]) -> Settin
     for spec, derive in derived:
         given, source = derive(env, values)
         values[spec.key] = _parse(spec, given, source)
+    return values
+
+
+def resolve(env: Mapping[str, str], options: Mapping[str, str | None]) -> Settings:
+    """Combine environment and options (options win) into validated L{Settings}
+    (L{resolve_table} of L{SPECS}); raises L{ConfigError} naming the offending
+    setting."""
+    values = resolve_table(SPECS, env, options)
     values["redis_given"] = (
         options.get("redis") is not None or "REDIS_URL" in env
     )

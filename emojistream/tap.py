@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, ClassVar
+from typing import Any
 
 from twisted.application.service import IService, Service
 from twisted.logger import Logger
-from twisted.python import usage
 
-from emojistream.config import SPECS, ConfigError, Settings, config_exit, resolve
+from emojistream.config import SPECS, ConfigError, Settings, resolve
 from emojistream.endpoints import check_unshared, numbered, shared_port
 from emojistream.lifecycle import ExitOnStartupError, Signals, StartupError, exit_after_stop
 from emojistream.notify import Notifier
+from emojistream.options import TableOptions, option_lists
 from emojistream.service import daemon
 from emojistream.supervisor import Supervisor
 from emojistream.workers import ProcessLauncher, worker_number
@@ -22,16 +21,7 @@ from emojistream.workers import ProcessLauncher, worker_number
 _log = Logger(namespace="emojistream.tap")
 
 
-def _describe(spec_help: str, default: str | None, env: str | None) -> str:
-    extra = []
-    if env:
-        extra.append(f"env {env}")
-    if default is not None:
-        extra.append(f"default {default}")
-    return f"{spec_help} [{', '.join(extra)}]" if extra else spec_help
-
-
-class Options(usage.Options):
+class Options(TableOptions[Settings]):
     """Command-line options; each overrides its environment variable."""
 
     synopsis = "[options]"
@@ -39,61 +29,24 @@ class Options(usage.Options):
         "Serves emojitracker's Redis pub/sub streams to browsers over Server-Sent Events. "
         "Every option can also be set through the environment variable named in its help."
     )
+    specs = SPECS
+    program = "emojistream"
+    optParameters, optFlags = option_lists(SPECS)
 
-    optParameters: ClassVar[list[list[Any]]] = [
-        [s.option, None, None, _describe(s.help, s.shown_default, s.env)]
-        for s in SPECS if not s.is_flag
-    ]
-    optFlags: ClassVar[list[list[Any]]] = [
-        flag
-        for s in SPECS if s.is_flag
-        for flag in (
-            [[s.option, None, _describe(s.help, s.shown_default, s.env)],
-             [f"no-{s.option}", None, f"Turn --{s.option} off (overrides {s.env})"]]
-            if s.env else [[s.option, None, s.help]]
-        )
-    ]
-
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        super().__init__()
-        #: The environment settings are read from (and workers inherit).
-        self.environ = os.environ if environ is None else environ
-        self.settings: Settings | None = None
-
-    def postOptions(self) -> None:
-        given: dict[str, str | None] = {}
-        for spec in SPECS:
-            if spec.is_flag:
-                on, off = self[spec.option], self.get(f"no-{spec.option}")
-                if on and off:
-                    raise usage.UsageError(f"--{spec.option} and --no-{spec.option} "
-                                           "contradict each other")
-                given[spec.key] = "true" if on else "false" if off else None
-            else:
-                given[spec.key] = self[spec.option]
-        try:
-            settings = resolve(self.environ, given)
-            if worker_number(self.environ) is not None:
-                # A worker never starts workers, whatever its environment says.
-                settings = replace(settings, workers=1)
-            if settings.workers > 1:
-                check_workers(settings)
-                if settings.event_ids:
-                    _log.warn("--event-ids with --workers {n}: each worker keeps its own "
-                              "replay buffers and the kernel picks a worker per "
-                              "connection, so most reconnections get the gap signal; "
-                              "give each worker its own port behind sticky routing for "
-                              "resumes to work", n=settings.workers)
-        except ConfigError as e:
-            # Not a UsageError: twistd would print its whole option list before it.
-            raise config_exit("twistd emojistream", e) from None
-        #: What was given on the command line, by setting key (None: not given).
-        self.given = given
-        parent = getattr(self, "parent", None)
-        if settings.log_format == "json" and parent is not None and not parent.get("logger"):
-            # twistd turns this name into its log observer after our options are read.
-            parent["logger"] = "emojistream.logs.json_stdout"
-        self.settings = settings
+    def settle(self, given: Mapping[str, str | None]) -> Settings:
+        settings = resolve(self.environ, given)
+        if worker_number(self.environ) is not None:
+            # A worker never starts workers, whatever its environment says.
+            settings = replace(settings, workers=1)
+        if settings.workers > 1:
+            check_workers(settings)
+            if settings.event_ids:
+                _log.warn("--event-ids with --workers {n}: each worker keeps its own "
+                          "replay buffers and the kernel picks a worker per "
+                          "connection, so most reconnections get the gap signal; "
+                          "give each worker its own port behind sticky routing for "
+                          "resumes to work", n=settings.workers)
+        return settings
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

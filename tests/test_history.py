@@ -148,7 +148,9 @@ def test_align_takes_the_latest_run_when_a_run_was_heard_twice():
     assert align(heard, [score(0), *run]) == 4
 
 
-@given(st.integers(0, 600), st.integers(2, 64), st.integers(0, 2**32))
+# A stream of one entry has a tail of one score update: the documented risk above.
+@given(st.integers(0, 600).filter(lambda cut: cut != 1), st.integers(2, 64),
+       st.integers(0, 2**32))
 def test_align_of_a_random_history_is_exact(cut, tail_length, seed):
     """Emoji IDs drawn at random and unique detail payloads, as the feeder sends them:
     wherever the stream ends, a tail of two or more entries (so one detail update at
