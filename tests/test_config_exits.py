@@ -61,6 +61,8 @@ def assert_one_line_exit(exit: pytest.ExceptionInfo[ConfigExit],
     assert "\n" not in line
     assert line.startswith(start), line
     assert says in line, line
+    # Found as twistd finds them: reuseport: is this checkout's plugin.
+    assert "Unknown endpoint type" not in line or "'bogus" in line, line
 
 
 @pytest.mark.parametrize(("args", "names"), BAD_OPTIONS)
@@ -107,3 +109,19 @@ def test_the_tac_refuses_workers_in_one_line(
         loadValueFromFile(str(TAC), "application")
     assert_one_line_exit(exit, capsys.readouterr(),
                          "emojistream.tac: WORKERS: the .tac runs one process")
+
+
+@pytest.mark.parametrize("listen", ["tcp:8001", "tcp:8001:interface=127.0.0.1",
+                                    "reuseport:8001", "unix:/tmp/emojistream-test.sock"])
+def test_every_endpoint_resolves_without_a_socket(
+        listen: str, environ: Callable[[dict[str, str]], None]) -> None:
+    """Configuration only parses: here (the fast tier) binding or connecting a socket
+    fails the test, so settings that resolve were resolved without trying the port,
+    whether it is free or held (test_config.py holds real ones in the slow tier)."""
+    environ({"PORT": "8001"})
+    options = plugin_options()
+    options.parseOptions(["--listen", listen, "--admin-listen", "tcp:8001", "--workers",
+                          "2" if not listen.startswith("unix:") else "1"])
+    settings = options.settings
+    assert settings is not None
+    assert (settings.listen, settings.admin_listen) == (listen, "tcp:8001")
