@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import pytest_twisted
@@ -16,6 +18,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 
 sys.path.insert(0, str(Path(__file__).parent))
+# As twistd runs it (PYTHONPATH, see repo_env): Twisted finds this checkout's plugins
+# (twisted/plugins: the twistd plugin, the reuseport: endpoint) when it first looks.
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 from emojistream.config import resolve
 from emojistream.service import Emojistream
@@ -23,6 +28,8 @@ from redisproc import RedisProcess
 from sseclient import Client, within
 
 REPO = Path(__file__).resolve().parent.parent
+# Else twisted.plugins has its path already, without this checkout's.
+assert "twisted.plugins" not in sys.modules, "twisted.plugins was imported before conftest"
 
 
 @pytest.fixture
@@ -170,11 +177,13 @@ def logs() -> Iterator[LogCapture]:
 
 #: Fixtures that start real parts: a test using one is in the slow tier.
 _SLOW_FIXTURES = {"redis_server", "daemon", "client", "publisher", "daemon_env",
-                  "redis_server_with_password", "browser", "h2_browser", "nginx", "workers"}
-#: Modules whose every test crosses a process boundary.
+                  "redis_server_with_password", "browser", "h2_browser", "nginx", "workers",
+                  "certificate"}
+#: Modules whose every test crosses a process boundary (elsewhere a test that does,
+#: without one of the fixtures above, is marked slow itself: the fast tier's guard
+#: below fails it otherwise).
 _SLOW_MODULES = {"test_bench", "test_lint", "test_twistd", "test_systemd", "test_workers",
-                 "test_floods", "test_nginx", "test_tls", "test_http2", "test_browser",
-                 "test_churn_and_stop", "test_slow_clients", "test_reporting",
+                 "test_floods", "test_nginx", "test_http2", "test_browser",
                  "test_redis_outage", "test_pages", "test_resume"}
 
 
@@ -185,3 +194,60 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
         module = item.module.__name__.rsplit(".", 1)[-1]
         if module in _SLOW_MODULES or _SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+
+
+#: How a process starts: subprocess (through its one fork-and-exec step), Twisted's
+#: spawnProcess (posix_spawnp or fork), and the rest of os.
+_PROCESS_STARTS = ["fork", "forkpty", "posix_spawn", "posix_spawnp", "system", "popen",
+                   "spawnv", "spawnve", "spawnvp", "spawnvpe"]
+#: What a real socket does to reach anything: a port, a Redis, a path.
+_SOCKET_REACHES = ["bind", "connect", "connect_ex", "sendto"]
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_promise(request: pytest.FixtureRequest,
+                       monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The fast tier's promise, kept: a test not marked slow that starts a process or
+    binds, connects or sends on a real socket fails, saying so (Clock, MemoryReactor,
+    StringTransport and iosim touch none). Also when the call was made in a callback
+    that swallowed the failure: checked again at the end."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    broken = request.node.stash.setdefault(_BROKEN, [])
+
+    def refuse(what: str) -> Callable[..., NoReturn]:
+        def refused(*args: Any, **kwargs: Any) -> NoReturn:
+            broken.append(what)
+            pytest.fail(f"{what} in a fast test: the fast tier (-m 'not slow') starts no "
+                        "process and opens no real socket; drive it on a Clock, "
+                        "MemoryReactor, StringTransport or iosim, or mark the test slow",
+                        pytrace=True)
+        return refused
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child",
+                        refuse("starting a process (subprocess)"))
+    for name in _PROCESS_STARTS:
+        if hasattr(os, name):
+            monkeypatch.setattr(os, name, refuse(f"starting a process (os.{name})"))
+    for method in _SOCKET_REACHES:
+        monkeypatch.setattr(socket.socket, method, refuse(f"a real socket's {method}()"))
+    yield
+
+
+#: What a fast test did that the fast tier promises it does not (see below).
+_BROKEN = pytest.StashKey[list[str]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Iterator[pytest.TestReport]:
+    """A fast test that passed although it was refused a process or a socket (a
+    callback swallowed the failure, or the code went on without): failed all the same."""
+    report: pytest.TestReport = yield
+    broken = item.stash.get(_BROKEN, [])
+    if report.when == "call" and report.passed and broken:
+        report.outcome = "failed"
+        report.longrepr = (f"{', '.join(sorted(set(broken)))} in a fast test (refused, "
+                           "but the refusal was swallowed): mark it slow or drive it in memory")
+    return report

@@ -176,6 +176,7 @@ def test_resume_settings_and_their_defaults():
         resolve({"SSE_REPLAY_BYTES": "0"}, {})
 
 
+@pytest.mark.slow  # holds a real port
 def test_a_busy_port_is_no_configuration_error():
     """Configuration only parses: with the port held, on one address or on all, the
     settings resolve; the listener says it is busy when the daemon starts (one line,
@@ -192,6 +193,7 @@ def test_a_busy_port_is_no_configuration_error():
             assert s is not None and s.admin_listen == f"tcp:{port}"
 
 
+@pytest.mark.slow  # holds a real port
 def test_the_default_port_held_elsewhere_is_no_configuration_error():
     """The README's first command (the demo, on 8001) running beside the tests: the
     defaults resolve whether this test holds 8001 or something else already does."""

@@ -1,4 +1,6 @@
-"""Legacy connection management: forced refresh, cleanup, client IPs, kiosk stream."""
+"""Legacy connection management over real Redis and HTTP: forced refresh, cleanup,
+client IPs, kiosk stream (one test of each feature; what is decided in code is tested
+in memory by test_memory_legacy.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,6 @@ import json
 
 import pytest_twisted
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 
 from conftest import running
 from sseclient import raw_connect, split_response, within
@@ -36,23 +37,6 @@ async def test_forced_refresh_starts_with_retry_and_marks_the_response(redis_ser
 
 
 @pytest_twisted.ensureDeferred
-async def test_retry_hints_are_configurable(redis_server):
-    env = force_env(redis_server, SSE_SCORE_RETRY_MS="2500", SSE_DETAIL_RETRY_MS="7")
-    async with running(env) as (_d, c):
-        _, eps = await c.stream("/subscribe/eps")
-        _, detail = await c.stream("/subscribe/details/2665")
-        await eps.wait_for(lambda r: r.parser.retries == [2500])
-        await detail.wait_for(lambda r: r.parser.retries == [7])
-
-
-@pytest_twisted.ensureDeferred
-async def test_without_forced_refresh_there_is_no_retry_nor_cleanup_header(client):
-    response, reader = await client.stream("/subscribe/eps")
-    assert not response.headers.hasHeader(b"X-Sse-Cleanup-Requested")
-    assert reader.parser.retries == []
-
-
-@pytest_twisted.ensureDeferred
 async def test_streams_are_closed_at_their_maximum_age_on_the_clock(redis_server, publisher):
     clock = Clock()
     env = force_env(redis_server, SSE_SCORE_FORCECLOSE_SEC="30",
@@ -72,21 +56,6 @@ async def test_streams_are_closed_at_their_maximum_age_on_the_clock(redis_server
         await within(detail.closed)
         assert len(d.app.hub) == 0
         assert [e.data for e in detail.events] == ["still here"]
-
-
-@pytest_twisted.ensureDeferred
-async def test_the_close_timer_is_cancelled_when_the_client_leaves_first(redis_server):
-    clock = Clock()
-    async with running(force_env(redis_server), clock=clock) as (d, c):
-        timers_before = len(clock.getDelayedCalls())
-        _, reader = await c.stream("/subscribe/details/2665")
-        assert len(clock.getDelayedCalls()) == timers_before + 1
-        (stream,) = d.app.hub.in_namespace("/details/2665")
-        finished = stream.writer.when_finished()
-        reader.close()
-        await within(finished)
-        assert len(clock.getDelayedCalls()) == timers_before
-        clock.advance(1000)  # nothing left to fire at a gone client
 
 
 async def post(client, path, ip, body=b"", header="X-Forwarded-For"):
@@ -153,41 +122,6 @@ async def test_cleanup_closes_exactly_the_callers_streams(redis_server, publishe
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_client_address_is_the_one_the_trusted_proxies_appended(redis_server):
-    cases = [
-        # (environment, request headers, address recorded)
-        ({}, {"X-Forwarded-For": "203.0.113.7"}, "203.0.113.7"),
-        ({}, {"X-Forwarded-For": "6.6.6.6, 203.0.113.7"}, "203.0.113.7"),
-        ({}, {"X-Forwarded-For": ["6.6.6.6", "203.0.113.7"]}, "203.0.113.7"),
-        ({}, {"X-Real-IP": "6.6.6.6"}, "127.0.0.1"),
-        ({}, {"X-Forwarded-For": "not an address"}, "127.0.0.1"),
-        ({"PROXY_HOPS": "2"}, {"X-Forwarded-For": "6.6.6.6, 203.0.113.7, 10.0.0.2"},
-         "203.0.113.7"),
-        ({"PROXY_HOPS": "2"}, {"X-Forwarded-For": "10.0.0.2"}, "127.0.0.1"),
-        # A router that sets X-Real-IP and passes the client's X-Forwarded-For on.
-        ({"CLIENT_IP_HEADER": "X-Real-IP"},
-         {"X-Forwarded-For": "6.6.6.6", "X-Real-IP": "203.0.113.7"}, "203.0.113.7"),
-        ({"CLIENT_IP_HEADER": "X-Real-IP"}, {"X-Forwarded-For": "6.6.6.6"}, "127.0.0.1"),
-    ]
-    for extra, headers, expected in cases:
-        env = {"REDIS_URL": redis_server.url, "TRUST_PROXY": "1", **extra}
-        async with running(env) as (d, c):
-            await c.stream("/subscribe/eps", headers=headers)
-            (stream,) = d.app.hub.in_namespace("/eps")
-            assert stream.client_ip == expected, (extra, headers)
-
-
-@pytest_twisted.ensureDeferred
-async def test_proxy_headers_are_ignored_unless_trusted(client, daemon):
-    await client.stream("/subscribe/eps", headers={"X-Forwarded-For": "203.0.113.7"})
-    (stream,) = daemon.app.hub.in_namespace("/eps")
-    assert stream.client_ip == "127.0.0.1"
-    _response, body = await post(client, "/subscribe/cleanup/scores", "203.0.113.7")
-    # The spoofed header does not matter: the caller is 127.0.0.1, whose stream it is.
-    assert json.loads(body) == {"status": "OK", "closed": 1}
-
-
-@pytest_twisted.ensureDeferred
 async def test_kiosk_stream_when_enabled(redis_server, publisher):
     env = {"REDIS_URL": redis_server.url, "ENABLE_KIOSK_INTERACTION_STREAM": "1"}
     async with running(env) as (_d, c):
@@ -225,27 +159,3 @@ async def test_disabled_streams_are_404_and_cost_no_subscription(redis_server, p
         await publisher.publish("stream.score_updates", "2665")
         await eps.wait_events(1)
         assert d.app.router.received == 1 and d.app.router.dropped == 0
-
-
-@pytest_twisted.ensureDeferred
-async def test_verbose_logs_connect_and_disconnect_with_path_ip_and_age(redis_server):
-    events: list[dict] = []
-    clock = Clock()
-    globalLogPublisher.addObserver(events.append)
-    try:
-        async with running({"REDIS_URL": redis_server.url, "VERBOSE": "1"},
-                           clock=clock) as (d, c):
-            _, reader = await c.stream("/subscribe/details/2665")
-            (stream,) = d.app.hub.in_namespace("/details/2665")
-            clock.advance(42)
-            finished = stream.writer.when_finished()
-            reader.close()
-            await within(finished)
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-    mine = [e for e in events if e.get("log_namespace") == "emojistream.web.StreamRoutes"]
-    connect = [e for e in mine if e["log_format"].startswith("connect")]
-    disconnect = [e for e in mine if e.get("what") == "disconnect"]
-    assert len(connect) == 1 and connect[0]["path"] == "/subscribe/details/2665"
-    assert connect[0]["ip"] == "127.0.0.1"
-    assert len(disconnect) == 1 and disconnect[0]["age"] == 42

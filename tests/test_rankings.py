@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import pytest_twisted
 import txredisapi
 from twisted.application.internet import TimerService
@@ -242,6 +243,7 @@ def test_each_hit_is_a_zincrby_and_its_publishes_sent_without_waiting() -> None:
         assert detail[:2] == ("PUBLISH", "stream.tweet_updates." + emoji_id)
 
 
+@pytest.mark.slow  # --demo starts a real redis-server
 @pytest_twisted.ensureDeferred
 async def test_the_embedded_redis_starts_from_the_shipped_all_time_scores() -> None:
     """--demo on its own Redis: the ranking is emojitracker's from the start, every

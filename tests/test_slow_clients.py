@@ -325,6 +325,7 @@ def test_keepalives_go_only_to_streams_idle_for_the_ticks_asked():
     assert b"".join(request.written) == KEEPALIVE + b"data:1\n\n" + KEEPALIVE
 
 
+@pytest.mark.slow  # a real socket pair through the reactor
 @pytest_twisted.ensureDeferred
 async def test_the_direct_writer_over_a_real_socket_partial_send_and_full_buffer():
     """HTTP/1.1's fast path: send() straight on the socket while the transport holds
