@@ -357,9 +357,11 @@ def test_a_carbon_relay_that_stops_reading_costs_no_memory_and_does_not_hold_up_
         try:
             proc.port()
             # The kernel's buffers take the first few MB; then the relay is full.
-            time.sleep(3)
+            proc.wait_for_line("is not reading; dropping reports")
             before = rss_kb(proc.proc.pid)
-            time.sleep(10)  # 200 more reports, 44 MB that must not pile up
+            # The window measured, not a wait for something: 200 more reports, 44 MB
+            # that must not pile up.
+            time.sleep(10)
             after = rss_kb(proc.proc.pid)
             stopping = time.monotonic()
         finally:
