@@ -39,6 +39,9 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
 
 #: The stream's key unless told otherwise.
 DEFAULT_STREAM_KEY = "emojistream:events"
@@ -229,3 +232,59 @@ def align(heard: Sequence[tuple[bytes, bytes]], tail: Sequence[tuple[bytes, byte
         if all(heard[j - i] == tail[-1 - i] for i in range(1, depth)):
             return j + 1
     return None
+
+
+# -- reading: positions, and what a reader hands on -------------------------------
+
+#: Bits of a position that hold an entry ID's sequence part: a position orders entries
+#: as their IDs do, in one integer (the replay journal's sequence).
+SEQUENCE_BITS = 22
+
+
+def position(entry: EntryId) -> int:
+    """The entry ID as one integer, ordered as the IDs are: C{ms << 22 | seq}. Raises
+    ValueError for a sequence part of 2**22 or more (four million entries in one
+    millisecond: not one the append script writes)."""
+    if entry.seq >> SEQUENCE_BITS:
+        raise ValueError(f"{entry} has a sequence part too large for a position")
+    return entry.ms << SEQUENCE_BITS | entry.seq
+
+
+def entry_of(place: int) -> EntryId:
+    """The entry ID of position C{place} (the inverse of L{position})."""
+    return EntryId(place >> SEQUENCE_BITS, place & ((1 << SEQUENCE_BITS) - 1))
+
+
+class StreamHandler(Protocol):
+    """What a stream reader hands the entries it reads to (the router): as a pub/sub
+    subscriber does, each read's messages bracketed by C{read_started}/C{read_done},
+    each message with its position; and first, where it starts (L{start})."""
+
+    def start(self, epoch: str, since: int) -> None:
+        """Entries of the stream whose epoch is C{epoch} follow, from the first after
+        position C{since} on, with nothing left out; called when a reader starts, and
+        again whenever it cannot go on exactly where it left off (another epoch: the
+        stream was replaced; or entries it had not read were trimmed meanwhile)."""
+
+    def read_started(self) -> None:
+        """The entries of one read follow."""
+
+    def message(self, channel: bytes, payload: bytes, place: int | None = None) -> None:
+        """One entry: the message as published, at position C{place}."""
+
+    def read_done(self) -> None:
+        """The entries of that read are all handed over."""
+
+
+class HistoryReader(Protocol):
+    """Reads what the stream holds, for a client resuming from a position the node's
+    memory no longer (or never) held."""
+
+    def entries_after(self, after: int, until: int, max_entries: int
+                      ) -> Deferred[list[tuple[int, bytes, bytes]] | None]:
+        """The entries with positions in (C{after}, C{until}], oldest first, as
+        (position, channel, payload): read in pages, off the reactor's critical path.
+
+        Fires with None when they cannot all be had: the stream no longer holds the
+        entry at C{after} (trimmed, or it never existed), or more than C{max_entries}
+        lie between. Fails if Redis cannot be asked."""

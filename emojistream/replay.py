@@ -32,6 +32,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
+from emojistream.history import EntryId, entry_of, position
 from emojistream.sse import encode_event
 from emojistream.summarizer import summary_frame
 from emojistream.vocabulary import EPS_NAMESPACE, lineage
@@ -51,11 +52,14 @@ MAX_FLOORS = 20_000
 MAX_SPARED = 64
 
 _ID = re.compile(r"([0-9a-f]{8})-([0-9]{1,18})")
+#: An ID of a stream source's event: its stream's epoch and its entry ID.
+_ENTRY_ID = re.compile(r"([0-9a-f]{8,32})-([0-9]{1,20})-([0-9]{1,7})")
 
 #: Why a resume cannot be filled, as the gap event and header say it.
 EXPIRED = "expired"  # events after the ID were given up (too old, too many, too big)
 FOREIGN = "foreign"  # the ID is another process's (another node, an earlier run)
 INVALID = "invalid"  # not an ID this daemon writes
+REPLACED = "replaced"  # the ID is of the stream source's earlier life (another epoch)
 
 
 class _Buffer:
@@ -82,8 +86,15 @@ class Resume:
 
     #: Encoded SSE messages to send first (the missed events, or one gap event).
     frames: list[bytes] = field(default_factory=list)
-    #: Why the gap could not be filled (L{EXPIRED}, L{FOREIGN}, L{INVALID}), or None.
+    #: Why the gap could not be filled (L{EXPIRED}, L{FOREIGN}, L{INVALID},
+    #: L{REPLACED}), or None.
     gap: str | None = None
+    #: With a stream source, what the journal's memory does not hold and the stream
+    #: may: the positions (after, until] to read from it (L{frames} is then empty).
+    fetch: tuple[int, int] | None = None
+    #: With a stream source, a position this node has not read up to yet: live events
+    #: at or before it are the client's already, and are not sent.
+    skip_until: int | None = None
 
 
 class Journal:
@@ -91,6 +102,10 @@ class Journal:
 
     @param clock: stamps events, for the age bound.
     @param epoch: eight hex digits; random unless a test fixes it.
+    @param positions: the events are a stream source's entries: their IDs are the
+        stream's epoch and entry IDs (C{<epoch>-<ms>-<seq>}), the same on every node,
+        given by L{start} and L{at}, not counted here; a resume the memory cannot
+        fill from is read from the stream (L{Resume.fetch}).
     @param max_namespaces: namespaces with a buffer at most.
     @param max_floors: forgotten namespaces whose floor is remembered at most.
     """
@@ -98,16 +113,20 @@ class Journal:
     def __init__(self, clock: IReactorTime, *, max_events: int = 10_000,
                  max_age: float = 300.0, max_bytes: int = 32 << 20,
                  epoch: str | None = None, max_namespaces: int = MAX_NAMESPACES,
-                 max_floors: int = MAX_FLOORS) -> None:
+                 max_floors: int = MAX_FLOORS, positions: bool = False) -> None:
         self._clock = clock
         self._max_events = max_events
         self._max_age = max_age
         self._max_bytes = max_bytes
         self._max_namespaces = max_namespaces
         self._max_floors = max_floors
-        self.epoch = epoch if epoch is not None else secrets.token_hex(4)
-        self._id_prefix = b"id:" + self.epoch.encode("ascii") + b"-"
+        self.positions = positions
+        self.epoch = epoch if epoch is not None or positions else secrets.token_hex(4)
+        self._id_prefix = b"id:" + (self.epoch or "").encode("ascii") + b"-"
         self._sequence = 0
+        # With positions: the newest summary's (what a resuming /eps client's
+        # catch-up counts up to, live summaries covering what follows).
+        self._summarized = 0
         # In the order they were made or last spared from being forgotten (ordered
         # dicts: taking the first is O(1), where a dict scans what was taken before).
         self._buffers: OrderedDict[str, _Buffer] = OrderedDict()
@@ -124,7 +143,11 @@ class Journal:
         self.size = 0
         #: Resumes that were filled (perhaps with nothing), and those that were not.
         self.hits = 0
-        self.misses: dict[str, int] = {EXPIRED: 0, FOREIGN: 0, INVALID: 0}
+        #: Resumes read from the stream, filled (the subscription counts them).
+        self.fetched = 0
+        self.misses: dict[str, int] = (
+            {EXPIRED: 0, INVALID: 0, REPLACED: 0} if positions
+            else {EXPIRED: 0, FOREIGN: 0, INVALID: 0})
 
     @property
     def events(self) -> int:
@@ -132,24 +155,63 @@ class Journal:
         return sum(len(b.entries) for b in self._buffers.values())
 
     def _id_line(self, sequence: int) -> bytes:
+        if self.positions:
+            entry = entry_of(sequence)
+            return self._id_prefix + b"%d-%d\n" % (entry.ms, entry.seq)
         return self._id_prefix + b"%d\n" % sequence
 
     def event_id(self, sequence: int | None = None) -> str:
         """The ID of event C{sequence} (default: the newest so far)."""
-        return f"{self.epoch}-{self._sequence if sequence is None else sequence}"
+        return self._id_line(self._sequence if sequence is None else sequence)[3:-1].decode()
+
+    @property
+    def started(self) -> bool:
+        """Whether IDs can be given and read: always, unless the IDs are a stream
+        source's positions and it has not started yet."""
+        return self.epoch is not None
+
+    # -- a stream source's positions -------------------------------------------
+
+    def start(self, epoch: str, since: int) -> None:
+        """A stream source's entries of epoch C{epoch} follow from the first after
+        position C{since}. Unless that is just where the journal is, what it holds
+        is forgotten: another epoch's positions mean nothing now, and after a hole
+        (entries trimmed before they were read) its events are not contiguous; a
+        resume from before C{since} is read from the stream."""
+        assert self.positions
+        if epoch == self.epoch and since == self._sequence:
+            return
+        self.epoch = epoch
+        self._id_prefix = b"id:" + epoch.encode("ascii") + b"-"
+        self._buffers.clear()
+        self._floors.clear()
+        self._ancestors.clear()
+        self.size = 0
+        self._floor = self._sequence = self._summarized = since
+
+    def at(self, place: int) -> None:
+        """The next events are of the entry at position C{place}."""
+        self._sequence = place
 
     # -- recording ------------------------------------------------------------
 
     def event(self, namespace: str, data: bytes, event: bytes | None = None) -> bytes:
         """The next event of C{namespace}, encoded with its ID and kept for replay."""
-        self._sequence = sequence = self._sequence + 1
+        if self.positions:
+            sequence = self._sequence
+        else:
+            self._sequence = sequence = self._sequence + 1
         frame = self._id_line(sequence) + encode_event(data, event)
         self._keep(namespace, sequence, frame, len(frame) + ENTRY_OVERHEAD)
         return frame
 
     def summary(self, counts: dict[str, int]) -> bytes:
-        """The next score summary, encoded with its ID; its counts are kept for replay."""
-        self._sequence = sequence = self._sequence + 1
+        """The next score summary, encoded with its ID; its counts are kept for replay.
+        With positions, its ID is the newest entry it covers."""
+        if self.positions:
+            self._summarized = sequence = self._sequence
+        else:
+            self._sequence = sequence = self._sequence + 1
         frame = summary_frame(counts, self._id_line(sequence))
         self._keep(EPS_NAMESPACE, sequence, counts,
                    len(frame) * SUMMARY_FACTOR + ENTRY_OVERHEAD)
@@ -253,7 +315,12 @@ class Journal:
         events after it, in order (at most C{max_bytes} of them, else a gap).
 
         /eps gets one summary of all the hits it missed instead of the summaries.
+        With positions, what the memory cannot give is to be read from the stream
+        (L{Resume.fetch}), and an ID this node has not reached yet is skipped to
+        (L{Resume.skip_until}).
         """
+        if self.positions:
+            return self._resume_position(namespace, last_event_id, max_bytes)
         sequence, gap = self._parse(last_event_id)
         buffers: list[_Buffer] = []
         if gap is None:
@@ -277,6 +344,56 @@ class Journal:
             return self._gap(EXPIRED)
         self.hits += 1
         return Resume(frames)
+
+    def _resume_position(self, namespace: str, last_event_id: str, max_bytes: int
+                         ) -> Resume:
+        match = _ENTRY_ID.fullmatch(last_event_id.strip())
+        if match is None or not self.started:
+            return self._gap(INVALID)
+        if match.group(1) != self.epoch:
+            return self._gap(REPLACED)
+        try:
+            sequence = position(EntryId(int(match.group(2)), int(match.group(3))))
+        except ValueError:
+            return self._gap(INVALID)
+        now = self._clock.seconds()
+        if sequence >= self._sequence:
+            # Read further by another node than by this one (or nothing since).
+            self.hits += 1
+            return Resume(skip_until=sequence if sequence > self._sequence else None)
+        if entry_of(sequence).ms < (now - self._max_age) * 1000:
+            return self._gap(EXPIRED)
+        buffers = self._buffers_of(namespace)
+        floor = self._ancestors.get(namespace)
+        if floor is None:
+            floor = self._own_floor(namespace)
+        for buffer in buffers:
+            self._expire(buffer, now)
+        until = self._summarized if namespace == EPS_NAMESPACE else self._sequence
+        if sequence < floor or any(sequence < b.lost for b in buffers):
+            return Resume(fetch=(sequence, until))
+        missed = list(_after(buffers, sequence))
+        frames = (self._catch_up(missed) if namespace == EPS_NAMESPACE
+                  else [frame for _, _, frame, _ in missed])
+        if sum(len(f) for f in frames) > max_bytes:
+            return self._gap(EXPIRED)
+        self.hits += 1
+        return Resume(frames)
+
+    def encode(self, place: int, data: bytes, event: bytes | None = None) -> bytes:
+        """The event at position C{place}, encoded as its live one was (not kept): for
+        a resume read from the stream."""
+        return self._id_line(place) + encode_event(data, event)
+
+    def catch_up(self, place: int, counts: dict[str, int]) -> bytes:
+        """A resuming /eps client's catch-up summary of C{counts}, read from the
+        stream up to position C{place}."""
+        return summary_frame(counts, self._id_line(place))
+
+    def gap(self, reason: str) -> Resume:
+        """The gap event for C{reason}, counted (a resume read from the stream that
+        could not be filled)."""
+        return self._gap(reason)
 
     def _parse(self, last_event_id: str) -> tuple[int, str | None]:
         match = _ID.fullmatch(last_event_id.strip())

@@ -125,8 +125,17 @@ class Router:
         for published in self._published_in_read:
             self._delays.since_publish.observe(max(0.0, now - published))
 
-    def message(self, channel: bytes, payload: bytes) -> None:
-        """Handle one pub/sub message."""
+    def start(self, epoch: str, since: int) -> None:
+        """A stream source starts (L{emojistream.history.StreamHandler}): event IDs
+        are its positions from now on."""
+        if self._journal is not None:
+            self._journal.start(epoch, since)
+
+    def message(self, channel: bytes, payload: bytes, place: int | None = None) -> None:
+        """Handle one message (from a stream source: at position C{place}, which its
+        events' IDs are made of)."""
+        if place is not None and self._journal is not None:
+            self._journal.at(place)
         self.received += 1
         if channel == SCORE_CHANNEL:
             # A score ID is bounded by the ID pattern; the payload limit is for details.

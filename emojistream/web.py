@@ -33,6 +33,7 @@ from werkzeug.routing import RequestRedirect
 from emojistream.batching import Batcher
 from emojistream.cluster import ClusterUnavailable, ClusterView
 from emojistream.config import Settings
+from emojistream.history import HistoryReader
 from emojistream.http import PerAddressRate, plain_ip
 from emojistream.hub import Hub
 from emojistream.lifecycle import Drain
@@ -263,11 +264,14 @@ class StreamRoutes:
     def __init__(self, hub: Hub, settings: StreamSettings, *, clock: IReactorTime,
                  client_ip: Callable[[Request], str] = peer_ip,
                  batcher: Batcher | None = None, drain: Drain | None = None,
-                 journal: Journal | None = None, rankings: Rankings | None = None) -> None:
+                 journal: Journal | None = None, rankings: Rankings | None = None,
+                 history: HistoryReader | None = None) -> None:
         self._hub = hub
         self._rankings = rankings
         self._drain = drain
         self._journal = journal
+        #: With a stream source: what a resume beyond the journal's memory reads.
+        self._history = history
         # One per site: a broadcast's frame is chunked once for all HTTP/1.1 streams.
         self._framer = ChunkFramer()
         self._batcher = batcher
