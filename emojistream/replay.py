@@ -26,16 +26,17 @@ import heapq
 import re
 import secrets
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
-from emojistream.history import EntryId, entry_of, position
+from emojistream.history import EntryId, HistoryReader, entry_of, position
 from emojistream.sse import encode_event
 from emojistream.summarizer import summary_frame
-from emojistream.vocabulary import EPS_NAMESPACE, lineage
+from emojistream.vocabulary import EPS_NAMESPACE, SCORE_CHANNEL, lineage
 
 #: What an event costs in a buffer besides its frame's bytes (the bytes object, the
 #: entry tuple, its time and sequence objects, the deque slot), as tracemalloc
@@ -60,6 +61,7 @@ EXPIRED = "expired"  # events after the ID were given up (too old, too many, too
 FOREIGN = "foreign"  # the ID is another process's (another node, an earlier run)
 INVALID = "invalid"  # not an ID this daemon writes
 REPLACED = "replaced"  # the ID is of the stream source's earlier life (another epoch)
+UNAVAILABLE = "unavailable"  # the stream source could not be read for it (Redis down)
 
 
 class _Buffer:
@@ -146,7 +148,7 @@ class Journal:
         #: Resumes read from the stream, filled (the subscription counts them).
         self.fetched = 0
         self.misses: dict[str, int] = (
-            {EXPIRED: 0, INVALID: 0, REPLACED: 0} if positions
+            {EXPIRED: 0, INVALID: 0, REPLACED: 0, UNAVAILABLE: 0} if positions
             else {EXPIRED: 0, FOREIGN: 0, INVALID: 0})
 
     @property
@@ -192,6 +194,22 @@ class Journal:
     def at(self, place: int) -> None:
         """The next events are of the entry at position C{place}."""
         self._sequence = place
+
+    @property
+    def position(self) -> int:
+        """The newest position (or sequence) so far."""
+        return self._sequence
+
+    @property
+    def summarized(self) -> int:
+        """With positions: the newest position the summaries sent so far cover."""
+        return self._summarized
+
+    def position_of(self, frame: bytes) -> int:
+        """The position of a frame this journal encoded with positions (its C{id:})."""
+        line = frame[len(self._id_prefix):frame.index(b"\n")]
+        ms, _, seq = line.partition(b"-")
+        return position(EntryId(int(ms), int(seq)))
 
     # -- recording ------------------------------------------------------------
 
@@ -446,3 +464,50 @@ def _after(buffers: Iterable[_Buffer], sequence: int) -> Iterator[tuple[int, flo
     if len(tails) == 1:
         return iter(tails[0])
     return heapq.merge(*tails, key=lambda entry: entry[0])
+
+
+class Recall:
+    """Reads what a resuming client missed from the stream when the journal's memory
+    does not hold it (a stream source: L{Resume.fetch}), as the very frames it would
+    have had live, or for /eps the one catch-up summary of the hits.
+
+    @param reader: reads the stream's entries.
+    @param event_of: what an entry is to the clients that hear it: (namespace, data,
+        event name) or None (the router's own L{emojistream.router.Router.event_of}).
+    @param hit_of: a score update's emoji ID, or None.
+    @param max_entries: entries one resume reads at most (past it: a gap).
+    """
+
+    def __init__(self, reader: HistoryReader, journal: Journal, *,
+                 event_of: Callable[[bytes, bytes], tuple[str, bytes, bytes | None] | None],
+                 hit_of: Callable[[bytes], str | None], max_entries: int) -> None:
+        self._reader = reader
+        self._journal = journal
+        self._event_of = event_of
+        self._hit_of = hit_of
+        self._max_entries = max_entries
+
+    def frames(self, namespace: str, after: int, until: int) -> Deferred[list[bytes] | None]:
+        """The frames of C{namespace} (and what it hears below it) in positions
+        (C{after}, C{until}]; None if the stream cannot give them all."""
+        d = self._reader.entries_after(after, until, self._max_entries)
+        return d.addCallback(self._made, namespace, until)
+
+    def _made(self, entries: list[tuple[int, bytes, bytes]] | None, namespace: str,
+              until: int) -> list[bytes] | None:
+        if entries is None:
+            return None
+        journal = self._journal
+        if namespace == EPS_NAMESPACE:
+            counts: dict[str, int] = {}
+            for _, channel, payload in entries:
+                emoji_id = self._hit_of(payload) if channel == SCORE_CHANNEL else None
+                if emoji_id is not None:
+                    counts[emoji_id] = counts.get(emoji_id, 0) + 1
+            return [journal.catch_up(until, counts)] if counts else []
+        frames = []
+        for place, channel, payload in entries:
+            routed = self._event_of(channel, payload)
+            if routed is not None and namespace in lineage(routed[0]):
+                frames.append(journal.encode(place, routed[1], routed[2]))
+        return frames

@@ -52,6 +52,13 @@ def published_at(payload: bytes) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def hit_of(raw: bytes) -> str | None:
+    """C{raw} as an emoji ID (a score update's payload, a detail channel's end), or
+    None if it is not one."""
+    emoji_id = raw.decode("ascii", "replace")
+    return emoji_id if ID_PATTERN.fullmatch(emoji_id) else None
+
+
 class Router:
     """Turns (channel, payload) from Redis into hub broadcasts and summarizer hits.
 
@@ -138,30 +145,52 @@ class Router:
             self._journal.at(place)
         self.received += 1
         if channel == SCORE_CHANNEL:
-            # A score ID is bounded by the ID pattern; the payload limit is for details.
             self.score(payload)
-        elif len(payload) > self._max_payload:
+            return
+        routed = self.event_of(channel, payload)
+        if routed is None:
             self.dropped += 1
-            self.oversized += 1
-        elif channel.startswith(DETAIL_CHANNEL_PREFIX):
-            self.detail(channel, payload)
-        elif self._kiosk_stream and channel.startswith(KIOSK_CHANNEL_PREFIX):
-            self.kiosk(channel, payload)
-        else:
-            self.dropped += 1
+            if len(payload) > self._max_payload:
+                self.oversized += 1
+            return
+        namespace, data, event = routed
+        if self._clock is not None and channel.startswith(DETAIL_CHANNEL_PREFIX):
+            published = published_at(payload)
+            if published is None:
+                self._details_in_read += 1
+            else:
+                self._published_in_read.append(published)
+        self._hub.publish(namespace, self._frame(namespace, data, event))
 
-    def _emoji_id(self, raw: bytes) -> str | None:
-        """C{raw} as an emoji ID, or None (counted as dropped) if it is not one."""
-        emoji_id = raw.decode("ascii", "replace")
-        if ID_PATTERN.fullmatch(emoji_id):
-            return emoji_id
-        self.dropped += 1
+    def event_of(self, channel: bytes, payload: bytes
+                 ) -> tuple[str, bytes, bytes | None] | None:
+        """What a message is to the clients that hear it: (namespace, data, event
+        name), or None if it is nothing to them (a channel or ID that makes no sense,
+        a payload over C{max_payload}, a stream that is off). A score update is
+        /raw's event (with --raw-stream); its hit is L{hit_of}. Used for live
+        messages and for those a resume reads from the stream alike."""
+        if channel == SCORE_CHANNEL:
+            if self._raw_stream and hit_of(payload) is not None:
+                return RAW_NAMESPACE, payload, None
+            return None
+        if len(payload) > self._max_payload:
+            return None
+        if channel.startswith(DETAIL_CHANNEL_PREFIX):
+            emoji_id = hit_of(channel[len(DETAIL_CHANNEL_PREFIX):])
+            if emoji_id is None:
+                return None
+            return DETAIL_NAMESPACE_PREFIX + emoji_id, valid_utf8(payload), channel
+        if (self._kiosk_stream and channel.startswith(KIOSK_CHANNEL_PREFIX)
+                and b"\n" not in channel and b"\r" not in channel):
+            # Made valid UTF-8 like the payload: the stream is declared UTF-8.
+            return KIOSK_NAMESPACE, valid_utf8(payload), valid_utf8(channel)
         return None
 
     def score(self, payload: bytes) -> None:
         """One hit: counted for C{/eps}, and sent on C{/raw} when that stream is on."""
-        emoji_id = self._emoji_id(payload)
+        emoji_id = hit_of(payload)
         if emoji_id is None:
+            self.dropped += 1
             return
         self._summarizer.hit(emoji_id)
         if self._raw_stream:
@@ -170,30 +199,6 @@ class Router:
                 self._raw_later.append(frame)
             else:
                 self._hub.publish(RAW_NAMESPACE, frame)
-
-    def detail(self, channel: bytes, payload: bytes) -> None:
-        """A detail update, for C{/details/<ID>} and its ancestors, named by its channel."""
-        emoji_id = self._emoji_id(channel[len(DETAIL_CHANNEL_PREFIX):])
-        if emoji_id is None:
-            return
-        if self._clock is not None:
-            published = published_at(payload)
-            if published is None:
-                self._details_in_read += 1
-            else:
-                self._published_in_read.append(published)
-        self._publish(DETAIL_NAMESPACE_PREFIX + emoji_id, valid_utf8(payload), channel)
-
-    def kiosk(self, channel: bytes, payload: bytes) -> None:
-        """A kiosk interaction, for C{/kiosk_interaction}, named by its channel (made
-        valid UTF-8 like the payload: the stream is declared UTF-8)."""
-        if b"\n" in channel or b"\r" in channel:
-            self.dropped += 1
-            return
-        self._publish(KIOSK_NAMESPACE, valid_utf8(payload), valid_utf8(channel))
-
-    def _publish(self, namespace: str, data: bytes, event: bytes) -> None:
-        self._hub.publish(namespace, self._frame(namespace, data, event))
 
     def _frame(self, namespace: str, data: bytes, event: bytes | None = None) -> bytes:
         """The SSE message, encoded once; with event IDs, numbered and kept by the

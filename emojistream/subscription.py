@@ -22,9 +22,9 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from emojistream.hub import Hub
-from emojistream.replay import Journal, Resume
+from emojistream.replay import EXPIRED, UNAVAILABLE, Journal, Recall, Resume
 from emojistream.sse import encode_retry
-from emojistream.vocabulary import SCORE_KINDS, SUBSCRIBE
+from emojistream.vocabulary import EPS_NAMESPACE, SCORE_KINDS, SUBSCRIBE
 
 if TYPE_CHECKING:
     # Its writer is made by the web layer (emojistream.writers.writer_for): the
@@ -132,14 +132,21 @@ class Subscription:
         """Whether the server dropped this client for not keeping up."""
         return self.writer.dropped
 
-    def start(self, journal: Journal | None = None, refresh: Refresh | None = None
-              ) -> None:
+    def start(self, journal: Journal | None = None, refresh: Refresh | None = None,
+              recall: Recall | None = None) -> None:
         """Begin: find what a resuming client missed (with a C{journal}: event IDs),
         join the hub, arm the expiry (with C{refresh}), and send the response head,
-        then the missed events, all within this call: before any live event."""
+        then the missed events, all within this call: before any live event.
+
+        With a stream source, what the journal's memory does not hold is read from
+        the stream (C{recall}), and an ID this node has not reached yet is waited for:
+        live events are held meanwhile (L{_CatchUp}), never sent twice."""
         writer = self.writer
         request = writer.request
         resume = self._resume(request, journal)
+        if resume is not None and resume.fetch is not None and recall is None:
+            assert journal is not None
+            resume = journal.gap(EXPIRED)
         if resume is not None and resume.gap is not None:
             request.setHeader(b"X-Sse-Gap", resume.gap.encode("ascii"))
         self._hub.add(self)
@@ -150,7 +157,11 @@ class Subscription:
             self.expiry = self._clock.callLater(max_age, self.close)
         writer.start(first)
         if resume is not None:
-            writer.replay(resume.frames)
+            if journal is not None and (resume.fetch is not None
+                                        or resume.skip_until is not None):
+                _CatchUp(self, journal, recall, resume, self._max_queue)
+            else:
+                writer.replay(resume.frames)
         if self._log is not None:
             self._log.info("connect {path} from {ip}", path=self.request_path,
                            ip=self.client_ip)
@@ -194,4 +205,124 @@ class Subscription:
             }, separators=(",", ":")).encode()[:-1]
         return b'%s,"age":%d,"msgs_sent":%d}' % (fixed, int(now - self.created_at),
                                                   self.writer.handed)
+
+
+class _CatchUp:
+    """A resume the journal's memory could not fill, with a stream source: live
+    events are held (up to C{max_bytes}, else a gap) while what was missed is read
+    from the stream, then written after it; or, for an ID this node has not read up
+    to yet, live events up to it are left out. Either way none is sent twice and
+    none is missed; the subscription's own delivery methods are restored after."""
+
+    def __init__(self, subscription: Subscription, journal: Journal,
+                 recall: Recall | None, resume: Resume, max_bytes: int) -> None:
+        self._subscription = subscription
+        self._writer = subscription.writer
+        self._journal = journal
+        self._recall = recall
+        self._max_bytes = max_bytes
+        self._held: list[tuple[bytes, dict[str, int] | None]] = []
+        self._held_bytes = 0
+        self._done = False
+        eps = subscription.namespace == EPS_NAMESPACE
+        if resume.fetch is not None:
+            after, until = resume.fetch
+            self._hold()
+            self._read(after, until)
+        elif eps:
+            # Summaries count hits between this node's ticks: the first one past the
+            # ID also counts hits the client has had. Hold them until one is past it,
+            # then read the hits between the ID and that one from the stream.
+            assert resume.skip_until is not None
+            self._skip_until = resume.skip_until
+            self._hold(until_past=True)
+        else:
+            assert resume.skip_until is not None
+            self._skip_until = resume.skip_until
+            subscription.send = self._skip
+
+    def _hold(self, until_past: bool = False) -> None:
+        subscription = self._subscription
+        subscription.send = self._hold_event
+        subscription.send_summary = (self._hold_summary_until_past if until_past
+                                     else self._hold_summary)
+
+    def _restore(self) -> None:
+        self._done = True
+        subscription, writer = self._subscription, self._writer
+        subscription.send = writer.message
+        subscription.send_summary = writer.summary
+
+    def _keep(self, frame: bytes, counts: dict[str, int] | None) -> None:
+        if self._done:
+            return
+        self._held.append((frame, counts))
+        self._held_bytes += len(frame)
+        if self._held_bytes > self._max_bytes:
+            # Too much arrived while reading: give up, as a resume that is too big.
+            self._held = []
+            self._restore()
+            self._writer.replay(self._journal.gap(EXPIRED).frames)
+
+    def _hold_event(self, frame: bytes) -> None:
+        self._keep(frame, None)
+
+    def _hold_summary(self, frame: bytes, counts: dict[str, int]) -> None:
+        self._keep(frame, counts)
+
+    def _hold_summary_until_past(self, frame: bytes, counts: dict[str, int]) -> None:
+        place = self._journal.position_of(frame)
+        if place <= self._skip_until:
+            return  # its hits are all the client's already
+        self._subscription.send_summary = self._hold_summary
+        self._keep(frame, counts)
+        # This summary is replaced by the stream's count from the ID up to it.
+        self._held.pop()
+        self._read(self._skip_until, place)
+
+    def _skip(self, frame: bytes) -> None:
+        if self._journal.position_of(frame) <= self._skip_until:
+            return
+        self._restore()
+        self._writer.message(frame)
+
+    def _read(self, after: int, until: int) -> None:
+        if self._recall is None:
+            self._filled(None)
+            return
+        namespace = self._subscription.namespace
+        self._recall.frames(namespace, after, until).addCallbacks(
+            self._filled, self._failed)
+
+    def _failed(self, failure: object) -> None:
+        self._give_up(UNAVAILABLE)
+
+    def _filled(self, frames: list[bytes] | None) -> None:
+        if self._done:
+            return
+        if frames is None:
+            self._give_up(EXPIRED)
+            return
+        if sum(len(f) for f in frames) > self._max_bytes:
+            self._give_up(EXPIRED)
+            return
+        self._journal.fetched += 1
+        held, self._held = self._held, []
+        self._restore()
+        writer = self._writer
+        writer.replay(frames)
+        for frame, counts in held:
+            if counts is None:
+                writer.message(frame)
+            else:
+                writer.summary(frame, counts)
+
+    def _give_up(self, reason: str) -> None:
+        """The stream could not give what was missed: the gap event (its ID the
+        newest this node has read), then live events from there on."""
+        if self._done:
+            return
+        self._held = []
+        self._restore()
+        self._writer.replay(self._journal.gap(reason).frames)
 

@@ -33,13 +33,12 @@ from werkzeug.routing import RequestRedirect
 from emojistream.batching import Batcher
 from emojistream.cluster import ClusterUnavailable, ClusterView
 from emojistream.config import Settings
-from emojistream.history import HistoryReader
 from emojistream.http import PerAddressRate, plain_ip
 from emojistream.hub import Hub
 from emojistream.lifecycle import Drain
 from emojistream.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from emojistream.rankings import MAX_LIMIT, Rankings, RankingsUnavailable, parse_limit
-from emojistream.replay import Journal
+from emojistream.replay import Journal, Recall
 from emojistream.sse import encode_retry
 from emojistream.status import StatusReport
 from emojistream.subscription import Refresh, Subscription
@@ -265,13 +264,13 @@ class StreamRoutes:
                  client_ip: Callable[[Request], str] = peer_ip,
                  batcher: Batcher | None = None, drain: Drain | None = None,
                  journal: Journal | None = None, rankings: Rankings | None = None,
-                 history: HistoryReader | None = None) -> None:
+                 recall: Recall | None = None) -> None:
         self._hub = hub
         self._rankings = rankings
         self._drain = drain
         self._journal = journal
         #: With a stream source: what a resume beyond the journal's memory reads.
-        self._history = history
+        self._recall = recall
         # One per site: a broadcast's frame is chunked once for all HTTP/1.1 streams.
         self._framer = ChunkFramer()
         self._batcher = batcher
@@ -385,7 +384,7 @@ class StreamRoutes:
             log=self.log if settings.verbose else None)
         subscription.start(self._journal, Refresh(
             settings.score_max_age, settings.detail_max_age, settings.score_retry_ms,
-            settings.detail_retry_ms) if settings.force_refresh else None)
+            settings.detail_retry_ms) if settings.force_refresh else None, self._recall)
         return STREAMING
 
     def _stream_headers(self, request: Request) -> None:
