@@ -11,7 +11,7 @@ import signal
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 
 from emojistream.cluster import ClusterView
+from emojistream.compat import FailingEndpointService
 from emojistream.config import RedisAddress, Settings
 from emojistream.demo import EmbeddedRedis, Feeder, find_redis_server, free_port, load_rankings
 from emojistream.endpoints import with_backlog
@@ -107,15 +108,13 @@ class _RecordingEndpoint:
         return d
 
 
-class _Listener(StreamServerEndpointService):
+class _Listener(FailingEndpointService):
     """Listens on an endpoint at start-up; a port that cannot be had (in use, no
     such address or directory) stops the start with a L{StartupError}."""
 
     def __init__(self, description: str, endpoint: Any, factory: Any) -> None:
         super().__init__(endpoint, factory)
         self._description = description
-        # Fail at start-up, not silently, when the port cannot be had.
-        self._raiseSynchronously = True
 
     def privilegedStartService(self) -> None:
         try:
