@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import re
 import socket
 import sys
@@ -760,3 +761,89 @@ def f(transport, endpoint, worker):
                        "Channel._receivedHeaderCount", "Channel._receivedHeaderSize",
                        "transport._tempDataLen", "endpoint._port"}, found
     assert len([u for u in found if ": from " in u]) == 2, found
+
+
+# -- No monkeypatching of other libraries' objects ---------------------------------------
+
+
+def _library_method_names() -> set[str]:
+    """Names of the methods of every class in the library modules the daemon loads."""
+    _foreign_names()  # imports the daemon's modules
+    names: set[str] = set()
+    for name, module in list(sys.modules.items()):
+        top = name.partition(".")[0]
+        if (module is None or top in sys.stdlib_module_names
+                or top in ("emojistream", "tests", "conftest", "test_compat")):
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, type) and value.__module__ == name:
+                names.update(k for k, v in vars(value).items()
+                             if inspect.isfunction(v) and not k.startswith("__"))
+    return names
+
+
+def monkeypatches(module: str, tree: ast.Module, methods: set[str]) -> list[str]:
+    """Where C{tree} sets an attribute of something it imported (a module, a class), or
+    puts a function in place of a library method on another object (C{x.write = f},
+    C{protocol.connectionLost = lambda ...})."""
+    imported = {alias.asname or alias.name.partition(".")[0]
+                for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
+                for alias in node.names}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign):
+            targets, value = [node.target], node.value
+        elif isinstance(node, ast.AugAssign):  # x.n += 1 changes a value, not a method
+            targets, value = [node.target], None
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id == "setattr" and len(node.args) == 3:
+            target, attr, value = node.args
+            if not isinstance(attr, ast.Constant):
+                continue
+            targets = [ast.Attribute(value=target, attr=attr.value, ctx=ast.Store())]
+        else:
+            continue
+        for target in targets:
+            if not isinstance(target, ast.Attribute):
+                continue
+            base = target.value
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            on_import = isinstance(base, ast.Name) and base.id in imported
+            is_self = isinstance(target.value, ast.Name) and target.value.id in ("self", "cls")
+            a_function = value is not None and isinstance(
+                value, ast.Lambda | ast.Name | ast.Attribute)
+            if on_import or (not is_self and a_function and target.attr in methods):
+                found.append(f"emojistream/{module}.py:{node.lineno}: "
+                             f"{ast.unparse(target)} = {ast.unparse(value) if value else ''}")
+    return found
+
+
+def test_no_monkeypatching_of_other_libraries() -> None:
+    """The daemon changes no library's module, class or object behind its back: what it
+    needs different it subclasses (in emojistream/compat.py when private)."""
+    methods = _library_method_names()
+    found = [patch for module, tree in _project_sources().items()
+             for patch in monkeypatches(module, tree, methods)]
+    assert not found, "monkeypatching in emojistream/:\n" + "\n".join(found)
+
+
+def test_the_monkeypatch_check_sees_what_it_must() -> None:
+    tree = ast.parse('''
+from twisted.internet import tcp
+import twisted.web.http
+tcp.Connection.write = lambda self, data: None
+twisted.web.http.HTTPChannel.maxHeaders = 5
+def f(protocol, transport, own):
+    protocol.connectionLost = lambda reason: None
+    setattr(transport, "write", own.write)
+    own.size = 3
+    own.size += transport.size
+    protocol.factory = own
+''')
+    found = monkeypatches("check", tree, {"connectionLost", "write", "size"})
+    assert [line.split(": ", 1)[1].split(" =")[0] for line in found] == [
+        "tcp.Connection.write", "twisted.web.http.HTTPChannel.maxHeaders",
+        "protocol.connectionLost", "transport.write"], found
