@@ -203,7 +203,7 @@ class Bridge(MultiService):
         self.appended = 0
         self.dropped = 0
         self._history = history
-        #: The subscriber's connection (set once built: it needs the bridge too).
+        #: The subscriber's connection (given once built: it needs the bridge too).
         self.feed = feed
         self._clock = clock
         self._key = stream_key
@@ -236,6 +236,11 @@ class Bridge(MultiService):
         timer.setServiceParent(self)
 
     # -- what the subscriber hands over ------------------------------------------
+
+    def hears_through(self, feed: Any) -> None:
+        """The subscriber's connection, built after the bridge (it hands messages to
+        it): its state says whether the bridge hears what is published."""
+        self.feed = feed
 
     def message(self, channel: bytes, payload: bytes) -> None:
         """One pub/sub message, as published."""

@@ -122,7 +122,7 @@ def bridge_service(settings: BridgeSettings, reactor: Any,
     subscriber = Subscriber(settings.redis, bridge, reactor=reactor,
                             channels=(SCORE_CHANNEL, bridge.release_channel),
                             patterns=patterns)
-    bridge.feed = subscriber
+    bridge.hears_through(subscriber)
     subscriber.setServiceParent(tree)
     notifier = Notifier.for_systemd(environ, clock=reactor, listening=lambda: succeed(None),
                                     status=bridge.summary)

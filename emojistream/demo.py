@@ -123,7 +123,7 @@ class EmbeddedRedis(MultiService):
         #: Where it listens, once started.
         self.address: RedisAddress | None = None
         #: Where its clients connect (refused until it has started).
-        self.endpoint: IStreamClientEndpoint = _EmbeddedEndpoint(self)
+        self.endpoint: IStreamClientEndpoint = _EmbeddedEndpoint(self, reactor)
         self._process: _RedisProcess | None = None
         self._transport: Any = None
         #: The child's private working directory while it runs.
@@ -194,15 +194,15 @@ class EmbeddedRedis(MultiService):
 class _EmbeddedEndpoint:
     """Connects to an L{EmbeddedRedis} at the port it got when it started."""
 
-    def __init__(self, owner: EmbeddedRedis) -> None:
+    def __init__(self, owner: EmbeddedRedis, reactor: Any) -> None:
         self._owner = owner
+        self._reactor = reactor
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
         address = self._owner.address
         if address is None:
             return fail(ierror.ConnectionRefusedError("the embedded Redis has not started"))
-        endpoint = TCP4ClientEndpoint(self._owner._reactor, address.host, address.port,
-                                      timeout=5)
+        endpoint = TCP4ClientEndpoint(self._reactor, address.host, address.port, timeout=5)
         return endpoint.connect(protocolFactory)
 
 

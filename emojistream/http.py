@@ -15,9 +15,10 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
+
+from emojistream.compat import BadRequestHook, SwitchingHTTPConnection
 
 
 def _plain_response(status: bytes) -> bytes:
@@ -57,7 +58,7 @@ def tcp_socket(transport: Any) -> socket.socket | None:
     return None
 
 
-class Channel(HTTPChannel):
+class Channel(BadRequestHook):
     """HTTP/1.x with short text answers for requests too broken to reach a route:
     400 for a malformed request, 414 for an overlong request line, 431 for
     overlong or too many headers (Twisted's own answer has no body, or there is
@@ -151,12 +152,9 @@ class Channel(HTTPChannel):
         self._refuse(b"414 URI Too Long" if self._awaiting_request_line
                      else b"431 Request Header Fields Too Large")
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        # Twisted's hook for every request it cannot parse (a private name: should it
-        # go away, Twisted's bare "400 Bad Request" is what clients get instead).
-        too_many = (getattr(self, "_receivedHeaderCount", 0) > self.maxHeaders
-                    or getattr(self, "_receivedHeaderSize", 0) > self.totalHeadersSize)
-        self._refuse(b"431 Request Header Fields Too Large" if too_many
+    def bad_request(self, head_too_large: bool) -> None:
+        # Every request Twisted cannot parse (see emojistream.compat).
+        self._refuse(b"431 Request Header Fields Too Large" if head_too_large
                      else b"400 Bad Request")
 
     def _refuse(self, status: bytes) -> None:
@@ -336,7 +334,7 @@ class PerAddressRate:
         return True
 
 
-class _Connection(_GenericHTTPChannelProtocol):
+class _Connection(SwitchingHTTPConnection):
     """One client connection: HTTP/1.1 through L{Channel}, or HTTP/2 when TLS
     negotiates C{h2} (Twisted's generic channel switches), released from the
     site's L{ConnectionGate} when it ends, whichever it spoke."""
@@ -344,17 +342,15 @@ class _Connection(_GenericHTTPChannelProtocol):
     #: The address the gate counted this connection under.
     gate_host: str | None = None
 
-    def dataReceived(self, data: bytes) -> None:
-        before = self._channel
-        super().dataReceived(data)
-        if self._channel is not before and isinstance(before, Channel):
+    def switched(self, before: Any) -> None:
+        if isinstance(before, Channel):
             before.handed_over()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         try:
-            self._channel.connectionLost(reason)
+            self.channel.connectionLost(reason)
         finally:
-            gate = getattr(self._factory, "gate", None)
+            gate = getattr(self.factory, "gate", None)
             if gate is not None and self.gate_host is not None:
                 gate.release(self.gate_host)
                 self.gate_host = None

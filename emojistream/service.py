@@ -10,7 +10,7 @@ import signal
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from emojistream.batching import Batcher
 from emojistream.cluster import ClusterView
+from emojistream.compat import FailingEndpointService
 from emojistream.config import RedisAddress, Settings
 from emojistream.delays import Delays, DeliveryDelays
 from emojistream.demo import EmbeddedRedis, Feeder, load_rankings
@@ -111,15 +112,13 @@ class _RecordingEndpoint:
         return self._waiting.wait()
 
 
-class _Listener(StreamServerEndpointService):
+class _Listener(FailingEndpointService):
     """Listens on an endpoint at start-up; a port that cannot be had (in use, no
     such address or directory) stops the start with a L{StartupError}."""
 
     def __init__(self, description: str, endpoint: Any, factory: Any) -> None:
         super().__init__(endpoint, factory)
         self._description = description
-        # Fail at start-up, not silently, when the port cannot be had.
-        self._raiseSynchronously = True
 
     def privilegedStartService(self) -> None:
         try:

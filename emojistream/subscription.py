@@ -121,11 +121,24 @@ class Subscription:
         #: How its bytes reach the client (L{emojistream.writers}).
         self.writer = writer
         # The stream's delivery methods are the writer's: no extra call per message.
-        self.send: Callable[[bytes], None] = self.writer.message
-        self.send_summary: Callable[[bytes, dict[str, int]], None] = self.writer.summary
+        self.send: Callable[[bytes], None] = writer.message
+        self.send_summary: Callable[[bytes, dict[str, int]], None] = writer.summary
         self.send_control: Callable[[bytes], None] = self.writer.control
         self.keepalive: Callable[[bytes, int, int], None] = self.writer.keepalive
         self.tally: Callable[[dict[str, int]], None] = self.writer.tally
+
+    def deliver_through(self, send: Callable[[bytes], None],
+                        send_summary: Callable[[bytes, dict[str, int]], None]) -> None:
+        """Deliver through C{send} and C{send_summary} instead of the writer's own
+        methods (a resume being caught up with: L{_CatchUp}); L{deliver_directly}
+        goes back."""
+        self.send = send
+        self.send_summary = send_summary
+
+    def deliver_directly(self) -> None:
+        """Deliver straight through the writer again."""
+        self.send = self.writer.message
+        self.send_summary = self.writer.summary
 
     @property
     def dropped(self) -> bool:
@@ -239,19 +252,16 @@ class _CatchUp:
         else:
             assert resume.skip_until is not None
             self._skip_until = resume.skip_until
-            subscription.send = self._skip
+            subscription.deliver_through(self._skip, self._writer.summary)
 
     def _hold(self, until_past: bool = False) -> None:
-        subscription = self._subscription
-        subscription.send = self._hold_event
-        subscription.send_summary = (self._hold_summary_until_past if until_past
-                                     else self._hold_summary)
+        self._subscription.deliver_through(
+            self._hold_event,
+            self._hold_summary_until_past if until_past else self._hold_summary)
 
     def _restore(self) -> None:
         self._done = True
-        subscription, writer = self._subscription, self._writer
-        subscription.send = writer.message
-        subscription.send_summary = writer.summary
+        self._subscription.deliver_directly()
 
     def _keep(self, frame: bytes, counts: dict[str, int] | None) -> None:
         if self._done:
@@ -274,7 +284,7 @@ class _CatchUp:
         place = self._journal.position_of(frame)
         if place <= self._skip_until:
             return  # its hits are all the client's already
-        self._subscription.send_summary = self._hold_summary
+        self._subscription.deliver_through(self._hold_event, self._hold_summary)
         self._keep(frame, counts)
         # This summary is replaced by the stream's count from the ID up to it.
         self._held.pop()

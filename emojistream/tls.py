@@ -28,6 +28,14 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from emojistream.compat import (
+    dh_parameters_path,
+    openssl_bindings,
+    ssl_context_pointer,
+    ssl_endpoint_options,
+    ssl_endpoint_with_creator,
+)
+
 #: Mozilla's "intermediate" TLS 1.2 suites (ECDHE/DHE key exchange with AES-GCM or
 #: ChaCha20-Poly1305; the DHE ones need C{dhParameters=} on the endpoint). TLS 1.3
 #: suites are OpenSSL's, all of them AEAD with forward secrecy.
@@ -104,7 +112,8 @@ def unfit_for_h2(context: SSL.Context) -> list[str]:
 
 class _NativeSelect:
     """The ALPN callback as a ctypes function set on the context through OpenSSL's
-    C{SSL_CTX_set_alpn_select_cb} (reached through pyOpenSSL's bindings).
+    C{SSL_CTX_set_alpn_select_cb} (reached through pyOpenSSL's bindings, see
+    L{emojistream.compat.openssl_bindings}).
 
     When it runs, OpenSSL has chosen the suite but does not yet tell it (the call
     that would, C{SSL_get_pending_cipher}, is not in pyOpenSSL's bindings): the
@@ -113,8 +122,7 @@ class _NativeSelect:
 
     def __init__(self, context: SSL.Context, protocols: Sequence[bytes],
                  tls12_h2: bool) -> None:
-        from OpenSSL._util import ffi, lib
-
+        ffi, lib = openssl_bindings()
         self._ffi, self._lib = ffi, lib
         self._protocols = tuple(protocols)
         self._tls12_h2 = tls12_h2
@@ -123,7 +131,7 @@ class _NativeSelect:
         setter = lib.SSL_CTX_set_alpn_select_cb
         callback_type = ffi.typeof(setter).args[1]
         address = ctypes.cast(self.function, ctypes.c_void_p).value
-        setter(context._context, ffi.cast(callback_type, address), ffi.NULL)
+        setter(ssl_context_pointer(context), ffi.cast(callback_type, address), ffi.NULL)
 
     def _h2_ok(self, ssl: int) -> bool:
         version = int(self._lib.SSL_version(self._ffi.cast("SSL *", ssl)))
@@ -195,7 +203,7 @@ class ServerTLS:
         context.check_privatekey()
         dh = getattr(options, "dhParameters", None)
         if dh is not None:
-            context.load_tmp_dh(dh._dhFile.path)
+            context.load_tmp_dh(dh_parameters_path(dh))
         context.set_cipher_list(ciphers.encode("ascii"))
         self.context = context
         self.alpn: Any = None
@@ -220,6 +228,5 @@ def harden(reactor: Any, endpoint: Any, ciphers: str, protocols: Sequence[bytes]
     """C{endpoint} as it is, or for an C{ssl:} one the same port with L{ServerTLS}."""
     if not isinstance(endpoint, SSL4ServerEndpoint):
         return endpoint
-    creator = ServerTLS(endpoint._sslContextFactory, ciphers, protocols)
-    return SSL4ServerEndpoint(reactor, endpoint._port, creator,
-                              backlog=endpoint._backlog, interface=endpoint._interface)
+    creator = ServerTLS(ssl_endpoint_options(endpoint), ciphers, protocols)
+    return ssl_endpoint_with_creator(reactor, endpoint, creator)

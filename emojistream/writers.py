@@ -24,7 +24,6 @@ the L{TRANSPORT_BUFFER} reserved out of the bound, as over HTTP/1.1.
 
 from __future__ import annotations
 
-import socket
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -39,7 +38,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from emojistream.batching import Batcher
-from emojistream.compat import h2_outbound_queue, is_h2_stream
+from emojistream.compat import direct_writer, h2_outbound_queue, is_h2_stream
 from emojistream.sse import id_line_of
 from emojistream.summarizer import summary_frame
 from emojistream.vocabulary import Kind
@@ -51,51 +50,6 @@ TRANSPORT_BUFFER = 65536
 def chunk(frame: bytes) -> bytes:
     """C{frame} as one HTTP/1.1 chunk (streams to HTTP/1.1 clients are chunked)."""
     return b"%x\r\n%s\r\n" % (len(frame), frame)
-
-
-def direct_writer(transport: Any) -> Callable[[bytes], None] | None:
-    """A write function for C{transport} that sends at once on its socket while
-    nothing is queued in the transport, and hands only an unsent remainder to
-    C{transport.write} (which keeps the order and applies backpressure).
-
-    Twisted's own path registers an idle socket with epoll, sends from a reactor
-    callback and unregisters it again: several times the cost for the one small
-    write per message that fan-out is made of. This reads two attributes Twisted
-    keeps private (its write buffer); where they are missing, or the transport is
-    not a plain TCP or UNIX connection (TLS must encrypt), it returns None and the
-    caller uses the transport's public C{write}.
-    """
-    from twisted.internet import tcp
-
-    if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", True):
-        return None
-    if not hasattr(transport, "dataBuffer") or not hasattr(transport, "_tempDataLen"):
-        return None
-    try:
-        sock = transport.getHandle()
-    except AttributeError:
-        return None
-    if not isinstance(sock, socket.socket):
-        return None
-    send = sock.send
-    write = transport.write
-
-    def write_now(data: bytes) -> None:
-        if transport._tempDataLen or transport.dataBuffer or transport.disconnecting:
-            write(data)
-            return
-        try:
-            sent = send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            # Let the transport meet the error itself and close as it does.
-            write(data)
-            return
-        if sent < len(data):
-            write(data[sent:])
-
-    return write_now
 
 
 class ChunkFramer:
