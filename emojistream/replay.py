@@ -375,10 +375,17 @@ class Journal:
         except ValueError:
             return self._gap(INVALID)
         now = self._clock.seconds()
-        if sequence >= self._sequence:
-            # Read further by another node than by this one (or nothing since).
+        eps = namespace == EPS_NAMESPACE
+        # /eps: the summaries sent so far cover up to _summarized; events: each is
+        # its own entry, so up to the newest position read.
+        newest = self._summarized if eps else self._sequence
+        if sequence > newest:
+            # Read further by another node than by this one: wait for it here.
             self.hits += 1
-            return Resume(skip_until=sequence if sequence > self._sequence else None)
+            return Resume(skip_until=sequence)
+        if sequence == newest:
+            self.hits += 1
+            return Resume()
         if entry_of(sequence).ms < (now - self._max_age) * 1000:
             return self._gap(EXPIRED)
         buffers = self._buffers_of(namespace)
@@ -387,11 +394,13 @@ class Journal:
             floor = self._own_floor(namespace)
         for buffer in buffers:
             self._expire(buffer, now)
-        until = self._summarized if namespace == EPS_NAMESPACE else self._sequence
-        if sequence < floor or any(sequence < b.lost for b in buffers):
-            return Resume(fetch=(sequence, until))
+        if (sequence < floor or any(sequence < b.lost for b in buffers)
+                or (eps and not any(e[0] == sequence for b in buffers for e in b.entries))):
+            # Before what this node holds; or, for /eps, not one of its own summaries'
+            # bounds (another node's ticks fall elsewhere): the stream counts exactly.
+            return Resume(fetch=(sequence, newest))
         missed = list(_after(buffers, sequence))
-        frames = (self._catch_up(missed) if namespace == EPS_NAMESPACE
+        frames = (self._catch_up(missed) if eps
                   else [frame for _, _, frame, _ in missed])
         if sum(len(f) for f in frames) > max_bytes:
             return self._gap(EXPIRED)
