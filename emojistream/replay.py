@@ -365,8 +365,11 @@ class Journal:
 
     def _resume_position(self, namespace: str, last_event_id: str, max_bytes: int
                          ) -> Resume:
+        if not self.started:
+            # The stream source has not been read yet (Redis unreachable at start).
+            return self._gap(UNAVAILABLE)
         match = _ENTRY_ID.fullmatch(last_event_id.strip())
-        if match is None or not self.started:
+        if match is None:
             return self._gap(INVALID)
         if match.group(1) != self.epoch:
             return self._gap(REPLACED)
@@ -453,8 +456,10 @@ class Journal:
     def _gap(self, reason: str) -> Resume:
         """The gap event: why, and an ID from which a later resume can go on."""
         self.misses[reason] += 1
-        frame = self._id_line(self._sequence) + encode_event(
-            b'{"reason":"%s"}' % reason.encode("ascii"), b"gap")
+        # Before a stream source is first read there is no ID to give: the client
+        # keeps its own, and resumes from it later.
+        id_line = self._id_line(self._sequence) if self.started else b""
+        frame = id_line + encode_event(b'{"reason":"%s"}' % reason.encode("ascii"), b"gap")
         return Resume([frame], reason)
 
 

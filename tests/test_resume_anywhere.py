@@ -259,3 +259,11 @@ def test_what_arrives_while_reading_is_held_up_to_the_queue_bound() -> None:
     later = details(on_b)
     b.read(stream.append(DETAIL, b'{"n":999}'))
     assert details(on_b) == [*later, '{"n":999}']
+
+
+def test_a_resume_before_the_stream_is_first_read_keeps_the_clients_own_id() -> None:
+    journal = Journal(clock(), positions=True)
+    resume = journal.resume("/details/2665", f"{EPOCH}-{T0 * 1000}-0", 1 << 20)
+    assert resume.gap == "unavailable"
+    (frame,) = resume.frames
+    assert not frame.startswith(b"id:")  # an EventSource keeps the ID it had
