@@ -201,6 +201,26 @@ def parse_graphite_url(text: str) -> GraphiteTarget | None:
     return GraphiteTarget(parts.scheme, parts.hostname, port if port is not None else 2003)
 
 
+_MISSING = re.compile(r"missing \d+ required (?:positional |keyword-only )?arguments?: (.+)")
+_NOT_A_NUMBER = re.compile(r"invalid literal for int\(\) with base \d+: (.+)")
+
+
+def _endpoint_error(e: Exception) -> str:
+    """Why Twisted's parser refused an endpoint string, in the operator's words rather
+    than the parser's Python (a missing argument, a number that is not one)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror + (f" ({e.filename})" if e.filename else "")
+    text = str(e)
+    missing = _MISSING.search(text)
+    if isinstance(e, TypeError) and missing:
+        names = re.findall(r"'(\w+)'", missing.group(1))
+        return "it needs " + " and ".join(f"{name}=" for name in names)
+    not_a_number = _NOT_A_NUMBER.search(text)
+    if not_a_number:
+        return f"{not_a_number.group(1)} is not a number"
+    return text or type(e).__name__
+
+
 def parse_endpoint(text: str) -> str:
     """A server endpoint string (C{tcp:8001}, C{ssl:...}, C{systemd:...}), checked as
     far as it can be without listening: its syntax, port range, files and, for
@@ -216,9 +236,8 @@ def parse_endpoint(text: str) -> str:
     except Exception as e:
         if description.lower().startswith("systemd:") and isinstance(e, IndexError | KeyError):
             raise ValueError(f"{description!r}: {_missing_systemd_socket()}") from None
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
-        path = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
-        raise ValueError(f"{description!r} is not a usable endpoint: {why}{path}") from None
+        raise ValueError(f"{description!r} is not a usable endpoint: "
+                         f"{_endpoint_error(e)}") from None
     if description.lower().startswith("unix:"):
         _check_unix_path(description)
     if description.lower().startswith("systemd:"):
@@ -503,7 +522,7 @@ SPECS: tuple[Spec, ...] = (
          f"(default: tcp:$PORT:backlog={LISTEN_BACKLOG}, else "
          f"tcp:{DEFAULT_PORT}:backlog={LISTEN_BACKLOG})"),
     Spec("redis", "redis", "REDIS_URL", parse_redis_url, "redis://localhost:6379",
-         "Redis to subscribe to, redis://[:password@]host:port[/db]"),
+         "Redis to subscribe to, redis://[[user]:password@]host[:port][/db]"),
     Spec("raw_stream", "raw-stream", "ENABLE_RAW_STREAM", parse_bool, "true",
          "Serve /subscribe/raw, one message per score hit", is_flag=True),
     Spec("keepalive", "keepalive", "SSE_KEEPALIVE_SEC", _interval, "15",
@@ -586,8 +605,9 @@ SPECS: tuple[Spec, ...] = (
          "Serve /admin/ on this endpoint only (e.g. tcp:8002:interface=127.0.0.1) "
          "instead of the main one"),
     Spec("admin_token", "admin-token", "ADMIN_TOKEN", parse_token, Unset(""),
-         "Require 'Authorization: Bearer <token>' on /admin/ (16+ characters; empty is an "
-         "error, leave it out for none)"),
+         "Require 'Authorization: Bearer <token>' for /admin/status.json, "
+         "/admin/cluster.json and /metrics (16+ characters; empty is an error, leave it "
+         "out for none)"),
     Spec("drain", "drain-sec", "SSE_DRAIN_SEC", parse_positive_float, "10",
          "On SIGTERM, close streams spread over this many seconds, then exit"),
     Spec("log_format", "log-format", "LOG_FORMAT", parse_log_format, "text",

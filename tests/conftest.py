@@ -90,6 +90,8 @@ async def running(env: dict[str, str], options: dict[str, str | None] | None = N
     try:
         if subscribed:
             await within(d.app.feed.when_subscribed())
+            # Its command connection too: its "is up" line comes no later.
+            await within(d.app.commands.when_up())
         yield d, c
         failed = False
     finally:
@@ -108,6 +110,8 @@ def daemon_env(redis_server: RedisProcess) -> dict[str, str]:
 async def daemon(daemon_env: dict[str, str]) -> AsyncIterator[Daemon]:
     d = await start_daemon(daemon_env)
     await within(d.app.feed.when_subscribed())
+    # Its command connection too: a test watching the log sees no start-up line late.
+    await within(d.app.commands.when_up())
     try:
         yield d
     finally:

@@ -333,3 +333,15 @@ def test_no_admin_token_is_the_default_and_an_empty_one_an_error():
         resolve({"ADMIN_TOKEN": ""}, {})
     with pytest.raises(ConfigError, match=r"^ADMIN_TOKEN: the token is empty"):
         resolve({"ADMIN_TOKEN": "   "}, {})
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("systemd:index=0", "it needs domain="),
+    ("tcp:abc", "'abc' is not a number"),
+])
+def test_an_endpoint_error_says_what_is_wrong_not_the_parsers_python(text, why):
+    with pytest.raises(ConfigError) as refused:
+        resolve({}, {"listen": text})
+    message = str(refused.value)
+    assert message.endswith(why), message
+    assert "_parse" not in message and "invalid literal" not in message
