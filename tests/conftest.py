@@ -11,6 +11,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
+# Hypothesis loads every installed plugin when it is imported; trio's (selenium's
+# dependency) runs `ldconfig -p` then: a process started by the fast tier. None is used.
+os.environ.setdefault("HYPOTHESIS_NO_PLUGINS", "1")
+
 import pytest
 import pytest_twisted
 import txredisapi

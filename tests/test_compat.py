@@ -8,6 +8,7 @@ names."""
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import inspect
 import re
@@ -565,6 +566,7 @@ def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__") and name not in PUBLIC_UNDERSCORED
 
 
+@functools.cache
 def _project_sources() -> dict[str, ast.Module]:
     import emojistream
 
@@ -618,6 +620,7 @@ def _names_in(cls: type) -> set[str]:
     return {name for name in names if name.startswith("_")}
 
 
+@functools.cache
 def _foreign_names() -> set[str]:
     """Private identifiers of every library module the daemon loads (not the standard
     library's, not the project's)."""

@@ -166,7 +166,11 @@ def test_what_forgotten_namespaces_leave_behind_stays_bounded():
         finally:
             tracemalloc.stop()
 
-    # Twice as many namespaces through the journal hold no more memory.
+    # What a first use allocates once (caches, interned strings) is not what is
+    # measured: warm up first.
+    held(2_000)
+    # Twice as many namespaces through the journal hold no more memory (a pointer left
+    # behind per forgotten namespace would be 80 KB more).
     assert held(20_000) <= held(10_000) + 16384
 
 
