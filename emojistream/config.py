@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from emojistream.endpoints import LISTEN_BACKLOG, listen_address
+from emojistream.history import DEFAULT_STREAM_KEY, parse_stream_key
 from emojistream.tls import parse_ciphers
 
 PLATFORM = "twisted"
@@ -352,6 +353,19 @@ def parse_token(text: str) -> str:
     return token
 
 
+#: Where events come from: Redis pub/sub (emojitracker's feeder publishes there), or
+#: the Redis Stream a bridge appends them to (the shared history).
+SOURCES = ("pubsub", "streams")
+
+
+def parse_source(text: str) -> str:
+    """C{pubsub} or C{streams}."""
+    word = text.strip().lower()
+    if word not in SOURCES:
+        raise ValueError(f"{text!r} is not a source (pubsub or streams)")
+    return word
+
+
 def parse_log_format(text: str) -> str:
     """C{text} (twistd's usual lines) or C{json} (one JSON object per line)."""
     word = text.strip().lower()
@@ -620,7 +634,16 @@ SPECS: tuple[Spec, ...] = (
          f"dies and stops all on SIGTERM (at most {MAX_WORKERS})"),
     Spec("event_ids", "event-ids", "SSE_EVENT_IDS", parse_bool, "false",
          "Resumable streams: every event carries an id:, and a client reconnecting with "
-         "Last-Event-ID (or ?last_event_id=) first gets what it missed", is_flag=True),
+         "Last-Event-ID (or ?last_event_id=) first gets what it missed (always on with "
+         "--source streams)", is_flag=True),
+    Spec("source", "source", "EMOJISTREAM_SOURCE", parse_source, "pubsub",
+         "Where events come from: pubsub (SUBSCRIBE, as emojitracker's feeder publishes) "
+         "or streams (the Redis Stream --stream-key, which emojistream-bridge appends "
+         "to: nothing lost while a node reconnects, and event IDs the same on every "
+         "node, so --event-ids is on whatever it says)"),
+    Spec("stream_key", "stream-key", "EMOJISTREAM_STREAM_KEY", parse_stream_key,
+         DEFAULT_STREAM_KEY, "With --source streams: the Redis Stream read (its epoch is "
+         "<key>:epoch, the bridge's lease <key>:bridge)"),
     Spec("replay_events", "replay-events", "SSE_REPLAY_EVENTS", parse_positive_int, "10000",
          "With --event-ids: events kept for replay per namespace at most"),
     Spec("replay_age", "replay-sec", "SSE_REPLAY_SEC", _deadline, "300",
@@ -722,6 +745,8 @@ class Settings:
     drain: float = field(default_factory=_table("drain"))
     workers: int = field(default_factory=_table("workers"))
     event_ids: bool = field(default_factory=_table("event_ids"))
+    source: str = field(default_factory=_table("source"))
+    stream_key: str = field(default_factory=_table("stream_key"))
     replay_events: int = field(default_factory=_table("replay_events"))
     replay_age: float = field(default_factory=_table("replay_age"))
     replay_bytes: int = field(default_factory=_table("replay_bytes"))
@@ -780,4 +805,8 @@ def resolve(env: Mapping[str, str], options: Mapping[str, str | None]) -> Settin
     values["redis_given"] = (
         options.get("redis") is not None or "REDIS_URL" in env
     )
+    if values["source"] == "streams":
+        # A stream source's events are resumable by nature: their IDs are the
+        # stream's, the same on every node.
+        values["event_ids"] = True
     return Settings(**values)

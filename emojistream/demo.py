@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import random
+import secrets
 import shutil
 import socket
 import tempfile
@@ -32,8 +33,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from emojistream.bridge import run_script
 from emojistream.children import child_environment, die_with_parent
 from emojistream.config import RedisAddress
+from emojistream.history import APPEND_BATCH, APPEND_SCRIPT, append_call, sha1
 from emojistream.lifecycle import StartupError
 from emojistream.redisconn import RedisConnection
 from emojistream.timers import SafeCall
@@ -282,6 +285,11 @@ _SCORE_CHANNEL = SCORE_CHANNEL.decode("ascii")
 _DETAIL_CHANNEL_PREFIX = DETAIL_CHANNEL_PREFIX.decode("ascii")
 
 
+#: Entries the demo's stream keeps (C{--demo --source streams}): some ten minutes at
+#: the default rate, a few dozen MB of the embedded Redis.
+DEMO_MAXLEN = 300_000
+
+
 class Feeder(MultiService):
     """Publishes synthetic hits to Redis at C{rate} per second, like the upstream feeder.
 
@@ -290,6 +298,10 @@ class Feeder(MultiService):
     C{PUBLISH stream.tweet_updates.<ID> <tweet JSON>}, sent together without waiting
     for replies (pipelined). While Redis is down nothing is queued: those hits are
     simply neither counted nor published.
+
+    With C{stream_key} (C{--source streams}) it appends the same messages to that
+    stream instead of publishing them, as a bridge would (the append script, not
+    fenced: the demo's stream has no bridge), one script call per tick.
 
     With C{seed} (the embedded Redis, which starts empty), each connection first adds
     the shipped all-time scores to C{emojitrack_score} for the emoji it lacks, so the
@@ -301,11 +313,12 @@ class Feeder(MultiService):
 
     def __init__(self, address: RedisAddress, *, reactor: Any, rate: float,
                  rng: random.Random | None = None, seed: bool = False,
-                 **connection: Any) -> None:
+                 stream_key: str | None = None, **connection: Any) -> None:
         super().__init__()
+        self._stream_key = stream_key
+        rng = rng or random.Random()
         self._reactor = reactor
         self._rate = rate
-        rng = rng or random.Random()
         rankings = load_rankings()
         self._ids = WeightedIds(rankings, rng)
         self._tweets = TweetMaker(rng, reactor.seconds)
@@ -346,6 +359,9 @@ class Feeder(MultiService):
         protocol = self._connection.protocol
         if protocol is None or not due:
             return
+        if self._stream_key is not None:
+            self._append(protocol, due)
+            return
         for _ in range(due):
             emoji = self._ids.draw()
             for d in (
@@ -357,3 +373,25 @@ class Feeder(MultiService):
                 # A hit lost with the connection is simply not published.
                 d.addErrback(lambda failure: None)
             self.published += 1
+
+    _APPEND = sha1(APPEND_SCRIPT)
+
+    def _append(self, protocol: Any, due: int) -> None:
+        """C{due} hits appended to the stream, their scores counted (pipelined)."""
+        assert self._stream_key is not None
+        messages: list[tuple[bytes, bytes]] = []
+        for _ in range(due):
+            emoji = self._ids.draw()
+            protocol.execute_command("ZINCRBY", SCORE_KEY, 1, emoji.id).addErrback(
+                lambda failure: None)
+            messages += [(SCORE_CHANNEL, emoji.id.encode()),
+                         (DETAIL_CHANNEL_PREFIX + emoji.id.encode(),
+                          self._tweets.tweet(emoji))]
+            self.published += 1
+        for start in range(0, len(messages), APPEND_BATCH):
+            keys, args = append_call(self._stream_key, messages[start:start + APPEND_BATCH],
+                                     maxlen=DEMO_MAXLEN,
+                                     epoch_token=secrets.token_hex(8))
+            # A batch lost with the connection is simply not appended.
+            run_script(self._connection, APPEND_SCRIPT, self._APPEND, keys, args
+                       ).addErrback(lambda failure: None)

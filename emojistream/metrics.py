@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -43,6 +44,12 @@ class MetricSources:
     delays: DeliveryDelays
     #: With --event-ids, the journal (replay hits, misses, buffer sizes).
     replay: Journal | None = None
+    #: Where events come from: pubsub or streams.
+    source: str = "pubsub"
+    #: With --source streams, the stream's figures (L{emojistream.streamfeed.StreamWatch}).
+    stream: Callable[[], Mapping[str, Any]] | None = None
+    #: With --source streams, what resumes read from Redis (running, waiting, busy, pages).
+    replay_fetches: Callable[[], Mapping[str, int]] | None = None
 
 
 #: Counter name, help, and the key of the daemon's counters it reads.
@@ -102,6 +109,14 @@ class _DaemonCollector(Collector):
         for name in REDIS_STATES:
             states.add_metric([name], 1 if state == name else 0)
         yield states
+        sources = GaugeMetricFamily("emojistream_source",
+                                    "Where events come from: 1 for the source in use",
+                                    labels=["source"])
+        for name in ("pubsub", "streams"):
+            sources.add_metric([name], 1 if s.source == name else 0)
+        yield sources
+        if s.stream is not None:
+            yield from _stream_metrics(s.stream())
         yield _histogram("emojistream_score_tick_lag_seconds",
                          "How late each score tick (60 a second) ran", s.tick_lags)
         delays = HistogramMetricFamily(
@@ -124,11 +139,63 @@ class _DaemonCollector(Collector):
             for reason, n in journal.misses.items():
                 misses.add_metric([reason], n)
             yield misses
+            if journal.positions:
+                yield CounterMetricFamily("emojistream_replay_fetched",
+                                          "Resumes filled from the stream in Redis (the "
+                                          "replay buffers did not hold them)",
+                                          value=journal.fetched)
+            if s.replay_fetches is not None:
+                fetches = s.replay_fetches()
+                yield GaugeMetricFamily("emojistream_replay_fetches_running",
+                                        "Resumes reading the stream in Redis now",
+                                        value=fetches["fetching"])
+                yield GaugeMetricFamily("emojistream_replay_fetches_waiting",
+                                        "Resumes waiting their turn to read the stream",
+                                        value=fetches["fetch_waiting"])
+                yield CounterMetricFamily("emojistream_replay_fetches_refused",
+                                          "Resumes not queued: too many waited already",
+                                          value=fetches["fetch_busy"])
+                yield CounterMetricFamily("emojistream_replay_fetch_pages",
+                                          "XRANGE pages read from the stream for resumes",
+                                          value=fetches["fetch_pages"])
             yield GaugeMetricFamily("emojistream_replay_buffer_bytes",
                                     "Memory the replay buffers hold (estimated)",
                                     value=journal.size)
             yield GaugeMetricFamily("emojistream_replay_buffer_events",
                                     "Events the replay buffers hold", value=journal.events)
+
+
+def _stream_metrics(figures: Mapping[str, Any]) -> Iterator[Metric]:
+    """The stream source's figures (L{emojistream.streamfeed.StreamWatch.figures})."""
+    if figures["length"] is not None:
+        yield GaugeMetricFamily("emojistream_stream_length", "Entries the stream holds",
+                                value=figures["length"])
+    if figures["lag"] is not None:
+        yield GaugeMetricFamily("emojistream_stream_lag_entries",
+                                "Entries of the stream after the newest this node read "
+                                "(counted up to 1000)", value=figures["lag"])
+    yield CounterMetricFamily("emojistream_stream_entries_read",
+                              "Stream entries read and handed on", value=figures["entries_read"])
+    yield CounterMetricFamily("emojistream_stream_reads", "XREAD replies",
+                              value=figures["reads"])
+    yield CounterMetricFamily("emojistream_stream_entries_skipped",
+                              "Stream entries that are not emojistream's (skipped)",
+                              value=figures["skipped"])
+    gaps = CounterMetricFamily("emojistream_stream_gaps",
+                               "Times the reader could not go on where it left off, by "
+                               "why: the stream replaced, or entries trimmed unread",
+                               labels=["reason"])
+    for reason, n in figures["gaps"].items():
+        gaps.add_metric([reason], n)
+    yield gaps
+    bridge = figures["bridge"]
+    yield GaugeMetricFamily("emojistream_stream_bridge_active",
+                            "1 while a bridge holds the lease on the stream, else 0",
+                            value=1 if bridge is not None else 0)
+    if bridge is not None and bridge["ttl_ms"] is not None:
+        yield GaugeMetricFamily("emojistream_stream_bridge_lease_seconds",
+                                "What is left of the bridge's lease",
+                                value=max(0, bridge["ttl_ms"]) / 1000)
 
 
 def _histogram(name: str, text: str, delays: Delays) -> HistogramMetricFamily:

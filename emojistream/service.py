@@ -51,6 +51,8 @@ from emojistream.reporting import (
 from emojistream.router import Router
 from emojistream.sse import KEEPALIVE
 from emojistream.status import StatusReport
+from emojistream.streamfeed import WATCH_INTERVAL, StreamFeed, StreamWatch
+from emojistream.streamhistory import RedisHistory
 from emojistream.summarizer import RATE, ScoreSummarizer, Ticker
 from emojistream.timers import SafeCall
 from emojistream.tls import harden
@@ -155,10 +157,12 @@ class Emojistream:
         self.hub = Hub(reactor)
         # With --event-ids every event gets its ID, and is kept for resuming clients.
         self.journal: Journal | None = None
-        if settings.event_ids:
+        streams = settings.source == "streams"
+        if settings.event_ids or streams:
+            # From a stream source, the IDs are the stream's: its epoch and entry IDs.
             self.journal = Journal(clock, max_events=settings.replay_events,
                                    max_age=settings.replay_age,
-                                   max_bytes=settings.replay_bytes)
+                                   max_bytes=settings.replay_bytes, positions=streams)
         self.summarizer = ScoreSummarizer(
             lambda counts, frame: self.hub.publish_summary(EPS_NAMESPACE, frame, counts),
             **({} if self.journal is None else {"encode": self.journal.summary}))
@@ -172,9 +176,14 @@ class Emojistream:
                              journal=self.journal, clock=reactor, delays=self.delays)
         redis_address, redis_parent = self._redis(reactor)
         patterns = (DETAIL_PATTERN, KIOSK_PATTERN) if settings.kiosk_stream else (DETAIL_PATTERN,)
-        self.feed = RedisFeed(redis_address, self.router, reactor=reactor,
-                              channels=(SCORE_CHANNEL,), patterns=patterns,
-                              **self._redis_connect)
+        self.feed: RedisFeed | StreamFeed
+        if streams:
+            self.feed = StreamFeed(redis_address, self.router, reactor=reactor,
+                                   stream_key=settings.stream_key, **self._redis_connect)
+        else:
+            self.feed = RedisFeed(redis_address, self.router, reactor=reactor,
+                                  channels=(SCORE_CHANNEL,), patterns=patterns,
+                                  **self._redis_connect)
         self.feed.setServiceParent(redis_parent)
         # Subscribed to a replica cut off from its primary, nothing arrives: readiness
         # and status ask Redis (over a command connection, shared with the admin
@@ -183,6 +192,13 @@ class Emojistream:
                                         **self._redis_connect)
         self.commands.setServiceParent(redis_parent)
         self.redis = ReplicaWatch(self.feed, self.commands, clock=clock)
+        # With a stream source: what operators see of it (length, lag, the bridge's
+        # lease), and what a resume reads from it when memory cannot fill it.
+        self.stream_watch: StreamWatch | None = None
+        self.history: RedisHistory | None = None
+        if isinstance(self.feed, StreamFeed):
+            self.stream_watch = StreamWatch(self.feed, self.commands, clock=clock)
+            self.history = RedisHistory(self.commands, settings.stream_key, clock=reactor)
         self.rankings = self._rankings(clock)
 
         # Time: the score tick, and keepalives to idle streams.
@@ -192,6 +208,8 @@ class Emojistream:
         self._timer(settings.keepalive / KEEPALIVE_TICKS, self.hub.keepalive, clock,
                     "Keepalive", KEEPALIVE)
         self._timer(REPLICA_CHECK, self.redis.check, clock, "Replication check")
+        if self.stream_watch is not None:
+            self._timer(WATCH_INTERVAL, self.stream_watch.check, clock, "Stream check")
 
         # Every listener's connections count together against the open-file limit
         # (which the daemon's ProcessLimits tells it when it starts).
@@ -203,12 +221,16 @@ class Emojistream:
 
         # What the daemon says of itself: status, the admin cluster's hash, graphite.
         self.status = StatusReport(self.hub, self.redis, node=settings.node_name, clock=clock,
-                                   counters=self._counters, turns=reactor)
+                                   counters=self._counters, turns=reactor,
+                                   more=self._source_status)
         self.admin_reporter = self._admin_report(reactor, clock, redis_address, redis_parent)
         self.metrics = Metrics(MetricSources(
             pools=self.hub.pool_sizes, counters=self._counters,
             redis_state=lambda: self.feed.state,
-            tick_lags=self.tick_lags, delays=self.delays, replay=self.journal),
+            tick_lags=self.tick_lags, delays=self.delays, replay=self.journal,
+            source=settings.source,
+            stream=None if self.stream_watch is None else self.stream_watch.figures,
+            replay_fetches=None if self.history is None else self._fetches),
             labels=None if worker is None else {"worker": str(worker)})
         self.carbon: TcpCarbon | UdpCarbon | None = None
         self._carbon(reactor, clock)
@@ -250,6 +272,8 @@ class Emojistream:
                 # --demo-rate. The embedded Redis starts empty: it seeds the scores.
                 self.feeder = Feeder(address, reactor=reactor, rate=settings.demo_rate,
                                      seed=self.embedded_redis is not None,
+                                     stream_key=(settings.stream_key
+                                                 if settings.source == "streams" else None),
                                      **self._redis_connect)
                 self.feeder.setServiceParent(parent)
         return address, parent
@@ -305,7 +329,8 @@ class Emojistream:
         client_ip = client_ip_of(settings)
         streams = StreamRoutes(self.hub, StreamSettings.of(settings), clock=clock,
                                client_ip=client_ip, batcher=self.batcher, drain=self.drain,
-                               journal=self.journal, rankings=self.rankings)
+                               journal=self.journal, rankings=self.rankings,
+                               history=self.history)
         admin = AdminRoutes(
             self.status, settings.admin_token,
             whole_rate=self.whole_status_rate,
@@ -365,6 +390,7 @@ class Emojistream:
             "connections.closed": self.hub.closed,
             "connections.dropped": self.hub.dropped,
             "redis.subscriber_losses": self.feed.losses,
+            **self._stream_counters(),
             "connections.refused_per_ip": self.gate.refused_per_ip,
             "connections.accept_pauses": self.gate.accept_pauses,
             "connections.refused_at_limit": self.gate.refused_at_limit,
@@ -372,6 +398,33 @@ class Emojistream:
             **({"carbon.dropped_reports": self.carbon.dropped}
                if isinstance(self.carbon, TcpCarbon) else {}),
         }
+
+    def _source_status(self) -> dict[str, Any]:
+        """Status's word on the source: which, and with streams what the stream does
+        and the replays served from memory and from Redis."""
+        watch = self.stream_watch
+        if watch is None:
+            return {"source": self.settings.source}
+        journal = self.journal
+        assert journal is not None
+        return {"source": self.settings.source, "stream": watch.figures(),
+                "replays": {"memory": journal.hits, "redis": journal.fetched,
+                            "gaps": dict(journal.misses), **self._fetches()}}
+
+    def _fetches(self) -> dict[str, int]:
+        """What the history reads from Redis for resumes, now and since start."""
+        history = self.history
+        assert history is not None
+        return {"fetching": history.running, "fetch_waiting": history.waiting,
+                "fetch_busy": history.busy, "fetch_pages": history.pages}
+
+    def _stream_counters(self) -> dict[str, float]:
+        feed = self.feed
+        if not isinstance(feed, StreamFeed):
+            return {}
+        return {"stream.entries_read": feed.entries, "stream.reads": feed.reads,
+                "stream.skipped": feed.skipped,
+                **{f"stream.gaps.{why}": n for why, n in feed.gaps.items()}}
 
     def when_listening(self) -> Deferred[IListeningPort]:
         """Fires with the listening port once the web service listens."""

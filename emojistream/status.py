@@ -89,8 +89,11 @@ class StatusReport:
 
     def __init__(self, hub: Hub, feed: HasState, *, node: str, clock: IReactorTime,
                  counters: Callable[[], Mapping[str, float]] = dict,
-                 turns: IReactorTime | None = None) -> None:
+                 turns: IReactorTime | None = None,
+                 more: Callable[[], Mapping[str, Any]] = dict) -> None:
+        """@param more: further fields of the head (the source and what it reports)."""
         self._hub = hub
+        self._more = more
         self._feed = feed
         self._node = node
         self._clock = clock
@@ -204,6 +207,7 @@ class StatusReport:
             "redis": redis,
             "pools": self._hub.pool_sizes(),
         }
+        document.update(self._more())
         document["totals"] = totals = dict(self._counters())
         document["rates"] = self._rates.sample(now, totals)
         if connections:

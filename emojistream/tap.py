@@ -40,7 +40,9 @@ class Options(TableOptions[Settings]):
             settings = replace(settings, workers=1)
         if settings.workers > 1:
             check_workers(settings)
-            if settings.event_ids:
+            if settings.event_ids and settings.source != "streams":
+                # With a stream source every worker gives the stream's IDs and reads
+                # what it lacks from Redis: a resume works on any of them.
                 _log.warn("--event-ids with --workers {n}: each worker keeps its own "
                           "replay buffers and the kernel picks a worker per "
                           "connection, so most reconnections get the gap signal; "

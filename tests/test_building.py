@@ -26,7 +26,8 @@ def process_state() -> tuple[object, ...]:
 
 
 @pytest.mark.parametrize("given", [{}, {"demo": "true"}, {"demo": "true", "event_ids": "true",
-                                                         "admin_report": "true"}])
+                                                         "admin_report": "true"},
+                                   {"demo": "true", "source": "streams"}])
 def test_building_a_daemon_twice_touches_nothing(given: dict[str, str | None]) -> None:
     settings = resolve({}, given)
     before = process_state()
