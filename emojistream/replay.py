@@ -480,6 +480,11 @@ def _after(buffers: Iterable[_Buffer], sequence: int) -> Iterator[tuple[int, flo
     return heapq.merge(*tails, key=lambda entry: entry[0])
 
 
+#: Entries one resume reads from the stream at most: about five minutes (the default
+#: --replay-sec) of emojitracker at 400 hits a second, two entries a hit, and some.
+RECALL_ENTRIES = 250_000
+
+
 class Recall:
     """Reads what a resuming client missed from the stream when the journal's memory
     does not hold it (a stream source: L{Resume.fetch}), as the very frames it would

@@ -39,7 +39,7 @@ from emojistream.notify import Notifier
 from emojistream.rankings import Rankings
 from emojistream.redisconn import RedisConnection
 from emojistream.redisfeed import REPLICA_CHECK, RedisFeed, ReplicaWatch
-from emojistream.replay import Journal
+from emojistream.replay import RECALL_ENTRIES, Journal, Recall
 from emojistream.reporting import (
     ADMIN_INTERVAL,
     AdminReporter,
@@ -48,7 +48,7 @@ from emojistream.reporting import (
     UdpCarbon,
     carbon_prefix,
 )
-from emojistream.router import Router
+from emojistream.router import Router, hit_of
 from emojistream.sse import KEEPALIVE
 from emojistream.status import StatusReport
 from emojistream.streamfeed import WATCH_INTERVAL, StreamFeed, StreamWatch
@@ -196,9 +196,13 @@ class Emojistream:
         # lease), and what a resume reads from it when memory cannot fill it.
         self.stream_watch: StreamWatch | None = None
         self.history: RedisHistory | None = None
+        self.recall: Recall | None = None
         if isinstance(self.feed, StreamFeed):
             self.stream_watch = StreamWatch(self.feed, self.commands, clock=clock)
             self.history = RedisHistory(self.commands, settings.stream_key, clock=reactor)
+            assert self.journal is not None  # a stream source turns event IDs on
+            self.recall = Recall(self.history, self.journal, event_of=self.router.event_of,
+                                 hit_of=hit_of, max_entries=RECALL_ENTRIES)
         self.rankings = self._rankings(clock)
 
         # Time: the score tick, and keepalives to idle streams.
@@ -330,7 +334,7 @@ class Emojistream:
         streams = StreamRoutes(self.hub, StreamSettings.of(settings), clock=clock,
                                client_ip=client_ip, batcher=self.batcher, drain=self.drain,
                                journal=self.journal, rankings=self.rankings,
-                               history=self.history)
+                               recall=self.recall)
         admin = AdminRoutes(
             self.status, settings.admin_token,
             whole_rate=self.whole_status_rate,

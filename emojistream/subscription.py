@@ -301,8 +301,16 @@ class _CatchUp:
             self._filled(None)
             return
         namespace = self._subscription.namespace
-        self._recall.frames(namespace, after, until).addCallbacks(
-            self._filled, self._failed)
+        reading = self._recall.frames(namespace, after, until)
+        reading.addCallbacks(self._filled, self._failed)
+
+        def left(result: object) -> object:
+            # The client has gone: what it would have been sent need not be read.
+            if not reading.called:
+                reading.cancel()
+            return result
+
+        self._writer.when_finished().addBoth(left)
 
     def _failed(self, failure: object) -> None:
         self._give_up(UNAVAILABLE)

@@ -71,7 +71,8 @@ def test_a_daemon_with_streams_reads_the_stream_with_positions_and_a_history():
     document = app.status.document(connections=False)
     assert document["source"] == "streams" and document["stream"]["key"] == "k:events"
     assert document["replays"] == {"memory": 0, "redis": 0, "gaps": {
-        "expired": 0, "invalid": 0, "replaced": 0}, "fetching": 0, "fetch_waiting": 0,
+        "expired": 0, "invalid": 0, "replaced": 0, "unavailable": 0}, "fetching": 0,
+        "fetch_waiting": 0,
         "fetch_busy": 0, "fetch_pages": 0}
     exposition = app.metrics.exposition().decode()
     assert 'emojistream_source{source="streams"} 1.0' in exposition
