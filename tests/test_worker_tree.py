@@ -54,10 +54,11 @@ class NotifySocket:
                     pid = struct.unpack("iII", cred[:12])[0]
             self.messages.append((pid, data.decode()))
 
-    def wait_for(self, what: Callable[[str], bool], timeout: float = 30) -> str:
+    def wait_for(self, what: Callable[[str], bool], timeout: float = 30,
+                 unless: Callable[[], bool] = lambda: False) -> str:
         deadline = time.monotonic() + timeout
         seen = 0
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not unless():
             for _pid, message in self.messages[seen:]:
                 if what(message):
                     return message
@@ -109,19 +110,29 @@ def hinted(stream: RawStream) -> bool:
     return b"\nretry:" in stream.raw or b"\r\nretry:" in stream.raw
 
 
+class PortTaken(Exception):
+    """The tree was refused its port at start: another process had taken it."""
+
+
 class Tree:
     """`twistd -n emojistream --workers 2`, told it runs under systemd."""
 
     def __init__(self, tmp_path: Path, redis_url: str, *args: str,
                  env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
         self.notify = NotifySocket(tmp_path / "notify")
-        self.proc = TwistdProcess(
-            "emojistream", "--listen", f"tcp:{self.port}:interface=127.0.0.1",
-            "--redis", redis_url, "--node", "tree", "--drain-sec", "1", *args,
-            env={"NOTIFY_SOCKET": str(self.notify.path), "WATCHDOG_USEC": "1000000",
-                 "WORKERS": "2", **(env or {})})
         self.seen_pids: set[int] = set()
+
+        def start() -> None:
+            self.port = free_port()
+            self.proc = TwistdProcess(
+                "emojistream", "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+                "--redis", redis_url, "--node", "tree", "--drain-sec", "1", *args,
+                env={"NOTIFY_SOCKET": str(self.notify.path), "WATCHDOG_USEC": "1000000",
+                     "WORKERS": "2", **(env or {})})
+
+        start()
+        #: Starts the tree again on another port (see wait_serving).
+        self._start_again = start
 
     @property
     def parent(self) -> int:
@@ -143,8 +154,25 @@ class Tree:
         return found
 
     def wait_serving(self, timeout: float = 30) -> dict[int, int]:
-        self.notify.wait_for(lambda m: m.startswith("READY=1"), timeout)
+        for _ in range(2):
+            # The port free when chosen may be another process's by the time the
+            # tree binds it (other tests' daemons): then the tree is refused at start
+            # in one line, and is started again on another port.
+            try:
+                self.notify.wait_for(lambda m: m.startswith("READY=1"), timeout,
+                                     unless=self._refused)
+                break
+            except PortTaken:
+                self.proc.terminate()
+                self._start_again()
+        else:
+            self.notify.wait_for(lambda m: m.startswith("READY=1"), timeout)
         return self.workers()
+
+    def _refused(self) -> bool:
+        if self.proc.proc.poll() is not None and "cannot listen on" in self.proc.log():
+            raise PortTaken(self.port)
+        return False
 
     def end(self) -> int:
         code = self.proc.terminate()
