@@ -196,6 +196,12 @@ class Journal:
         self._sequence = place
 
     @property
+    def max_events(self) -> int:
+        """Events a namespace keeps at most (C{--replay-events}): also the most a
+        resume read from the stream may bring."""
+        return self._max_events
+
+    @property
     def position(self) -> int:
         """The newest position (or sequence) so far."""
         return self._sequence

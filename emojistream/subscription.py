@@ -321,7 +321,10 @@ class _CatchUp:
         if frames is None:
             self._give_up(EXPIRED)
             return
-        if sum(len(f) for f in frames) > self._max_bytes:
+        # The bounds of a resume from memory: at most as many events as a namespace
+        # keeps, and what may be written at once.
+        if (len(frames) > self._journal.max_events
+                or sum(len(f) for f in frames) > self._max_bytes):
             self._give_up(EXPIRED)
             return
         self._journal.fetched += 1

@@ -267,3 +267,20 @@ def test_a_resume_before_the_stream_is_first_read_keeps_the_clients_own_id() -> 
     assert resume.gap == "unavailable"
     (frame,) = resume.frames
     assert not frame.startswith(b"id:")  # an EventSource keeps the ID it had
+
+
+def test_a_resume_from_the_stream_keeps_to_the_count_bound() -> None:
+    c, stream = clock(), Stream()
+    entries = [stream.append(DETAIL, b'{"n":%d}' % n) for n in range(1, 8)]
+    b = Node(c, stream, entries[5][0])
+    b.journal = Journal(c, positions=True, max_events=4)  # --replay-events 4
+    b.router = Router(b.hub, b.summarizer, raw_stream=True, journal=b.journal)
+    b.recall = Recall(stream, b.journal, event_of=b.router.event_of, hit_of=hit_of,
+                      max_entries=10_000)
+    b.router.start(EPOCH, entries[5][0])
+    b.read(entries[6])
+    six = b.subscribe("/subscribe/details/2665", f"{EPOCH}-{T0 * 1000 + 1}-0")
+    four = b.subscribe("/subscribe/details/2665", f"{EPOCH}-{T0 * 1000 + 3}-0")
+    stream.answer()
+    assert json.loads(six.events()[0].data) == {"reason": "expired"}  # 6 events > 4
+    assert details(four) == ['{"n":4}', '{"n":5}', '{"n":6}', '{"n":7}']
