@@ -22,7 +22,9 @@ with an id that a later resume goes on from, nothing twice.
 from __future__ import annotations
 
 import json
+import random
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -33,11 +35,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, gatherResults
 from twisted.internet.threads import deferToThread
 
 from daemonproc import TwistdProcess
-from emojistream.demo import free_port
 from emojistream.history import decode_entry, epoch_key
 from redisproc import RedisProcess
 from sseclient import Client, StreamReader, within
@@ -67,11 +68,28 @@ PATHS = {
 #: Hits the feeder publishes between a client's cut and its reconnection: what it
 #: misses and must be given on resuming (about a tenth of a second's worth).
 MISS = 40
+#: Seconds a client waits at most for those before it reconnects all the same.
+PAUSE = 0.3
 
 ACTIVE = r"Bridge (\S+) is the active bridge: appending to "
 READING = r"Reading emojistream:events .*(from its newest entry|on from entry)"
 READ_ON = r"Reading emojistream:events on from entry \S+ \(epoch \w+\): nothing missed"
 NOT_READ_ON = r"were trimmed before it read them|was replaced \(epoch"
+
+
+def quiet_port() -> int:
+    """A port nothing listens on, below the ephemeral range: no outgoing connection of
+    this machine's (a Redis client of another test) takes it meanwhile, and a node
+    restarted on it finds it free again."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(max(1024, low - 12_000), low)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def entry_key(event_id: str) -> tuple[int, int]:
@@ -137,9 +155,10 @@ class Feeder:
 
     def published(self, more: int) -> Deferred[None]:
         """Fires once C{more} hits more than now are published."""
-        d: Deferred[None] = Deferred()
-        self._waiters.append((self.hits + more, d))
-        return within(d, 30)
+        entry: tuple[int, Deferred[None]] = (self.hits + more, Deferred(
+            lambda d: self._waiters.remove(entry)))
+        self._waiters.append(entry)
+        return within(entry[1], 30)
 
     def stop(self) -> None:
         self._stop.set()
@@ -152,6 +171,15 @@ class Progress:
     def __init__(self) -> None:
         self.count = 0
         self._waiters: list[tuple[int, Deferred[None]]] = []
+        #: While set, the clients cut no connection (ends by the server still count).
+        self.hold = False
+        self.followers: list[Follower] = []
+
+    def release(self) -> None:
+        """Clients cut their connections again."""
+        self.hold = False
+        for follower in self.followers:
+            follower.check()
 
     def add(self) -> None:
         self.count += 1
@@ -210,8 +238,21 @@ class Follower:
     def finish(self, last_key: tuple[int, int]) -> None:
         """Stay on until an event with (at least) this entry ID has arrived."""
         self._last_key = last_key
+        self.check()
+
+    def check(self) -> None:
+        """Something changed that the open connection's wait depends on."""
         if self._reader is not None:
             self._reader._check()
+
+    @property
+    def connected(self) -> bool:
+        return self._reader is not None
+
+    @property
+    def target(self) -> int:
+        """The target of the open connection (0: nginx, 1: node C)."""
+        return 1 - self._turn
 
     async def run(self) -> None:
         while True:
@@ -241,7 +282,8 @@ class Follower:
                 self.reconnected.callback(None)
             need = self._cut_after
             await reader.wait_for(lambda r: r.is_closed or (
-                self._done(r) if final else len(r.events) >= need), 60)
+                self._done(r) if final else (len(r.events) >= need
+                                             and not self._progress.hold)), 60)
             self._reader = None
             self.events += reader.events
             if reader.is_closed:
@@ -254,7 +296,12 @@ class Follower:
             if final:
                 return
             self.cut += 1
-            await self._feeder.published(MISS)
+            # Until the feeder has published more, or (Redis down: it cannot) a
+            # moment has passed: a client reconnects whatever Redis is doing.
+            published = self._feeder.published(MISS)
+            await DeferredList([published, sleep(PAUSE)], fireOnOneCallback=True,
+                               consumeErrors=True)
+            published.cancel()
 
 
 def stream_entries(port: int) -> list[tuple[str, bytes, bytes]]:
@@ -332,8 +379,9 @@ class Cluster:
     def __init__(self, tmp: Path) -> None:
         self.redis = RedisProcess(extra_args=("--appendonly", "yes"))
         self.procs: dict[str, TwistdProcess] = {}
-        self.ports = {name: free_port() for name in "abc"}
+        self.ports = {name: quiet_port() for name in "abc"}
         self.nginx = Nginx(tmp, SHIPPED.read_text())
+        self.nginx.port = quiet_port()
         self.children: set[int] = set()
 
     def node_args(self, name: str) -> list[str]:
@@ -424,6 +472,7 @@ async def under_load(cluster: Cluster,
                Client(f"http://127.0.0.1:{cluster.ports['c']}")]
     followers = [Follower(path, clients, i % 2, cut, feeder, progress)
                  for i, (path, cut) in enumerate(PATHS.items())]
+    progress.followers = followers
     runs = [ensureDeferred(f.run()) for f in followers]
     try:
         if meanwhile is not None:
@@ -442,6 +491,7 @@ async def under_load(cluster: Cluster,
             await client.close()
         for run in runs:
             run.cancel()
+            run.addErrback(lambda failure: None)  # ended by the cancel: not news
     return followers, entries, time.monotonic() - started
 
 
@@ -480,7 +530,8 @@ def verify(followers: list[Follower], entries: list[tuple[str, bytes, bytes]], e
     """Each follower's events checked; events (or /eps hits) checked per path."""
     checked = {}
     for f in followers:
-        assert f.cut == RECONNECTS, (f.path, f.cut)
+        # Reconnections: cut by the client, or after the server ended the connection.
+        assert f.cut + f.ended_by_server >= RECONNECTS, (f.path, f.cut)
         assert f.gap_headers == [], (f.path, f.gap_headers)
         checked[f.path] = (check_eps if f.eps else check_events)(f, entries, epoch)
     return checked
@@ -502,3 +553,231 @@ async def test_every_event_once_in_order_on_every_path_across_20_reconnects(clus
     checked = verify(followers, entries, cluster.epoch)
     report("reconnects", followers, checked, took)
     assert all(f.ended_by_server == 0 and f.refused == 0 for f in followers)
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+async def status(port: int) -> dict[str, Any]:
+    client = Client(f"http://127.0.0.1:{port}")
+    try:
+        _, body = await client.text("GET", "/admin/status.json")
+    finally:
+        await client.close()
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+def count_lines(proc: TwistdProcess, pattern: str) -> int:
+    regex = re.compile(pattern)
+    return sum(bool(regex.search(line)) for line in list(proc.lines))
+
+
+def wait_redis(port: int, timeout: float = 30) -> None:
+    """Until Redis answers PING (after a restart: once it has loaded its AOF)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            redis = Redis(port)
+            try:
+                if redis("PING") == b"PONG":
+                    return
+            finally:
+                redis.close()
+        except Exception:
+            pass
+        assert time.monotonic() < deadline, "Redis did not come back"
+        time.sleep(0.05)
+
+
+async def read_on_everywhere(cluster: Cluster, before: dict[str, int]) -> None:
+    """Until every node (each worker of C) has said it reads on from its last entry
+    since C{before} was counted."""
+    for name in "abc":
+        proc, more = cluster.procs[name], 2 if name == "c" else 1
+        await deferToThread(proc.wait_for_lines, READ_ON, before[name] + more, 30)
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_kill_and_a_redis_restart_under_load_lose_and_repeat_nothing(cluster):
+    total = len(PATHS) * (RECONNECTS + 1)
+    done: list[str] = []
+
+    async def faults(progress: Progress, feeder: Feeder) -> None:
+        await progress.reached(total // 3)
+        before = {n: count_lines(cluster.procs[n], READ_ON) for n in "abc"}
+        killed = cluster.redis_call("CLIENT", "KILL", "TYPE", "normal")
+        # Five stream readers (A, B, C's two workers... and its parent's none), their
+        # command connections, the bridge's, the feeder's.
+        assert killed >= 4
+        await read_on_everywhere(cluster, before)
+        done.append(f"CLIENT KILL TYPE normal: {killed} connections")
+        await progress.reached(2 * total // 3)
+        before = {n: count_lines(cluster.procs[n], READ_ON) for n in "abc"}
+        redis = Redis(cluster.redis.port)
+        try:
+            redis.pipeline(("DEBUG", "RESTART"))
+        except (OSError, AssertionError):
+            pass  # Redis closed the connection as it restarted: the expected answer
+        finally:
+            redis.close()
+        await deferToThread(wait_redis, cluster.redis.port)
+        await read_on_everywhere(cluster, before)
+        done.append("DEBUG RESTART")
+
+    followers, entries, took = await under_load(cluster, faults)
+    checked = verify(followers, entries, cluster.epoch)
+    report("client kill + Redis restart: " + ", ".join(done), followers, checked, took)
+    assert len(done) == 2
+    # The stream survived the restart (AOF): the same epoch, its entries still there.
+    assert cluster.redis_call("GET", epoch_key(KEY)).decode() == cluster.epoch
+    for name in "abc":
+        assert not [line for line in cluster.procs[name].lines
+                    if re.search(NOT_READ_ON, line)], name
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resume_while_redis_is_stopped_is_filled_once_it_is_started_again(
+        cluster):
+    """Redis stopped (SIGTERM: it writes its AOF) and started again in the same
+    directory: a client that resumes meanwhile, from an ID node C no longer holds in
+    memory, gets what it missed once Redis is back, not a gap."""
+    feeder = Feeder(cluster.redis.port)
+    direct = Client(f"http://127.0.0.1:{cluster.ports['c']}")
+    try:
+        _, first = await direct.stream("/subscribe/raw")
+        await first.wait_events(5)
+        first.close()
+        await first.wait_closed()
+        await feeder.published(100)  # well past the 50 events C keeps per path
+        feeder.stop()
+        before = {n: count_lines(cluster.procs[n], READ_ON) for n in "abc"}
+        await deferToThread(cluster.redis.stop, True)
+        _, resumed = await direct.stream(
+            "/subscribe/raw", {"Last-Event-ID": first.events[-1].last_event_id})
+        await deferToThread(cluster.redis.start)
+        await read_on_everywhere(cluster, before)
+        entries = stream_entries(cluster.redis.port)
+        expected = [e for e in expected_events("/subscribe/raw", entries, cluster.epoch)
+                    if entry_key(e[0]) > entry_key(first.events[-1].last_event_id)]
+        assert len(expected) >= 100
+        await resumed.wait_for(lambda r: r.events and (
+            r.events[-1].type == "gap" or entry_key(r.events[-1].last_event_id)
+            >= entry_key(expected[-1][0])), 30)
+        assert [(e.last_event_id, e.type, e.data) for e in resumed.events] == expected
+        print(f"\nresume while Redis was stopped: {len(expected)} events, once each")
+    finally:
+        feeder.stop()
+        await direct.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_restarted_under_load_its_clients_resume_and_lose_nothing(cluster):
+    total = len(PATHS) * (RECONNECTS + 1)
+    restarted: list[str] = []
+
+    async def restart(progress: Progress, feeder: Feeder) -> None:
+        await progress.reached(total // 2)
+        # Clients stay where they are now, so that the node stopped has some.
+        progress.hold = True
+        for _ in range(600):
+            if all(f.connected for f in progress.followers):
+                break
+            await sleep(0.05)
+        # The node behind nginx with the most of them (status is up to a second
+        # old: until A's and B's add up to the clients on nginx), else C.
+        on_nginx = sum(f.target == 0 for f in progress.followers)
+        counts = {"a": 0, "b": 0}
+        for _ in range(100):
+            if sum(counts.values()) == on_nginx:
+                break
+            for name in "ab":
+                counts[name] = len((await status(cluster.ports[name]))["connections"])
+            await sleep(0.1)
+        assert sum(counts.values()) == on_nginx, (counts, on_nginx)
+        name = max(counts, key=lambda n: counts[n]) if on_nginx else "c"
+        old = cluster.procs[name]
+        code = await deferToThread(old.terminate)
+        assert code == 0, old.log()
+        cluster.start_node(name)
+        await deferToThread(cluster.wait_node, name)
+        assert count_lines(cluster.procs[name], r"from its newest entry") == (
+            2 if name == "c" else 1)
+        restarted.append(f"node {name.upper()} with {counts.get(name, 'all')} streams")
+        progress.release()
+
+    followers, entries, took = await under_load(cluster, restart)
+    checked = verify(followers, entries, cluster.epoch)
+    report("node restart: " + ", ".join(restarted), followers, checked, took)
+    assert restarted
+    # The stopped node's clients were ended by its drain, and resumed.
+    assert sum(f.ended_by_server for f in followers) >= 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resume_from_a_trimmed_id_gets_the_gap_and_goes_on_from_its_id(cluster):
+    feeder = Feeder(cluster.redis.port)
+    direct = Client(f"http://127.0.0.1:{cluster.ports['c']}")
+    proxied = Client(f"http://127.0.0.1:{cluster.nginx.port}")
+    try:
+        _, first = await direct.stream("/subscribe/raw")
+        await first.wait_events(5)
+        first.close()
+        await first.wait_closed()
+        old, kept = first.events[0].last_event_id, first.events[4].last_event_id
+        # Well past the 50 events node C keeps in memory per path.
+        await feeder.published(200)
+        await all_read_past(cluster, entry_key(kept))
+        trimmed = cluster.redis_call("XTRIM", KEY, "MINID", "%d-%d" % entry_key(kept))
+        assert trimmed >= 4
+        # A client that last saw the trimmed entry resumes on C: the gap event.
+        _, gapped = await direct.stream("/subscribe/raw", {"Last-Event-ID": old})
+        await gapped.wait_events(6)
+        gapped.close()
+        await gapped.wait_closed()
+        gap = gapped.events[0]
+        assert (gap.type, json.loads(gap.data)) == ("gap", {"reason": "expired"})
+        assert entry_key(gap.last_event_id) > entry_key(kept)
+        after_gap = gapped.events[1:]
+        # It goes on from the gap's id (through nginx, on A or B) ...
+        _, from_gap = await proxied.stream("/subscribe/raw",
+                                           {"Last-Event-ID": gap.last_event_id})
+        # ... and from the last event it had after the gap.
+        _, going_on = await proxied.stream(
+            "/subscribe/raw", {"Last-Event-ID": gapped.events[-1].last_event_id})
+        await feeder.published(MISS)
+        feeder.stop()
+        entries = await deferToThread(wait_until_final, cluster, feeder)
+        expected = [e for e in expected_events("/subscribe/raw", entries, cluster.epoch)
+                    if entry_key(e[0]) > entry_key(gap.last_event_id)]
+        last = entry_key(expected[-1][0])
+        for reader in (from_gap, going_on):
+            await reader.wait_for(lambda r: bool(r.events) and entry_key(
+                r.events[-1].last_event_id) >= last, 30)
+        as_got = [(e.last_event_id, e.type, e.data) for e in
+                  after_gap + going_on.events]
+        assert as_got == expected, "after the gap: not each event once, in order"
+        assert [(e.last_event_id, e.type, e.data) for e in from_gap.events] == expected
+        print(f"\ntrimmed: {trimmed} entries; gap id {gap.last_event_id}; "
+              f"{len(expected)} events after it checked on two resumes")
+    finally:
+        feeder.stop()
+        await direct.close()
+        await proxied.close()
+
+
+async def all_read_past(cluster: Cluster, key: tuple[int, int]) -> None:
+    """Until every node (each of C's workers) has read past entry C{key}: trimming up
+    to it then takes nothing any node has yet to read."""
+    wanted = {"-a", "-b", "-c-1", "-c-2"}  # node names end with these
+    for _ in range(150):
+        for name, port in (("a", cluster.ports["a"]), ("b", cluster.ports["b"]),
+                           ("c", cluster.ports["c"])):
+            doc = await status(port)
+            position = doc["stream"]["position"]
+            if position and tuple(map(int, position.split("-"))) >= key:
+                wanted = {w for w in wanted if not doc["node"].endswith(w)}
+        if not wanted:
+            return
+        await sleep(0.1)
+    raise AssertionError(f"{wanted} did not read past {key}")
