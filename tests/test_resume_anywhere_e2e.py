@@ -22,13 +22,16 @@ with an id that a later resume goes on from, nothing twice.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import signal
 import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +108,10 @@ class Feeder:
 
     def __init__(self, port: int, per_second: int = 400) -> None:
         self._port = port
-        self.hits = 0
+        #: Hits published, as the reactor has heard (L{published}), and as sent.
+        self.hits = self.sent = 0
+        #: The last message sent: (channel, payload).
+        self.last: tuple[bytes, bytes] | None = None
         self.errors = 0
         self._per_tick = 4
         self._interval = self._per_tick / per_second
@@ -140,6 +146,8 @@ class Feeder:
                 due = time.monotonic()
                 continue
             n += self._per_tick
+            self.sent = n
+            self.last = commands[-1][1:]
             reactor.callFromThread(self._published, n)
             due = max(due + self._interval, time.monotonic() - 0.1)
             self._stop.wait(max(0.0, due - time.monotonic()))
@@ -235,6 +243,13 @@ class Follower:
             return False
         return entry_key(reader.events[-1].last_event_id) >= self._last_key
 
+    def _until_final(self, reader: StreamReader) -> bool:
+        return reader.is_closed or self._done(reader)
+
+    def _until_cut(self, reader: StreamReader) -> bool:
+        return reader.is_closed or (len(reader.events) >= self._cut_after
+                                    and not self._progress.hold)
+
     def finish(self, last_key: tuple[int, int]) -> None:
         """Stay on until an event with (at least) this entry ID has arrived."""
         self._last_key = last_key
@@ -280,10 +295,7 @@ class Follower:
             final = self.opened > self._reconnects
             if final and not self.reconnected.called:
                 self.reconnected.callback(None)
-            need = self._cut_after
-            await reader.wait_for(lambda r: r.is_closed or (
-                self._done(r) if final else (len(r.events) >= need
-                                             and not self._progress.hold)), 60)
+            await reader.wait_for(self._until_final if final else self._until_cut, 60)
             self._reader = None
             self.events += reader.events
             if reader.is_closed:
@@ -425,20 +437,14 @@ class Cluster:
         self.nginx.start([self.ports["a"], self.ports["b"]])
 
     def stop(self) -> None:
-        import os
-        import signal
-
+        """Everything ended, whatever state the test left it in."""
         self.nginx.stop()
         for proc in self.procs.values():
-            try:
+            with suppress(Exception):
                 proc.terminate(timeout=15)
-            except Exception:
-                pass
         for pid in self.children:
-            try:
+            with suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
         self.redis.stop()
 
     def redis_call(self, *args: Any) -> Any:
@@ -498,10 +504,7 @@ async def under_load(cluster: Cluster,
 def wait_until_final(cluster: Cluster, feeder: Feeder, timeout: float = 30
                      ) -> list[tuple[str, bytes, bytes]]:
     """The stream once the bridge has appended the feeder's last message."""
-    n = feeder.hits - 1
-    last = (b"stream.tweet_updates." + (WATCHED if n % 4 == 0
-                                        else OTHERS[n * 7 % len(OTHERS)]).encode(),
-            b'{"n":%d}' % n)
+    last = feeder.last  # the feeder has stopped: the last it sent
     deadline = time.monotonic() + timeout
     redis = Redis(cluster.redis.port)
     try:
@@ -509,7 +512,10 @@ def wait_until_final(cluster: Cluster, feeder: Feeder, timeout: float = 30
             newest = redis("XREVRANGE", KEY, "+", "-", "COUNT", 1)
             if newest and decode_entry(newest[0][1]) == last:
                 break
-            assert time.monotonic() < deadline, "the feeder's last hit never reached the stream"
+            assert time.monotonic() < deadline, (
+                f"the feeder's last hit {last!r} never reached the stream; newest "
+                f"{redis('XREVRANGE', KEY, '+', '-', 'COUNT', 3)}; the bridge's log:\n"
+                + "\n".join(cluster.procs["bridge"].lines[-30:]))
             time.sleep(0.05)
     finally:
         redis.close()
@@ -728,7 +734,7 @@ async def test_a_resume_from_a_trimmed_id_gets_the_gap_and_goes_on_from_its_id(c
         # Well past the 50 events node C keeps in memory per path.
         await feeder.published(200)
         await all_read_past(cluster, entry_key(kept))
-        trimmed = cluster.redis_call("XTRIM", KEY, "MINID", "%d-%d" % entry_key(kept))
+        trimmed = cluster.redis_call("XTRIM", KEY, "MINID", "{}-{}".format(*entry_key(kept)))
         assert trimmed >= 4
         # A client that last saw the trimmed entry resumes on C: the gap event.
         _, gapped = await direct.stream("/subscribe/raw", {"Last-Event-ID": old})
@@ -771,8 +777,7 @@ async def all_read_past(cluster: Cluster, key: tuple[int, int]) -> None:
     to it then takes nothing any node has yet to read."""
     wanted = {"-a", "-b", "-c-1", "-c-2"}  # node names end with these
     for _ in range(150):
-        for name, port in (("a", cluster.ports["a"]), ("b", cluster.ports["b"]),
-                           ("c", cluster.ports["c"])):
+        for port in cluster.ports.values():
             doc = await status(port)
             position = doc["stream"]["position"]
             if position and tuple(map(int, position.split("-"))) >= key:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import txredisapi
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 
