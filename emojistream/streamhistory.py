@@ -1,6 +1,8 @@
 """What a resume reads from the shared history when the node's memory cannot fill it
 (L{emojistream.history.HistoryReader} over Redis): C{XRANGE} in pages, a few fetches
 at a time, so that a reconnect storm can neither hammer Redis nor stall the reactor.
+A fetch whose connection is down (Redis restarting, the connection killed) waits for
+it to come back, a while: the client gets late events, not a gap.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+import txredisapi
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
@@ -21,6 +24,9 @@ PAGE = 1000
 IN_FLIGHT = 4
 #: Fetches waiting at most; more fail at once (L{HistoryBusy}).
 MAX_WAITING = 10_000
+#: Seconds a fetch waits at most, in all, for its lost connection to come back: a
+#: Redis restart and the reconnection's backoff (5 s at most) fit.
+RECONNECT_WAIT = 10.0
 
 Entries = list[tuple[int, bytes, bytes]]
 
@@ -32,8 +38,8 @@ class HistoryBusy(Exception):
 class _Fetch:
     """One resume's read: (after, until], its entries so far, where it is."""
 
-    __slots__ = ("cancelled", "done", "entries", "last", "max_entries", "read", "result",
-                 "until")
+    __slots__ = ("cancelled", "done", "down_since", "entries", "last", "max_entries",
+                 "read", "result", "until", "waiting_up")
 
     def __init__(self, after: int, until: int, max_entries: int) -> None:
         #: The newest entry ID read so far (at first: C{after}'s, which must exist).
@@ -46,6 +52,10 @@ class _Fetch:
         self.cancelled = False
         self.done = False
         self.result: Deferred[Entries | None] = Deferred()
+        #: When it first found its connection down (None: never).
+        self.down_since: float | None = None
+        #: While it waits for the connection to come back: the deadline's call.
+        self.waiting_up: Any = None
 
 
 class RedisHistory:
@@ -64,13 +74,15 @@ class RedisHistory:
 
     def __init__(self, connection: Any, stream_key: str, *, clock: IReactorTime,
                  page: int = PAGE, in_flight: int = IN_FLIGHT,
-                 max_waiting: int = MAX_WAITING) -> None:
+                 max_waiting: int = MAX_WAITING,
+                 reconnect_wait: float = RECONNECT_WAIT) -> None:
         self._connection = connection
         self._key = stream_key
         self._clock = clock
         self._page = page
         self._in_flight = in_flight
         self._max_waiting = max_waiting
+        self._reconnect_wait = reconnect_wait
         self._waiting: deque[_Fetch] = deque()
         self._running = 0
         self.fetches = 0
@@ -108,6 +120,11 @@ class RedisHistory:
         fetch.cancelled = True
         if fetch in self._waiting:
             self._waiting.remove(fetch)
+        elif fetch.waiting_up is not None:
+            # Waiting for its connection: it ends now.
+            fetch.waiting_up.cancel()
+            fetch.waiting_up = None
+            self._finish(fetch, None)
         # Else it is reading: it ends after the page in flight.
 
     def _next(self) -> None:
@@ -136,8 +153,7 @@ class RedisHistory:
             return
         protocol = self._connection.protocol
         if protocol is None:
-            self._finish(fetch, Failure(NotConnected(
-                f"{self._connection.description} is down")))
+            self._wait_up(fetch, first)
             return
         # From the last entry read, inclusive (it is dropped): the exclusive form needs
         # Redis 6.2. One more than may be needed, to know when there are too many.
@@ -145,9 +161,41 @@ class RedisHistory:
         d: Deferred[Any] = maybeDeferred(
             protocol.execute_command, "XRANGE", self._key, str(fetch.last),
             str(fetch.until), "COUNT", count)
-        d.addCallbacks(self._got_page, lambda reason: self._finish(fetch, reason),
-                       callbackArgs=(fetch, first, count))
+        d.addCallbacks(self._got_page, self._page_failed,
+                       callbackArgs=(fetch, first, count), errbackArgs=(fetch, first))
         d.addErrback(lambda reason: self._finish(fetch, reason))
+
+    def _page_failed(self, reason: Failure, fetch: _Fetch, first: bool) -> None:
+        if reason.check(txredisapi.ConnectionError) and not fetch.cancelled:
+            # Lost with the connection: the page is read again once it is back.
+            self._wait_up(fetch, first)
+        else:
+            self._finish(fetch, reason)
+
+    def _wait_up(self, fetch: _Fetch, first: bool) -> None:
+        """The connection is down: read the page once it is up again, or fail the
+        fetch once it has waited L{RECONNECT_WAIT} seconds in all."""
+        now = self._clock.seconds()
+        if fetch.down_since is None:
+            fetch.down_since = now
+        left = fetch.down_since + self._reconnect_wait - now
+        if left <= 0:
+            self._finish(fetch, Failure(NotConnected(
+                f"{self._connection.description} is down")))
+            return
+
+        def again(_: object = None) -> None:
+            if fetch.waiting_up is None:
+                return  # already on its way (up, or the deadline), or cancelled
+            if fetch.waiting_up.active():
+                fetch.waiting_up.cancel()
+            fetch.waiting_up = None
+            self._read_page(fetch, first)
+
+        fetch.waiting_up = self._clock.callLater(left, again)
+        # On a turn of its own: never within this call, whatever the connection says.
+        self._connection.when_up().addCallback(
+            lambda _: self._clock.callLater(0, again))
 
     def _got_page(self, reply: Any, fetch: _Fetch, first: bool, count: int) -> None:
         self.pages += 1

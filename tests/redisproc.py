@@ -33,7 +33,8 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start redis-server and return once it accepts connections."""
+        """Start redis-server and return once it accepts connections (in the directory
+        it was stopped with, if kept: it loads what it saved there)."""
         for _ in range(3 if self._may_move else 1):
             try:
                 self._start(timeout)
@@ -48,7 +49,8 @@ class RedisProcess:
         self._may_move = False
 
     def _start(self, timeout: float) -> None:
-        self.directory = tempfile.mkdtemp(prefix="emojistream-test-redis-")
+        if self.directory is None:
+            self.directory = tempfile.mkdtemp(prefix="emojistream-test-redis-")
         args = (redis_server_args(find_redis_server(), self.port, self.directory)
                 + list(self.extra_args))
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -72,15 +74,16 @@ class RedisProcess:
         threading.Thread(target=lambda: [None for _ in iter(lambda: stdout.read(4096), b"")],
                          daemon=True).start()
 
-    def stop(self) -> None:
-        """SIGTERM and wait for exit (no-op when not running)."""
-        self._end(signal.SIGTERM)
+    def stop(self, keep_directory: bool = False) -> None:
+        """SIGTERM and wait for exit (no-op when not running); with C{keep_directory},
+        the next L{start} runs in the same directory."""
+        self._end(signal.SIGTERM, keep_directory)
 
     def kill(self) -> None:
         """SIGKILL, as in a crash."""
         self._end(signal.SIGKILL)
 
-    def _end(self, sig: int) -> None:
+    def _end(self, sig: int, keep_directory: bool = False) -> None:
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             proc.send_signal(sig)
@@ -89,6 +92,6 @@ class RedisProcess:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if self.directory is not None:
+        if self.directory is not None and not keep_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None

@@ -1,14 +1,14 @@
 """What a resume reads from the stream (streamhistory.RedisHistory) on a Clock, over a
 real command connection's protocol to the in-memory Redis of tests/fakestreams.py:
 pages, one per turn; the entry resumed from must still be there; the count bound;
-a few fetches at a time, the rest queued; Redis down is a failure."""
+a few fetches at a time, the rest queued; Redis down is waited for a while, then
+a failure."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-import txredisapi
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 
@@ -16,7 +16,7 @@ from emojistream.bridge import NotConnected
 from emojistream.config import RedisAddress
 from emojistream.history import EntryId, position
 from emojistream.redisconn import RedisConnection
-from emojistream.streamhistory import HistoryBusy, RedisHistory
+from emojistream.streamhistory import RECONNECT_WAIT, HistoryBusy, RedisHistory
 from fakestreams import Peer, Store
 from test_connection import MemoryEndpoint
 
@@ -57,8 +57,8 @@ class Rig:
     def xranges(self) -> int:
         return sum(c[0] == b"XRANGE" for c in self.peer().commands)
 
-    def run(self) -> None:
-        self.endpoint.run(0)
+    def run(self, seconds: float = 0) -> None:
+        self.endpoint.run(seconds)
 
 
 @pytest.fixture
@@ -131,18 +131,33 @@ def test_entries_of_another_writer_are_left_out(rig):
     assert result(d) == rig.expected(1, 5)
 
 
-def test_redis_down_or_lost_mid_read_fails_the_fetch(rig):
+def test_redis_lost_mid_read_the_fetch_reads_the_page_again_once_it_is_back(rig):
     rig.append(30)
     d = rig.history.entries_after(rig.at(0), rig.at(29), 100)
     rig.clock.advance(0)
+    rig.peer().hang_up()  # the first page's XRANGE is in flight
+    rig.endpoint.flush()
+    assert rig.connection.protocol is None and not d.called
+    rig.run(1)  # the connection's backoff, then the pages
+    assert result(d) == rig.expected(1, 30)
+    assert rig.history.running == 0
+
+
+def test_redis_down_longer_than_the_wait_fails_the_fetch_and_a_cancel_ends_it(rig):
+    rig.append(30)
+    rig.endpoint.peer = lambda: None  # Redis is gone
     rig.peer().hang_up()
     rig.endpoint.flush()
-    assert result(d).check(txredisapi.ConnectionError)
-    assert rig.connection.protocol is None
     d = rig.history.entries_after(rig.at(0), rig.at(29), 100)
-    rig.clock.advance(0)
+    rig.run(RECONNECT_WAIT - 0.1)
+    assert not d.called and rig.history.running == 1
+    rig.run(0.2)
     assert result(d).check(NotConnected)
     assert rig.history.running == 0
+    cancelled = rig.history.entries_after(rig.at(0), rig.at(29), 100)
+    rig.run(1)
+    cancelled.cancel()
+    assert result(cancelled).check(CancelledError) and rig.history.running == 0
 
 
 def test_four_fetches_read_at_once_the_rest_wait_their_turn_in_order(rig):
