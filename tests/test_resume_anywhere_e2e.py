@@ -402,8 +402,10 @@ class Cluster:
                 "--raw-stream", "--kiosk-interaction-stream", "--trust-proxy",
                 "--drain-sec", "1"]
         if name == "c":
-            # Its workers keep few events in memory: their resumes read the stream.
-            args += ["--workers", "2", "--replay-events", "50"]
+            # Its workers keep few events in memory (8 KB: some 30 events in all):
+            # their resumes read the stream. (Not --replay-events: that bounds what one
+            # resume may bring, from memory or the stream alike.)
+            args += ["--workers", "2", "--replay-bytes", "8000"]
         return args
 
     def start_node(self, name: str) -> TwistdProcess:
@@ -655,7 +657,7 @@ async def test_a_resume_while_redis_is_stopped_is_filled_once_it_is_started_agai
         await first.wait_events(5)
         first.close()
         await first.wait_closed()
-        await feeder.published(100)  # well past the 50 events C keeps per path
+        await feeder.published(100)  # well past the 8 KB of events C keeps
         feeder.stop()
         before = {n: count_lines(cluster.procs[n], READ_ON) for n in "abc"}
         await deferToThread(cluster.redis.stop, True)
@@ -731,7 +733,7 @@ async def test_a_resume_from_a_trimmed_id_gets_the_gap_and_goes_on_from_its_id(c
         first.close()
         await first.wait_closed()
         old, kept = first.events[0].last_event_id, first.events[4].last_event_id
-        # Well past the 50 events node C keeps in memory per path.
+        # Well past the 8 KB of events node C keeps in memory.
         await feeder.published(200)
         await all_read_past(cluster, entry_key(kept))
         trimmed = cluster.redis_call("XTRIM", KEY, "MINID", "{}-{}".format(*entry_key(kept)))
