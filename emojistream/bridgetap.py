@@ -109,7 +109,9 @@ def bridge_service(settings: BridgeSettings, reactor: Any,
     the lease up), then the command connection."""
     environ = os.environ if environ is None else environ
     root = ExitOnStartupError()
-    Signals(reactor).setServiceParent(root)
+    Signals(reactor, stopping="appending what waits, giving the lease up and stopping",
+            nothing_to_reload="a bridge has nothing to reload; bridging on (SIGTERM "
+            "stops it)").setServiceParent(root)
     tree = OrderedStop()
     tree.setServiceParent(root)
     commands = RedisConnection(settings.redis, reactor=reactor, purpose="command")

@@ -67,10 +67,16 @@ class Signals(Service):
     would see the process killed by it; a requested, completed stop is a success.
     """
 
-    def __init__(self, reactor: Any, *, reload: Callable[[], object] | None = None) -> None:
+    def __init__(self, reactor: Any, *, reload: Callable[[], object] | None = None,
+                 stopping: str = "draining streams and stopping",
+                 nothing_to_reload: str = "a single process has nothing to reload; serving "
+                 "on (SIGTERM stops it; under --workers SIGHUP replaces the workers)") -> None:
         self._reactor = reactor
         #: What SIGHUP does, if anything.
         self.reload = reload
+        #: What the log says a stop does, and SIGHUP where there is nothing to reload.
+        self._stopping_words = stopping
+        self._nothing_to_reload = nothing_to_reload
         self._stopping = False
 
     def privilegedStartService(self) -> None:
@@ -102,7 +108,7 @@ class Signals(Service):
         self._reactor.callFromThread(self._log_and_stop, signal.Signals(signum).name)
 
     def _log_and_stop(self, name: str) -> None:
-        log.info("Received {name}, draining streams and stopping", name=name)
+        log.info("Received {name}, {what}", name=name, what=self._stopping_words)
         self._reactor.stop()
 
     def _hup(self, signum: int, frame: object) -> None:
@@ -110,8 +116,7 @@ class Signals(Service):
 
     def _reload_now(self) -> None:
         if self.reload is None:
-            log.info("Received SIGHUP: a single process has nothing to reload; serving "
-                     "on (SIGTERM stops it; under --workers SIGHUP replaces the workers)")
+            log.info("Received SIGHUP: {why}", why=self._nothing_to_reload)
         else:
             log.info("Received SIGHUP: replacing the workers one at a time")
             self.reload()

@@ -56,6 +56,10 @@ _ID = re.compile(r"([0-9a-f]{8})-([0-9]{1,18})")
 #: An ID of a stream source's event: its stream's epoch and its entry ID.
 _ENTRY_ID = re.compile(r"([0-9a-f]{8,32})-([0-9]{1,20})-([0-9]{1,7})")
 
+#: Seconds an ID of a stream source may be ahead of this node's clock (Redis's clock
+#: against this host's): past it, the ID is no stream's, and is invalid.
+FUTURE_TOLERANCE = 10.0
+
 #: Why a resume cannot be filled, as the gap event and header say it.
 EXPIRED = "expired"  # events after the ID were given up (too old, too many, too big)
 FOREIGN = "foreign"  # the ID is another process's (another node, an earlier run)
@@ -384,6 +388,10 @@ class Journal:
         except ValueError:
             return self._gap(INVALID)
         now = self._clock.seconds()
+        if entry_of(sequence).ms > (now + FUTURE_TOLERANCE) * 1000:
+            # No node gave it (the stream's IDs are Redis's clock): waiting for it
+            # would keep the client silent for good.
+            return self._gap(INVALID)
         eps = namespace == EPS_NAMESPACE
         # /eps: the summaries sent so far cover up to _summarized; events: each is
         # its own entry, so up to the newest position read.

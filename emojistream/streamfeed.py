@@ -228,8 +228,9 @@ class StreamFeed(RedisConnection):
     def _wait(self, protocol: Any, run: int) -> None:
         if not self.waiting:
             self.waiting = True
-            self.log.info("{key} does not exist (or holds nothing): waiting for a bridge "
-                          "to append to it", key=self.stream_key)
+            self.log.info("{key} does not exist (or holds nothing): waiting for entries "
+                          "(a bridge appends them, or this daemon's --demo)",
+                          key=self.stream_key)
         self._timer = self._clock.callLater(self._poll, self._look_again, protocol, run)
 
     def _look_again(self, protocol: Any, run: int) -> None:

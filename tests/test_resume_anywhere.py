@@ -284,3 +284,14 @@ def test_a_resume_from_the_stream_keeps_to_the_count_bound() -> None:
     stream.answer()
     assert json.loads(six.events()[0].data) == {"reason": "expired"}  # 6 events > 4
     assert details(four) == ['{"n":4}', '{"n":5}', '{"n":6}', '{"n":7}']
+
+
+def test_an_id_from_the_future_is_invalid_not_a_silent_wait() -> None:
+    c, stream = clock(), Stream()
+    b = Node(c, stream, 0)
+    b.read(stream.append(DETAIL, b"{}"))
+    ahead = int((c.seconds() + 3600) * 1000)
+    on_b = b.subscribe("/subscribe/details/2665", f"{EPOCH}-{ahead}-0")
+    assert on_b.head[1]["x-sse-gap"] == "invalid"
+    b.read(stream.append(DETAIL, b'{"n":1}'))
+    assert details(on_b) == ['{"n":1}']
