@@ -406,6 +406,13 @@ def wait_reading(host: str, port: int, workers: int, seconds: float = 30) -> Non
         time.sleep(0.1)
 
 
+def stream_reads(host: str, port: int) -> tuple[int, int] | None:
+    """(XREAD replies, entries handed on) of the daemon's stream reader since start."""
+    stream = server_status(host, port).get("stream") or {}
+    reads, entries = stream.get("reads"), stream.get("entries_read")
+    return (reads, entries) if isinstance(reads, int) and isinstance(entries, int) else None
+
+
 def wait_port(host: str, port: int, seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -574,6 +581,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         publisher = Publisher(redis_host, redis_port, rng,
                               args.stream_key if args.source == "streams" else None)
         publisher.run(args.rate, args.warmup)
+        # The stream reader's XREADs and entries, from status (outside the CPU window).
+        reads0 = stream_reads(host, port) if args.source == "streams" and args.workers == 1 \
+            else None
         cpu0 = cpu_split(server_pid) if server_pid else None
         redis_cpu0 = cpu_seconds(redis_pid) if redis_pid else None
         worker_cpu0 = [cpu_seconds(pid) for pid in worker_pids]
@@ -615,6 +625,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         worker_rss = [rss_mb(pid) for pid in worker_pids]
         client_cpu1 = sum(cpu_seconds(w.pid) for w in workers if w.pid)
         steal1 = steal_seconds()
+        reads1 = stream_reads(host, port) if reads0 is not None else None
         rss_end = rss_mb(server_pid) if server_pid else None
         if worker_pids:
             rss_end = sum(worker_rss)
@@ -695,6 +706,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "redis_cpu_s": round(redis_cpu, 3) if redis_cpu is not None else None,
         "redis_us_per_hit": (round(redis_cpu / window_hits * 1e6, 2)
                              if redis_cpu is not None and window_hits > 0 else None),
+        "stream_reads_per_s": (round((reads1[0] - reads0[0]) / window, 1)
+                               if reads0 is not None and reads1 is not None else None),
+        "stream_entries_per_read": (
+            round((reads1[1] - reads0[1]) / (reads1[0] - reads0[0]), 2)
+            if reads0 is not None and reads1 is not None and reads1[0] > reads0[0] else None),
         "steal_cpu_percent": round((steal1 - steal0) / window * 100, 1),
         "server_rss_mb": {"idle": rss_idle, "end": rss_end},
         "rss_kb_per_connection": (round((rss_end - rss_idle) * 1024 / len(plan), 2)
@@ -777,6 +793,9 @@ def table(result: dict[str, Any]) -> str:
         ("connections the server dropped", result["server_dropped_connections"]),
         ("longest silence on a detail stream s", result["keepalive_max_gap_s"]),
     ]
+    if result.get("stream_reads_per_s") is not None:
+        rows.append(("stream reads/s, entries per read", f"{result['stream_reads_per_s']}, "
+                                                         f"{result['stream_entries_per_read']}"))
     if result.get("status_fetches_per_s") is not None:
         rows.append(("status.json fetches/s (--status-loop)", result["status_fetches_per_s"]))
     for name, figures in result.get("watched", {}).items():
