@@ -174,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bytes per entry               {per_entry:.1f}")
     print(f"bytes per hit                 {per_hit:.1f}")
     grown_per_hour = r["used_memory_delta"] / args.hits * args.rate * 3600
-    print(f"per hour at {args.rate:g} hits/s        {per_hour / 2**20:.0f} MiB by MEMORY USAGE, "
-          f"{grown_per_hour / 2**20:.0f} MiB by used_memory ({int(args.rate * 3600 * 2)} "
-          "entries)")
+    print(f"per hour at {args.rate:g} hits/s        {per_hour / 1e6:.0f} MB "
+          f"({per_hour / 2**20:.0f} MiB) by MEMORY USAGE, {grown_per_hour / 1e6:.0f} MB "
+          f"({grown_per_hour / 2**20:.0f} MiB) by used_memory; "
+          f"{int(args.rate * 3600 * 2)} entries")
     return 0
 
 
