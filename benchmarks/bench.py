@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import random
 import re
+import secrets
 import select
 import shutil
 import signal
@@ -46,7 +47,20 @@ from emojistream.demo import (  # noqa: E402
     load_rankings,
     redis_server_args,
 )
+from emojistream.history import (  # noqa: E402
+    APPEND_BATCH,
+    APPEND_SCRIPT,
+    DEFAULT_MAXLEN,
+    DEFAULT_STREAM_KEY,
+    append_call,
+    sha1,
+)
 from emojistream.lifecycle import raise_fd_limit  # noqa: E402
+from emojistream.vocabulary import (  # noqa: E402
+    DETAIL_CHANNEL_PREFIX,
+    KIOSK_CHANNEL_PREFIX,
+    SCORE_CHANNEL,
+)
 
 KINDS = ("eps", "raw", "details")
 _SEQ = re.compile(rb'"seq":(\d+),"t":([0-9.]+)')
@@ -361,6 +375,44 @@ def server_status(host: str, port: int) -> dict[str, Any]:
         return {}
 
 
+def start_stream(host: str, port: int, stream_key: str) -> None:
+    """Make sure the stream exists before the clients connect: a reader starts from
+    the newest entry, and one that waits for the stream looks again only every
+    second, which would lose the first hits. One kiosk message (no client here
+    watches a kiosk) is appended, unfenced."""
+    keys, argv = append_call(stream_key, [(KIOSK_CHANNEL_PREFIX + b"bench", b"{}")],
+                             maxlen=DEFAULT_MAXLEN, epoch_token=secrets.token_hex(8))
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(resp(b"EVAL", APPEND_SCRIPT.encode(), b"%d" % len(keys),
+                          *(k.encode() for k in keys),
+                          *(a if isinstance(a, bytes) else str(a).encode() for a in argv)))
+        reply = sock.recv(4096)
+    if not reply.startswith(b"*2"):
+        raise SystemExit(f"appending to {stream_key} failed: {reply!r:.200}")
+
+
+def wait_reading(host: str, port: int, workers: int, seconds: float = 30) -> None:
+    """Wait until the daemon (each of its workers) reads the stream."""
+    deadline = time.monotonic() + seconds
+    while True:
+        statuses = (each_worker_status(host, port, workers) if workers > 1
+                    else [server_status(host, port)])
+        streams = [st.get("stream") or {} for st in statuses]
+        if len(streams) == workers and all(
+                s.get("state") == "up" and s.get("position") for s in streams):
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the daemon does not read the stream: {streams!r:.300}")
+        time.sleep(0.1)
+
+
+def stream_reads(host: str, port: int) -> tuple[int, int] | None:
+    """(XREAD replies, entries handed on) of the daemon's stream reader since start."""
+    stream = server_status(host, port).get("stream") or {}
+    reads, entries = stream.get("reads"), stream.get("entries_read")
+    return (reads, entries) if isinstance(reads, int) and isinstance(entries, int) else None
+
+
 def wait_port(host: str, port: int, seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -373,44 +425,86 @@ def wait_port(host: str, port: int, seconds: float = 30) -> None:
 
 
 class Publisher:
-    """PUBLISHes hits at a steady rate over one pipelined Redis connection."""
+    """PUBLISHes hits at a steady rate over one pipelined Redis connection; with
+    C{stream_key} it appends the same messages to that Redis Stream instead (the
+    append script, unfenced, one call per tick), as a bridge or a feeder would."""
 
-    def __init__(self, host: str, port: int, rng: random.Random) -> None:
+    def __init__(self, host: str, port: int, rng: random.Random,
+                 stream_key: str | None = None) -> None:
         self.sock = socket.create_connection((host, port))
-        self.sock.setblocking(False)
         self.rng = rng
         self.ids, self.cumulative = zipf_ids()
         self.seq = 0
         self.log: list[tuple[int, str, float]] = []
         self.totals: Counter[str] = Counter()
         self.pad = "x" * 180
+        self.stream_key = stream_key
+        self.epoch_token = secrets.token_hex(8)
+        # What the last recv ended with: an error reply split over two reads is seen.
+        self._tail = b""
+        if stream_key is not None:
+            self.sock.sendall(resp(b"SCRIPT", b"LOAD", APPEND_SCRIPT.encode()))
+            loaded = self.sock.recv(4096)
+            if not loaded.startswith(b"$40"):
+                raise SystemExit(f"Redis refused the append script: {loaded!r:.200}")
+        self.sock.setblocking(False)
 
-    def hit(self) -> None:
+    def messages(self) -> list[tuple[bytes, bytes]]:
+        """One hit: its score update and its detail (carrying its sequence number and
+        publish time), as (channel, payload)."""
         emoji_id = draw(self.rng, self.ids, self.cumulative)
         now = time.time()
         detail = (f'{{"seq":{self.seq},"t":{now:.6f},"id":"{emoji_id}","text":"{self.pad}",'
                   f'"screen_name":"bench","name":"Bench"}}')
-        out = resp(b"PUBLISH", b"stream.score_updates", emoji_id.encode()) + resp(
-            b"PUBLISH", b"stream.tweet_updates." + emoji_id.encode(), detail.encode())
+        self.log.append((self.seq, emoji_id, now))
+        self.totals[emoji_id] += 1
+        self.seq += 1
+        return [(SCORE_CHANNEL, emoji_id.encode()),
+                (DETAIL_CHANNEL_PREFIX + emoji_id.encode(), detail.encode())]
+
+    def send(self, out: bytes) -> None:
+        """C{out} sent whole; the replies so far read and dropped (an error one stops
+        the run: a refused append would otherwise show as loss)."""
         self.sock.setblocking(True)
         self.sock.sendall(out)
         self.sock.setblocking(False)
         try:
-            while self.sock.recv(65536):
-                pass
+            while data := self.sock.recv(65536):
+                seen = self._tail + data
+                if seen.startswith(b"-") or b"\n-" in seen:
+                    raise SystemExit(f"Redis answered an error: {seen!r:.200}")
+                self._tail = seen[-1:]
         except BlockingIOError:
             pass
-        self.log.append((self.seq, emoji_id, now))
-        self.totals[emoji_id] += 1
-        self.seq += 1
+
+    def hit(self) -> None:
+        """One hit PUBLISHed: its two messages."""
+        self.send(b"".join(resp(b"PUBLISH", channel, payload)
+                           for channel, payload in self.messages()))
+
+    def append(self, due: int) -> None:
+        """C{due} hits appended to the stream, in calls of L{APPEND_BATCH} messages."""
+        assert self.stream_key is not None
+        messages = [m for _ in range(due) for m in self.messages()]
+        out = []
+        for start in range(0, len(messages), APPEND_BATCH):
+            keys, argv = append_call(self.stream_key, messages[start:start + APPEND_BATCH],
+                                     maxlen=DEFAULT_MAXLEN, epoch_token=self.epoch_token)
+            out.append(resp(b"EVALSHA", sha1(APPEND_SCRIPT).encode(), b"%d" % len(keys),
+                            *(k.encode() for k in keys),
+                            *(a if isinstance(a, bytes) else str(a).encode() for a in argv)))
+        self.send(b"".join(out))
 
     def run(self, rate: float, seconds: float) -> None:
         start = time.monotonic()
         done = 0
         while (elapsed := time.monotonic() - start) < seconds:
             due = int(elapsed * rate) - done
-            for _ in range(due):
-                self.hit()
+            if due and self.stream_key is not None:
+                self.append(due)
+            else:
+                for _ in range(due):
+                    self.hit()
             done += due
             time.sleep(0.001)
 
@@ -427,11 +521,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             redis = urlsplit(args.redis)
             redis_host, redis_port = redis.hostname or "127.0.0.1", redis.port or 6379
             server_pid = args.server_pid
+            redis_pid = args.redis_pid
         else:
             redis_host, redis_port = "127.0.0.1", free_port()
             procs.append(subprocess.Popen(
                 redis_server_args(find_redis_server(), redis_port, redis_dir),
                 stdout=subprocess.DEVNULL))
+            redis_pid = procs[-1].pid
             wait_port(redis_host, redis_port)
             host, port = "127.0.0.1", free_port()
             twistd = str(Path(sys.executable).parent / "twistd")
@@ -441,12 +537,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  f"redis://{redis_host}:{redis_port}", "--max-streams",
                  str(min(args.clients + 100, default_max_streams())),
                  *(["--workers", str(args.workers)] if args.workers > 1 else []),
+                 *(["--source", "streams", "--stream-key", args.stream_key]
+                   if args.source == "streams" else []),
                  *args.server_args],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 env=checkout_env(args.server_checkout or REPO)))
             wait_port(host, port)
             server_pid = procs[-1].pid
         worker_pids = workers_of(server_pid, args.workers) if server_pid else []
+        if args.source == "streams":
+            start_stream(redis_host, redis_port, args.stream_key)
+            wait_reading(host, port, args.workers)
         time.sleep(0.5)
         rss_idle = rss_mb(server_pid) if server_pid else None
         if worker_pids:
@@ -477,9 +578,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise SystemExit(f"only {shared['connected'].value} of {len(plan)} connected")
             time.sleep(0.05)
 
-        publisher = Publisher(redis_host, redis_port, rng)
+        publisher = Publisher(redis_host, redis_port, rng,
+                              args.stream_key if args.source == "streams" else None)
         publisher.run(args.rate, args.warmup)
+        # The stream reader's XREADs and entries, from status (outside the CPU window).
+        reads0 = stream_reads(host, port) if args.source == "streams" and args.workers == 1 \
+            else None
         cpu0 = cpu_split(server_pid) if server_pid else None
+        redis_cpu0 = cpu_seconds(redis_pid) if redis_pid else None
         worker_cpu0 = [cpu_seconds(pid) for pid in worker_pids]
         watched0 = {name: cpu_seconds(pid) for name, pid in args.watch}
         client_cpu0 = sum(cpu_seconds(w.pid) for w in workers if w.pid)
@@ -512,12 +618,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seq1 = publisher.seq - 1
         delivered1 = list(shared["delivered"])
         cpu1 = cpu_split(server_pid) if server_pid else None
+        redis_cpu1 = cpu_seconds(redis_pid) if redis_pid else None
         worker_cpu1 = [cpu_seconds(pid) for pid in worker_pids]
         watched1 = {name: cpu_seconds(pid) for name, pid in args.watch}
         watched_rss = {name: rss_mb(pid) for name, pid in args.watch}
         worker_rss = [rss_mb(pid) for pid in worker_pids]
         client_cpu1 = sum(cpu_seconds(w.pid) for w in workers if w.pid)
         steal1 = steal_seconds()
+        reads1 = stream_reads(host, port) if reads0 is not None else None
         rss_end = rss_mb(server_pid) if server_pid else None
         if worker_pids:
             rss_end = sum(worker_rss)
@@ -575,6 +683,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         server_cpu = (server_cpu or 0) + sum(worker_cpu)
         server_split = None
     deliveries = total_rate * window
+    redis_cpu = (redis_cpu1 - redis_cpu0
+                 if redis_cpu0 is not None and redis_cpu1 is not None else None)
+    window_hits = seq1 - seq0 + 1
     client_cpu = client_cpu1 - client_cpu0
     return {
         "workload": {"clients": len(plan), "mix": mix, "rate_hz": args.rate,
@@ -591,6 +702,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if server_split is not None and deliveries else None),
         "client_us_per_message": (round(client_cpu / deliveries * 1e6, 3)
                                   if deliveries else None),
+        "source": args.source,
+        "redis_cpu_s": round(redis_cpu, 3) if redis_cpu is not None else None,
+        "redis_us_per_hit": (round(redis_cpu / window_hits * 1e6, 2)
+                             if redis_cpu is not None and window_hits > 0 else None),
+        "stream_reads_per_s": (round((reads1[0] - reads0[0]) / window, 1)
+                               if reads0 is not None and reads1 is not None else None),
+        "stream_entries_per_read": (
+            round((reads1[1] - reads0[1]) / (reads1[0] - reads0[0]), 2)
+            if reads0 is not None and reads1 is not None and reads1[0] > reads0[0] else None),
         "steal_cpu_percent": round((steal1 - steal0) / window * 100, 1),
         "server_rss_mb": {"idle": rss_idle, "end": rss_end},
         "rss_kb_per_connection": (round((rss_end - rss_idle) * 1024 / len(plan), 2)
@@ -658,6 +778,8 @@ def table(result: dict[str, Any]) -> str:
         ("  of which user, system", ", ".join(
             str(t) for t in result["server_us_per_message_user_system"] or ("-", "-"))),
         ("client CPU µs per message", result["client_us_per_message"]),
+        ("source", result["source"]),
+        ("Redis CPU µs per hit published", result["redis_us_per_hit"]),
         ("CPU stolen by the host %", result["steal_cpu_percent"]),
         ("server RSS MB idle → end", f"{result['server_rss_mb']['idle']} → "
                                      f"{result['server_rss_mb']['end']}"),
@@ -671,6 +793,9 @@ def table(result: dict[str, Any]) -> str:
         ("connections the server dropped", result["server_dropped_connections"]),
         ("longest silence on a detail stream s", result["keepalive_max_gap_s"]),
     ]
+    if result.get("stream_reads_per_s") is not None:
+        rows.append(("stream reads/s, entries per read", f"{result['stream_reads_per_s']}, "
+                                                         f"{result['stream_entries_per_read']}"))
     if result.get("status_fetches_per_s") is not None:
         rows.append(("status.json fetches/s (--status-loop)", result["status_fetches_per_s"]))
     for name, figures in result.get("watched", {}).items():
@@ -731,6 +856,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379",
                         help="with --url: the Redis that daemon subscribes to")
     parser.add_argument("--server-pid", type=int, help="with --url: its PID, for CPU and RSS")
+    parser.add_argument("--redis-pid", type=int,
+                        help="with --url: the redis-server's PID, for its CPU per hit")
+    parser.add_argument("--source", choices=("pubsub", "streams"), default="pubsub",
+                        help="pubsub: the daemon subscribes and the hits are PUBLISHed "
+                             "(default); streams: the daemon runs with --source streams "
+                             "and the hits are appended to --stream-key (the same "
+                             "messages, the same timing)")
+    parser.add_argument("--stream-key", default=DEFAULT_STREAM_KEY,
+                        help=f"with --source streams: the stream (default {DEFAULT_STREAM_KEY})")
     parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
                         help="extra twistd emojistream options (last on the line)")
     parser.add_argument("--py-spy", metavar="FILE",
