@@ -10,8 +10,8 @@ transport's buffer is full the writer is paused and holds further messages itsel
 to C{max_queue} bytes in all, what it holds for the tick included; past that an event
 stream's writer drops the client (aborts the connection, frees its buffers). A
 L{SummaryWriter} (/eps) never drops: while paused it merges the summaries into one
-pending summary (counts added per ID), so that a client that drains still gets exact totals, in fewer messages. This module is
-the one place that decides.
+pending summary (counts added per ID), so that a client that drains still gets exact
+totals, in fewer messages. This module is the one place that decides.
 
 Over HTTP/2 Twisted pauses a stream's writer only when the stream's flow-control
 window is used up, never when the socket is full: everything written meanwhile waits
