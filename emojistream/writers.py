@@ -178,7 +178,8 @@ class Writer:
         self._batcher = batcher
         self._batch: list[bytes] = []
         # Messages (not keepalives or hints) among what the batch and backlog hold,
-        # and the batch's bytes (they count toward the bound).
+        # and the bytes the batch holds for the tick or took in while paused (they
+        # count toward the bound; what a read holds to its end is one read's worth).
         self._batch_msgs = 0
         self._batch_bytes = 0
         # Whether everything waits for the batcher's tick (the write policy decides).
@@ -336,7 +337,7 @@ class Writer:
         batcher = self._batcher
         if batcher is not None:
             if self._coalesce:
-                self._batch_up(batcher, data, msgs)
+                self._hold_for_tick(batcher, data, msgs)
                 return
             current = batcher.round
             if current & 1:
@@ -347,15 +348,21 @@ class Writer:
         self._out(data)
 
     def _batch_up(self, batcher: Batcher, data: bytes, msgs: int) -> None:
-        """Hold C{data} (C{msgs} messages) for C{batcher}'s next flush: the tick's if
-        this stream coalesces, else the end of the round. Held past the bound, they
-        go at once: a stream that reads is never dropped for what it was not sent."""
+        """Hold C{data} (C{msgs} messages) for the end of C{batcher}'s round (the read
+        in progress: at most what one read brings)."""
         batch = self._batch
         if not batch:
-            if self._coalesce:
-                batcher.hold(self)
-            else:
-                batcher.enlist(self)
+            batcher.enlist(self)
+        batch.append(data)
+        self._batch_msgs += msgs
+
+    def _hold_for_tick(self, batcher: Batcher, data: bytes, msgs: int) -> None:
+        """Hold C{data} (C{msgs} messages) for C{batcher}'s tick, counted toward the
+        bound. Held past the bound, they go at once: a stream that reads is never
+        dropped for what it was not sent yet."""
+        batch = self._batch
+        if not batch:
+            batcher.hold(self)
         batch.append(data)
         self._batch_msgs += msgs
         self._batch_bytes += len(data)
