@@ -7,7 +7,8 @@ upstream feeder (each hit a score update and a ~300-byte detail carrying a seque
 number and its publish time, IDs from a Zipf distribution), holds N SSE clients in
 separate client processes, and measures over a fixed window after a warm-up: delivered
 messages/s per stream kind, server CPU per delivered message, server RSS, detail
-and /raw latency (from each hit's publish time), eps rate and exactness, loss, duplicates and reordering per subscriber.
+and /raw latency (from each hit's publish time), eps rate and exactness, loss,
+duplicates and reordering per subscriber.
 """
 
 from __future__ import annotations
