@@ -69,7 +69,8 @@ def test_the_broadcast_micro_benchmark_prints_its_figures():
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("50 streams, 50 messages")
-    for name, line in zip(("detail broadcast", "score summary", "20 per Redis read"),
-                          lines[1:], strict=True):
+    names = ("detail broadcast", "score summary", "20 per Redis read", "one stream per ID",
+             "7 per tick, held")
+    for name, line in zip(names, lines[1:], strict=True):
         assert line.split()[:len(name.split())] == name.split()
         assert float(line.split()[len(name.split())]) > 0
