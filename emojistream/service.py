@@ -376,10 +376,14 @@ class Emojistream:
         return timer
 
     def _tick(self) -> None:
-        """Every 1/60 s: the score summary, then what coalescing streams held, then
-        (every window of ticks) which streams coalesce."""
-        self.summarizer.tick()
+        """Every 1/60 s: what coalescing streams held (before the summary's slices,
+        which take a few milliseconds to write), the score summary (with
+        --write-policy batch, its first slice too), then, every window of ticks,
+        which streams coalesce."""
         self.batcher.flush()
+        self.summarizer.tick()
+        if self.batcher.hold_all:
+            self.batcher.flush()
         self.hub.pace()
 
     def _gauges(self) -> dict[str, float]:
