@@ -7,7 +7,8 @@ upstream feeder (each hit a score update and a ~300-byte detail carrying a seque
 number and its publish time, IDs from a Zipf distribution), holds N SSE clients in
 separate client processes, and measures over a fixed window after a warm-up: delivered
 messages/s per stream kind, server CPU per delivered message, server RSS, detail
-latency, eps rate and exactness, loss, duplicates and reordering per subscriber.
+and /raw latency (from each hit's publish time), eps rate and exactness, loss,
+duplicates and reordering per subscriber.
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ class Sub:
     # Detail streams: when bytes last came, and the longest silence in the window.
     last_rx: float = 0.0
     max_gap: float = 0.0
+    # Sampled raw streams: (index of the first message, messages, when) of each read
+    # in the window; the Nth raw message is the Nth hit published.
+    raw_reads: list[tuple[int, int, float]] = field(default_factory=list)
 
 
 def client_main(host: str, port: int, plan: list[tuple[str, str, bool]], shared: Any,
@@ -238,6 +242,9 @@ def client_main(host: str, port: int, plan: list[tuple[str, str, bool]], shared:
                             latencies.append(now - published)
                         else:
                             after.append((published, now - published))
+            elif sub.kind == "raw":
+                if n and shared["measuring"].value == 1:
+                    sub.raw_reads.append((sub.messages, n, time.time()))
             elif sub.kind == "eps":
                 for line in whole.split(b"\n"):
                     if line.startswith(b"data:"):
@@ -255,7 +262,7 @@ def client_main(host: str, port: int, plan: list[tuple[str, str, bool]], shared:
             "kind": sub.kind, "id": sub.emoji_id, "messages": sub.messages,
             "in_window": sum(1 for q in sub.seqs if s0 <= q <= s1), "dups": sub.dups,
             "reorders": sub.reorders, "eps_totals": dict(sub.eps_totals) if sub.sample else None,
-            "max_gap": sub.max_gap,
+            "max_gap": sub.max_gap, "raw_reads": sub.raw_reads if sub.sample else None,
         })
         sub.sock.close()
     poller.close()
@@ -671,6 +678,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lost = sum(max(0, window_ids[r["id"]] - r["in_window"]) for r in detail_subs)
     raw_subs = [r for r in reports if r["kind"] == "raw"]
     raw_lost = sum(max(0, publisher.seq - r["messages"]) for r in raw_subs)
+    # /raw latency: the Nth message of a raw stream is hit N, published at a known time.
+    published = [at for _, _, at in publisher.log]
+    raw_latencies = [received - published[first + i]
+                     for r in raw_subs for first, n, received in r["raw_reads"] or ()
+                     for i in range(n) if first + i < len(published)]
     eps_samples = [r for r in reports if r["kind"] == "eps" and r["eps_totals"] is not None]
     eps_exact = all(Counter(r["eps_totals"]) == publisher.totals for r in eps_samples)
     n_eps = sum(1 for r in reports if r["kind"] == "eps")
@@ -719,6 +731,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "detail_latency_ms": {
             name: (round(v * 1000, 2) if (v := percentile(latencies, p)) is not None else None)
             for name, p in (("p50", 50), ("p99", 99), ("max", 100))},
+        "raw_latency_ms": {
+            name: (round(v * 1000, 2) if (v := percentile(raw_latencies, p)) is not None
+                   else None)
+            for name, p in (("p50", 50), ("p99", 99), ("max", 100))},
+        "raw_latency_samples": len(raw_latencies),
         "eps_hz_per_client": round(per_kind["eps"] / n_eps, 2) if n_eps else None,
         "eps_sums_exact": eps_exact, "eps_clients_checked": len(eps_samples),
         "loss": {"details": lost, "raw": raw_lost},
@@ -786,6 +803,9 @@ def table(result: dict[str, Any]) -> str:
         ("RSS KB per connection", result["rss_kb_per_connection"]),
         ("detail latency ms p50/p99/max", " / ".join(
             str(result["detail_latency_ms"][k]) for k in ("p50", "p99", "max"))),
+        ("raw latency ms p50/p99/max", " / ".join(
+            str(result["raw_latency_ms"][k]) for k in ("p50", "p99", "max"))
+         + f" ({result['raw_latency_samples']} messages)"),
         ("eps Hz per client", result["eps_hz_per_client"]),
         ("eps sums exact", f"{result['eps_sums_exact']} ({result['eps_clients_checked']} checked)"),
         ("lost details, raw", f"{result['loss']['details']}, {result['loss']['raw']}"),

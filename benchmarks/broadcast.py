@@ -3,42 +3,63 @@ no sockets, no Redis, no reactor. Steady enough to compare changes to that path.
 
     python benchmarks/broadcast.py [--streams 1000] [--messages 2000] [--repeats 7]
 
+    python benchmarks/broadcast.py --against /tmp/old   # A/B in one process
+
 Prints, for a detail broadcast to every stream, a score summary to every /eps stream,
-and a Redis read's worth of messages coalesced per stream: the median nanoseconds per
-delivered message over the repeats (and the spread).
+a Redis read's worth of messages coalesced per stream, detail updates each to a
+namespace of its own with one stream (the hub's cost per message, not shared by a
+pool), and, where the code has the adaptive write policy, streams that coalesce a
+tick's messages: the median nanoseconds per delivered message over the repeats (and
+the spread).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import inspect
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 
-import emojistream
-from emojistream.batching import Batcher
-from emojistream.hub import Hub
-from emojistream.sse import encode_event
-from emojistream.summarizer import summary_frame
+HERE = Path(__file__).resolve().parent.parent
 
-# Since the subscription owns a stream's life, one class for every kind; an older
-# commit (measured against this one, from its own tree) has Stream and SummaryStream.
-if (Path(emojistream.__file__).parent / "subscription.py").exists():
-    from emojistream.subscription import Subscription
-else:
-    Subscription = None  # type: ignore[assignment,misc]
+
+def load(checkout: Path) -> SimpleNamespace:
+    """The modules of C{checkout}'s emojistream this benchmark uses, imported afresh
+    (any emojistream imported before is forgotten; objects made from it keep working),
+    so that two checkouts can be measured in one process."""
+    for name in [n for n in sys.modules if n == "emojistream" or n.startswith("emojistream.")]:
+        del sys.modules[name]
+    sys.path.insert(0, str(checkout))
+    try:
+        package = importlib.import_module("emojistream")
+        code = SimpleNamespace(
+            Batcher=importlib.import_module("emojistream.batching").Batcher,
+            Hub=importlib.import_module("emojistream.hub").Hub,
+            encode_event=importlib.import_module("emojistream.sse").encode_event,
+            summary_frame=importlib.import_module("emojistream.summarizer").summary_frame,
+            stream_module=importlib.import_module("emojistream.stream"),
+            writers=None, Subscription=None)
+        if (Path(package.__file__).parent / "writers.py").exists():
+            code.writers = importlib.import_module("emojistream.writers")
+        # Since the subscription owns a stream's life, one class for every kind; an
+        # older commit has Stream and SummaryStream.
+        if (Path(package.__file__).parent / "subscription.py").exists():
+            code.Subscription = importlib.import_module("emojistream.subscription").Subscription
+    finally:
+        sys.path.remove(str(checkout))
+    return code
 
 
 class NullTransport:
@@ -81,33 +102,29 @@ class MemoryRequest:
         return Deferred()
 
 
-def streams(hub: Hub, n: int, kind: str, namespace: str, batcher: Batcher | None
-            ) -> list[Any]:
+def streams(code: SimpleNamespace, hub: Any, n: int, kind: str, namespace: str,
+            batcher: Any) -> list[Any]:
     made: list[Any] = []
-    if Subscription is not None:
-        from emojistream.writers import ChunkFramer, writer_for
-
-        framer = ChunkFramer()
+    if code.Subscription is not None:
+        framer = code.writers.ChunkFramer()
         for _ in range(n):
-            writer = writer_for(kind, MemoryRequest(),  # type: ignore[arg-type]
-                                max_queue=1 << 20, batcher=batcher, framer=framer)
-            subscription = Subscription(writer, hub=hub, clock=Clock(), namespace=namespace,
-                                        kind=kind, client_ip="x")
+            writer = code.writers.writer_for(kind, MemoryRequest(), max_queue=1 << 20,
+                                             batcher=batcher, framer=framer)
+            subscription = code.Subscription(writer, hub=hub, clock=Clock(),
+                                             namespace=namespace, kind=kind, client_ip="x")
             subscription.start()
             made.append(subscription)
         return made
-    from emojistream.stream import Stream, SummaryStream  # type: ignore[attr-defined]
+    Stream, SummaryStream = code.stream_module.Stream, code.stream_module.SummaryStream
 
     # As the web routes make them: one framer shared by a site's streams, where the
     # code has one (it chunks a broadcast's frame once for all of them).
     shared: dict[str, Any] = {}
     if "framer" in inspect.signature(Stream.__init__).parameters:
-        from emojistream.writers import ChunkFramer, writer_for
-
-        shared["framer"] = ChunkFramer()
+        shared["framer"] = code.writers.ChunkFramer()
     for i in range(n):
         cls = SummaryStream if kind == "eps" else Stream
-        stream = cls(MemoryRequest(), namespace=namespace, kind=kind,  # type: ignore[arg-type]
+        stream = cls(MemoryRequest(), namespace=namespace, kind=kind,
                      request_path="/subscribe" + namespace, created_at=i, client_ip="x",
                      user_agent="", batcher=batcher, **shared)
         stream.start()
@@ -127,22 +144,25 @@ def measure(work: Callable[[], int], repeats: int) -> tuple[float, float, float]
     return statistics.median(results), min(results), max(results)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--streams", type=int, default=1000)
-    parser.add_argument("--messages", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args(argv)
-
-    batcher = Batcher()
-    hub = Hub()
-    streams(hub, args.streams, "detail", "/details/2665", batcher)
-    streams(hub, args.streams, "eps", "/eps", batcher)
-    frames = [encode_event(b'{"id":"%d","text":"a tweet of some length"}' % i,
-                           b"stream.tweet_updates.2665") for i in range(args.messages)]
+def cases(code: SimpleNamespace, args: argparse.Namespace) -> list[tuple[str, Callable[[], int]]]:
+    """The measured broadcasts, on streams made with C{code}."""
+    batcher = code.Batcher()
+    hub = code.Hub()
+    streams(code, hub, args.streams, "detail", "/details/2665", batcher)
+    streams(code, hub, args.streams, "eps", "/eps", batcher)
+    singles = [f"/details/S{i}" for i in range(args.streams)]
+    for namespace in singles:
+        streams(code, hub, 1, "detail", namespace, batcher)
+    coalescing = streams(code, hub, args.streams, "raw", "/raw", batcher)
+    for subscription in coalescing:
+        if not hasattr(subscription, "coalesce"):
+            coalescing = []
+            break
+        subscription.coalesce(True)
+    frames = [code.encode_event(b'{"id":"%d","text":"a tweet of some length"}' % i,
+                                b"stream.tweet_updates.2665") for i in range(args.messages)]
     counts = {"2665": 3, "1F602": 1}
-    summary = summary_frame(counts)
+    summary = code.summary_frame(counts)
 
     def details() -> int:
         for frame in frames:
@@ -163,12 +183,64 @@ def main(argv: list[str] | None = None) -> int:
             batcher.end_round()
         return len(frames) * args.streams
 
-    print(f"{args.streams} streams, {args.messages} messages, median of {args.repeats} "
-          "(min-max), ns per delivered message")
-    for name, work in (("detail broadcast", details), ("score summary", summaries),
-                       ("20 per Redis read", coalesced)):
-        median, low, high = measure(work, args.repeats)
-        print(f"  {name:<18} {median:8.1f}  ({low:.1f}-{high:.1f})")
+    def one_each() -> int:
+        for i, frame in enumerate(frames):
+            hub.publish(singles[i % len(singles)], frame)
+        return len(frames)
+
+    def per_tick() -> int:
+        # /raw at 400/s: about 7 messages a tick, one write per stream at the tick.
+        for start in range(0, len(frames), 7):
+            for frame in frames[start:start + 7]:
+                hub.publish("/raw", frame)
+            batcher.flush()
+        return len(frames) * args.streams
+
+    made: list[tuple[str, Callable[[], int]]] = [
+        ("detail broadcast", details), ("score summary", summaries),
+        ("20 per Redis read", coalesced), ("one stream per ID", one_each)]
+    if coalescing:
+        made.append(("7 per tick, held", per_tick))
+    return made
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--against", metavar="DIR", type=Path,
+                        help="also measure another checkout's code (e.g. a git worktree "
+                             "of an older commit) in this process, each case's runs of "
+                             "the two alternating, and print the ratio this/other")
+    args = parser.parse_args(argv)
+
+    mine = cases(load(HERE), args)
+    if args.against is None:
+        print(f"{args.streams} streams, {args.messages} messages, median of {args.repeats} "
+              "(min-max), ns per delivered message")
+        for name, work in mine:
+            median, low, high = measure(work, args.repeats)
+            print(f"  {name:<18} {median:8.1f}  ({low:.1f}-{high:.1f})")
+        return 0
+    other = dict(cases(load(args.against.resolve()), args))
+    print(f"{args.streams} streams, {args.messages} messages, {args.repeats} alternating "
+          f"runs each, ns per delivered message: median (min) of {args.against} / of "
+          "this checkout, and this/other")
+    for name, work in mine:
+        if name not in other:
+            median, low, _ = measure(work, args.repeats)
+            print(f"  {name:<18} {'-':>17} / {median:7.1f} ({low:.1f})")
+            continue
+        theirs: list[float] = []
+        ours: list[float] = []
+        for _ in range(args.repeats):
+            theirs.append(measure(other[name], 1)[0])
+            ours.append(measure(work, 1)[0])
+        a, b = statistics.median(theirs), statistics.median(ours)
+        print(f"  {name:<18} {a:7.1f} ({min(theirs):.1f}) / {b:7.1f} ({min(ours):.1f})"
+              f"  {b / a:.3f}")
     return 0
 
 

@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from emojistream.batching import BATCH, WRITE_POLICIES
 from emojistream.endpoints import LISTEN_BACKLOG, listen_address
 from emojistream.history import DEFAULT_STREAM_KEY, parse_stream_key
 from emojistream.tls import parse_ciphers
@@ -366,6 +367,14 @@ def parse_source(text: str) -> str:
     return word
 
 
+def parse_write_policy(text: str) -> str:
+    """C{adaptive}, C{direct} or C{batch} (L{emojistream.batching})."""
+    word = text.strip().lower()
+    if word not in WRITE_POLICIES:
+        raise ValueError(f"{text!r} is not a write policy ({', '.join(WRITE_POLICIES)})")
+    return word
+
+
 def parse_log_format(text: str) -> str:
     """C{text} (twistd's usual lines) or C{json} (one JSON object per line)."""
     word = text.strip().lower()
@@ -598,9 +607,15 @@ SPECS: tuple[Spec, ...] = (
     Spec("send_buffer", "send-buffer-bytes", "SSE_SEND_BUFFER_BYTES", parse_count, "0",
          "SO_SNDBUF of each client socket; smaller finds clients that stopped reading "
          "sooner and holds less kernel memory for them (0: the system's default)"),
+    Spec("write_policy", "write-policy", "SSE_WRITE_POLICY", parse_write_policy,
+         "adaptive",
+         "How messages are written: adaptive (a stream that hears more than ~150 a "
+         "second gets them in one write per 1/60 s tick, the others each at once), "
+         "direct (each at once) or batch (every stream once per tick: least CPU, up "
+         "to a tick more latency)"),
     Spec("batch_writes", "batch-writes", "SSE_BATCH_WRITES", parse_bool, "false",
-         "Latency budget: send each client's messages in one write per 1/60 s tick "
-         "(less CPU per message, up to a tick more latency)", is_flag=True),
+         "The same as --write-policy batch (kept for existing deployments)",
+         is_flag=True),
     Spec("max_payload", "max-payload-bytes", "MAX_PAYLOAD_BYTES", parse_positive_int, "65536",
          "Larger detail and kiosk payloads from Redis are dropped (and counted)"),
     Spec("max_streams", "max-streams", "MAX_STREAMS", parse_positive_int,
@@ -735,6 +750,7 @@ class Settings:
     max_queue: int = field(default_factory=_table("max_queue"))
     max_payload: int = field(default_factory=_table("max_payload"))
     send_buffer: int = field(default_factory=_table("send_buffer"))
+    write_policy: str = field(default_factory=_table("write_policy"))
     batch_writes: bool = field(default_factory=_table("batch_writes"))
     max_streams: int = field(default_factory=_table("max_streams"))
     max_streams_per_ip: int = field(default_factory=_table("max_streams_per_ip"))
@@ -797,6 +813,36 @@ def resolve_table(specs: Sequence[Spec], env: Mapping[str, str],
     return values
 
 
+def _write_policy(env: Mapping[str, str], options: Mapping[str, str | None],
+                  values: Mapping[str, Any]) -> str:
+    """The write policy: C{--batch-writes} (C{SSE_BATCH_WRITES}) is another way to say
+    C{--write-policy batch} (C{SSE_WRITE_POLICY=batch}), and C{--no-batch-writes}
+    one to say "not batch". An option wins over the environment, as everywhere;
+    raises L{ConfigError} when both are given at the same level and disagree."""
+    policy: str = values["write_policy"]
+    batch: bool = values["batch_writes"]
+
+    def level(key: str, variable: str) -> int:
+        return 2 if options.get(key) is not None else 1 if variable in env else 0
+
+    policy_level = level("write_policy", "SSE_WRITE_POLICY")
+    alias_level = level("batch_writes", "SSE_BATCH_WRITES")
+    if alias_level > policy_level:
+        if batch:
+            return BATCH
+        return policy if policy != BATCH else str(_default_of(SPECS, "write_policy"))
+    if alias_level == policy_level and alias_level and batch != (policy == BATCH):
+        if alias_level == 2:
+            said = ("--batch-writes" if batch else "--no-batch-writes",
+                    f"--write-policy {policy}")
+        else:
+            said = (f"SSE_BATCH_WRITES={env['SSE_BATCH_WRITES']}",
+                    f"SSE_WRITE_POLICY={env['SSE_WRITE_POLICY']}")
+        raise ConfigError(f"{said[0]} contradicts {said[1]} (--batch-writes is "
+                          "--write-policy batch)")
+    return policy
+
+
 def resolve(env: Mapping[str, str], options: Mapping[str, str | None]) -> Settings:
     """Combine environment and options (options win) into validated L{Settings}
     (L{resolve_table} of L{SPECS}); raises L{ConfigError} naming the offending
@@ -805,6 +851,7 @@ def resolve(env: Mapping[str, str], options: Mapping[str, str | None]) -> Settin
     values["redis_given"] = (
         options.get("redis") is not None or "REDIS_URL" in env
     )
+    values["write_policy"] = _write_policy(env, options, values)
     if values["source"] == "streams":
         # A stream source's events are resumable by nature: their IDs are the
         # stream's, the same on every node.

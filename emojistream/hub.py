@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from emojistream.batching import Coalescing
 from emojistream.slices import each_slice, slice_per_turn
 from emojistream.stream import Stream
 from emojistream.vocabulary import POOLS, lineage
@@ -25,6 +26,20 @@ from emojistream.vocabulary import POOLS, lineage
 KEEPALIVE_TICKS = 5
 
 
+class _Pool(dict[Stream, None]):
+    """The streams of one namespace (insertion-ordered), with the messages published
+    to them since the last decision of the write policy, and whether they coalesce.
+    Every stream of a pool hears the same messages: the pool's count is each one's
+    own rate, counted once per message rather than once per delivery."""
+
+    __slots__ = ("coalescing", "heard")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heard = 0
+        self.coalescing = False
+
+
 class Hub:
     """Every open stream, by namespace, and the counters reports read.
 
@@ -32,12 +47,19 @@ class Hub:
     one per reactor turn (a C{Cooperator} scheduled on C{clock}): thousands of /eps
     clients would otherwise hold the reactor for tens of milliseconds per tick while
     detail updates wait behind them.
+
+    With C{coalescing} (the adaptive write policy) it decides, every C{window} ticks
+    (L{pace}), which namespaces' streams hear so many messages that they coalesce them
+    into one write per tick, and tells their writers (L{Stream.coalesce}).
     """
 
-    def __init__(self, clock: IReactorTime | None = None, summary_slice: int = 256) -> None:
+    def __init__(self, clock: IReactorTime | None = None, summary_slice: int = 256,
+                 coalescing: Coalescing | None = None) -> None:
         self._summary_slice = summary_slice
         self._turns = None if clock is None else slice_per_turn(clock)
-        self._index: dict[str, dict[Stream, None]] = {}
+        self._coalescing = coalescing
+        self._ticks = 0
+        self._index: dict[str, _Pool] = {}
         self._lineages: dict[str, list[str]] = {}
         self._pool_sizes: dict[str, int] = dict.fromkeys(POOLS, 0)
         self._per_ip: dict[str, int] = {}
@@ -51,8 +73,13 @@ class Hub:
         self.dropped = 0
 
     def add(self, stream: Stream) -> None:
-        """Start delivering to C{stream}."""
-        self._index.setdefault(stream.namespace, {})[stream] = None
+        """Start delivering to C{stream} (coalescing, if its namespace's streams do)."""
+        pool = self._index.get(stream.namespace)
+        if pool is None:
+            pool = self._index[stream.namespace] = _Pool()
+        pool[stream] = None
+        if pool.coalescing:
+            stream.coalesce(True)
         self._pool_sizes[stream.kind] = self._pool_sizes.get(stream.kind, 0) + 1
         self._per_ip[stream.client_ip] = self._per_ip.get(stream.client_ip, 0) + 1
 
@@ -99,6 +126,7 @@ class Hub:
         for name in chain:
             pool = index.get(name)
             if pool:
+                pool.heard += 1
                 # A copy: a write may end a stream and so change the pool.
                 targets = tuple(pool)
                 for stream in targets:
@@ -125,6 +153,27 @@ class Hub:
                 stream.send_summary(frame, counts)
 
         return each_slice(targets, self._summary_slice, send, self._turns)
+
+    def pace(self) -> None:
+        """One score tick: at the end of each window of ticks, with C{coalescing},
+        decide for each namespace whether its streams coalesce over the next one from
+        the messages they heard over the last, and tell those that change. Called
+        after the tick's flush, when no stream holds anything for the tick."""
+        coalescing = self._coalescing
+        if coalescing is None:
+            return
+        self._ticks += 1
+        if self._ticks < coalescing.window:
+            return
+        self._ticks = 0
+        decide = coalescing.coalesce
+        for pool in tuple(self._index.values()):
+            on = decide(pool.heard, pool.coalescing)
+            pool.heard = 0
+            if on is not pool.coalescing:
+                pool.coalescing = on
+                for stream in tuple(pool):
+                    stream.coalesce(on)
 
     def from_ip(self, client_ip: str) -> int:
         """How many open streams C{client_ip} holds."""

@@ -17,7 +17,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 
-from emojistream.batching import Batcher
+from emojistream.batching import ADAPTIVE, BATCH, Batcher, Coalescing
 from emojistream.cluster import ClusterView
 from emojistream.compat import FailingEndpointService
 from emojistream.config import RedisAddress, Settings
@@ -154,7 +154,10 @@ class Emojistream:
 
         # A message's way (docs/ARCHITECTURE.md): a Redis read → the router → the hub's
         # namespace index → each stream's writer → the socket.
-        self.hub = Hub(reactor)
+        # The write policy: under the adaptive one, the hub has the streams that hear
+        # many messages a tick coalesce them into one write per tick.
+        self.hub = Hub(reactor, coalescing=(
+            Coalescing() if settings.write_policy == ADAPTIVE else None))
         # With --event-ids every event gets its ID, and is kept for resuming clients.
         self.journal: Journal | None = None
         streams = settings.source == "streams"
@@ -166,9 +169,10 @@ class Emojistream:
         self.summarizer = ScoreSummarizer(
             lambda counts, frame: self.hub.publish_summary(EPS_NAMESPACE, frame, counts),
             **({} if self.journal is None else {"encode": self.journal.summary}))
-        # What one read from Redis brings leaves in one write per client at its end;
-        # with the latency budget, everything waits for the tick.
-        self.batcher = Batcher(hold_all=settings.batch_writes)
+        # What one read from Redis brings leaves in one write per client at its end; a
+        # stream that coalesces holds everything for the tick (with --write-policy
+        # batch, every stream).
+        self.batcher = Batcher(hold_all=settings.write_policy == BATCH)
         self.delays = DeliveryDelays()
         self.router = Router(self.hub, self.summarizer, raw_stream=settings.raw_stream,
                              kiosk_stream=settings.kiosk_stream,
@@ -372,10 +376,15 @@ class Emojistream:
         return timer
 
     def _tick(self) -> None:
-        """Every 1/60 s: the score summary, then (with a latency budget) the writes."""
+        """Every 1/60 s: what coalescing streams held (before the summary's slices,
+        which take a few milliseconds to write), the score summary (with
+        --write-policy batch, its first slice too), then, every window of ticks,
+        which streams coalesce."""
+        self.batcher.flush()
         self.summarizer.tick()
         if self.batcher.hold_all:
             self.batcher.flush()
+        self.hub.pace()
 
     def _gauges(self) -> dict[str, float]:
         sizes = self.hub.pool_sizes()

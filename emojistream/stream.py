@@ -20,7 +20,7 @@ class Stream(Protocol):
     """One client's event stream, as the hub, status, drain and cleanup see it.
 
     The delivery methods (C{send}, C{send_summary}, C{send_control}, C{keepalive},
-    C{tally}) may be the writer's own bound methods, stored on the stream, so that a
+    C{coalesce}, C{tally}) may be the writer's own bound methods, stored on the stream, so that a
     delivery to one of thousands of streams costs no extra call.
     """
 
@@ -60,6 +60,10 @@ class Stream(Protocol):
 
     def keepalive(self, frame: bytes, tick: int, idle_ticks: int) -> None:
         """Keepalive tick C{tick}: write C{frame} if idle for C{idle_ticks} ticks."""
+
+    def coalesce(self, on: bool) -> None:
+        """From now on hold messages for one write per tick (C{on}), or write each at
+        once (the hub decides by the stream's rate: L{emojistream.batching})."""
 
     def tally(self, counts: dict[str, int]) -> None:
         """Add its messages C{written}, C{discarded} and C{conflated} to C{counts}."""

@@ -74,6 +74,7 @@ class Subscription:
         "_log",
         "_max_queue",
         "client_ip",
+        "coalesce",
         "created_at",
         "expiry",
         "keepalive",
@@ -125,6 +126,7 @@ class Subscription:
         self.send_summary: Callable[[bytes, dict[str, int]], None] = writer.summary
         self.send_control: Callable[[bytes], None] = self.writer.control
         self.keepalive: Callable[[bytes, int, int], None] = self.writer.keepalive
+        self.coalesce: Callable[[bool], None] = self.writer.coalesce
         self.tally: Callable[[dict[str, int]], None] = self.writer.tally
 
     def deliver_through(self, send: Callable[[bytes], None],

@@ -3,13 +3,15 @@ the messages of a client that stops reading.
 
 A L{Writer} is its response's push producer. While the client reads, a message goes
 out at once (over HTTP/1.1 straight onto the socket, as a chunk of the chunked
-response; over HTTP/2 through the request, which frames it as DATA). Once the
+response; over HTTP/2 through the request, which frames it as DATA), or, for a stream
+that coalesces (one that hears many messages a tick, L{emojistream.batching}), with
+the others of its tick in one write (one send; over HTTP/2 one DATA frame). Once the
 transport's buffer is full the writer is paused and holds further messages itself, up
-to C{max_queue} bytes in all; past that an event stream's writer drops the client
-(aborts the connection, frees its buffers). A L{SummaryWriter} (/eps) never drops:
-while paused it merges the summaries into one pending summary (counts added per ID), so
-that a client that drains still gets exact totals, in fewer messages. This module is
-the one place that decides.
+to C{max_queue} bytes in all, what it holds for the tick included; past that an event
+stream's writer drops the client (aborts the connection, frees its buffers). A
+L{SummaryWriter} (/eps) never drops: while paused it merges the summaries into one
+pending summary (counts added per ID), so that a client that drains still gets exact
+totals, in fewer messages. This module is the one place that decides.
 
 Over HTTP/2 Twisted pauses a stream's writer only when the stream's flow-control
 window is used up, never when the socket is full: everything written meanwhile waits
@@ -152,8 +154,10 @@ class Writer:
         "_backlog_bytes",
         "_backlog_msgs",
         "_batch",
+        "_batch_bytes",
         "_batch_msgs",
         "_batcher",
+        "_coalesce",
         "_framer",
         "_h2",
         "_idle_mark",
@@ -173,8 +177,13 @@ class Writer:
         self._request = request
         self._batcher = batcher
         self._batch: list[bytes] = []
-        # Messages (not keepalives or hints) among what the batch and backlog hold.
+        # Messages (not keepalives or hints) among what the batch and backlog hold,
+        # and the bytes the batch holds for the tick or took in while paused (they
+        # count toward the bound; what a read holds to its end is one read's worth).
         self._batch_msgs = 0
+        self._batch_bytes = 0
+        # Whether everything waits for the batcher's tick (the write policy decides).
+        self._coalesce = batcher is not None and batcher.hold_all
         self._backlog_msgs = 0
         self._round = 0
         #: Messages handed to this writer to write (see L{written}).
@@ -297,6 +306,20 @@ class Writer:
             self._h2.exempt(len(data))
         self._emit(data, len(frames))
 
+    @property
+    def coalescing(self) -> bool:
+        """Whether this writer holds every message for the batcher's tick."""
+        return self._coalesce
+
+    def coalesce(self, on: bool) -> None:
+        """Hold every message for the batcher's tick from now on (C{on}), or write each
+        at once again (what is held goes first). Without a batcher, nothing to do."""
+        if self._batcher is None or on is self._coalesce:
+            return
+        if not on:
+            self.flush_batch()
+        self._coalesce = on
+
     def _emit(self, data: bytes, msgs: int = 0) -> None:
         """Write wire bytes now, or at the batcher's flush, or hold them while paused;
         C{msgs} is how many messages they carry (0 for a keepalive or a hint)."""
@@ -305,13 +328,16 @@ class Writer:
                 # Behind what the batcher holds: its flush passes it all on in order.
                 self._batch.append(data)
                 self._batch_msgs += msgs
+                self._batch_bytes += len(data)
+                if self._held_bytes() > self._limit:
+                    self.drop()
             else:
                 self._hold(data, msgs)
             return
         batcher = self._batcher
         if batcher is not None:
-            if batcher.hold_all:
-                self._batch_up(batcher, data, msgs)
+            if self._coalesce:
+                self._hold_for_tick(batcher, data, msgs)
                 return
             current = batcher.round
             if current & 1:
@@ -322,12 +348,34 @@ class Writer:
         self._out(data)
 
     def _batch_up(self, batcher: Batcher, data: bytes, msgs: int) -> None:
-        """Hold C{data} (C{msgs} messages) for C{batcher}'s next flush."""
+        """Hold C{data} (C{msgs} messages) for the end of C{batcher}'s round (the read
+        in progress: at most what one read brings)."""
         batch = self._batch
         if not batch:
             batcher.enlist(self)
         batch.append(data)
         self._batch_msgs += msgs
+
+    def _hold_for_tick(self, batcher: Batcher, data: bytes, msgs: int) -> None:
+        """Hold C{data} (C{msgs} messages) for C{batcher}'s tick, counted toward the
+        bound. Held past the bound, they go at once: a stream that reads is never
+        dropped for what it was not sent yet."""
+        batch = self._batch
+        if not batch:
+            batcher.hold(self)
+        batch.append(data)
+        self._batch_msgs += msgs
+        self._batch_bytes += len(data)
+        if self._batch_bytes > self._limit:
+            self.flush_batch()
+
+    def _held_bytes(self) -> int:
+        """What this writer holds (for the tick and for a client not reading) and,
+        over HTTP/2, what Twisted holds for it: what counts toward the bound."""
+        held = self._backlog_bytes + self._batch_bytes
+        if self._h2 is not None:
+            held += self._h2.counted()
+        return held
 
     def _hold(self, data: bytes, msgs: int) -> None:
         if self._backlog is None:
@@ -335,10 +383,7 @@ class Writer:
         self._backlog.append((data, msgs))
         self._backlog_bytes += len(data)
         self._backlog_msgs += msgs
-        held = self._backlog_bytes
-        if self._h2 is not None:
-            held += self._h2.counted()
-        if held > self._limit:
+        if self._held_bytes() > self._limit:
             self.drop()
 
     def _h2_write(self, data: bytes) -> None:
@@ -351,7 +396,7 @@ class Writer:
             return
         h2.wrote(len(data),
                  self.handed - self.discarded - self._batch_msgs - self._backlog_msgs)
-        if self.drops and h2.counted() + self._backlog_bytes > self._limit:
+        if self.drops and h2.counted() + self._backlog_bytes + self._batch_bytes > self._limit:
             self.drop()
 
     def flush_batch(self) -> None:
@@ -361,6 +406,7 @@ class Writer:
             return
         self._batch = []
         msgs, self._batch_msgs = self._batch_msgs, 0
+        self._batch_bytes = 0
         if not self.open:
             self.discarded += msgs
             return
@@ -462,6 +508,7 @@ class Writer:
         self._backlog_msgs = 0
         self._batch = []
         self._batch_msgs = 0
+        self._batch_bytes = 0
 
     def _forget_h2(self) -> None:
         """Stop following Twisted's queue (and let it go: Twisted frees it)."""

@@ -11,6 +11,7 @@ BAD_VALUES = [  # environment variable, value
     ("REDIS_URL", "http://nope"), ("SSE_KEEPALIVE_SEC", "often"),
     ("ENABLE_RAW_STREAM", "perhaps"), ("ADMIN_REPORT", ""), ("PORT", "eighty"),
     ("PORT", "99999"), ("MAX_STREAMS", "-3"), ("GRAPHITE_URL", "ftp://x"),
+    ("SSE_WRITE_POLICY", "fastest"),
 ]
 #: Values past a setting's bounds (issue 17): option, environment variable, value, and
 #: what the one line says. All start without them (--workers 1000 forked a thousand).
@@ -35,6 +36,8 @@ BAD_OPTIONS: list[tuple[list[str], str]] = [
     (["--workers", "2", "--listen", "unix:/tmp/emojistream-test.sock"], "--workers"),
     (["--workers", "2", "--demo"], "--workers"),
     (["--listen", "reuseport:0"], "--listen"),
+    (["--write-policy", "fastest"], "--write-policy: "),
+    (["--write-policy", "direct", "--batch-writes"], "--batch-writes contradicts"),
     *[(["--listen", endpoint], "--listen") for endpoint in BAD_ENDPOINTS],
     *[(["--admin-listen", endpoint], "--admin-listen") for endpoint in BAD_ENDPOINTS],
 ]

@@ -31,6 +31,9 @@ def test_quick_benchmark_reports_everything_and_loses_nothing(tmp_path):
     assert report["server_rss_mb"]["idle"] > 0 and report["rss_kb_per_connection"] is not None
     assert set(report["detail_latency_ms"]) == {"p50", "p99", "max"}
     assert report["detail_latency_ms"]["p50"] is not None
+    # /raw latency: of the sampled raw streams' messages, from each hit's publish time.
+    assert report["raw_latency_samples"] > 0
+    assert 0 < report["raw_latency_ms"]["p50"] <= report["raw_latency_ms"]["p99"]
     assert report["eps_sums_exact"] is True and report["eps_clients_checked"] > 0
     assert report["loss"] == {"details": 0, "raw": 0}
     assert report["duplicates"] == 0 and report["reordered"] == 0
@@ -107,7 +110,8 @@ def test_the_broadcast_micro_benchmark_prints_its_figures():
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("50 streams, 50 messages")
-    for name, line in zip(("detail broadcast", "score summary", "20 per Redis read"),
-                          lines[1:], strict=True):
+    names = ("detail broadcast", "score summary", "20 per Redis read", "one stream per ID",
+             "7 per tick, held")
+    for name, line in zip(names, lines[1:], strict=True):
         assert line.split()[:len(name.split())] == name.split()
         assert float(line.split()[len(name.split())]) > 0

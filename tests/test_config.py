@@ -124,6 +124,42 @@ def test_bad_values_are_one_line_usage_errors(env, argv, message):
     assert message in text and "\n" not in text
 
 
+@pytest.mark.parametrize(("env", "argv", "policy"), [
+    ({}, [], "adaptive"),
+    ({"SSE_WRITE_POLICY": "Direct"}, [], "direct"),
+    ({}, ["--write-policy", "batch"], "batch"),
+    # --batch-writes is kept: it says --write-policy batch, --no-batch-writes "not batch".
+    ({}, ["--batch-writes"], "batch"),
+    ({"SSE_BATCH_WRITES": "yes"}, [], "batch"),
+    ({"SSE_BATCH_WRITES": "yes"}, ["--no-batch-writes"], "adaptive"),
+    ({"SSE_BATCH_WRITES": "no", "SSE_WRITE_POLICY": "direct"}, [], "direct"),
+    ({"SSE_BATCH_WRITES": "yes", "SSE_WRITE_POLICY": "batch"}, [], "batch"),
+    # An option wins over the environment, whichever of the two names it uses.
+    ({"SSE_BATCH_WRITES": "yes"}, ["--write-policy", "direct"], "direct"),
+    ({"SSE_WRITE_POLICY": "direct"}, ["--batch-writes"], "batch"),
+    ({"SSE_WRITE_POLICY": "batch"}, ["--no-batch-writes"], "adaptive"),
+])
+def test_the_write_policy_and_its_old_name(env, argv, policy):
+    settings = options(argv, env).settings
+    assert settings is not None and settings.write_policy == policy
+
+
+@pytest.mark.parametrize(("env", "argv", "message"), [
+    ({}, ["--write-policy", "fastest"], "--write-policy: 'fastest' is not a write policy"),
+    ({}, ["--write-policy", "direct", "--batch-writes"],
+     "--batch-writes contradicts --write-policy direct"),
+    ({}, ["--write-policy", "batch", "--no-batch-writes"],
+     "--no-batch-writes contradicts --write-policy batch"),
+    ({"SSE_WRITE_POLICY": "adaptive", "SSE_BATCH_WRITES": "1"}, [],
+     "SSE_BATCH_WRITES=1 contradicts SSE_WRITE_POLICY=adaptive"),
+])
+def test_a_write_policy_that_contradicts_batch_writes_is_one_line(env, argv, message):
+    with pytest.raises(SystemExit) as info:
+        options(argv, env)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert info.value.code == 78
+
+
 def test_legacy_settings_and_their_defaults():
     s = resolve({}, {})
     assert (s.force_refresh, s.score_retry_ms, s.detail_retry_ms) == (False, 100, 500)
