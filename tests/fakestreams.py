@@ -25,6 +25,26 @@ from emojistream.history import (
 NIL_ARRAY = object()
 
 
+def split_commands(buffer: bytes) -> tuple[list[list[bytes]], bytes]:
+    """The whole RESP commands (arrays of bulk strings) at the start of C{buffer}, as
+    their arguments, and what follows them (a command not all received yet)."""
+    commands = []
+    while True:
+        match = re.match(rb"\*(\d+)\r\n", buffer)
+        if match is None:
+            return commands, buffer
+        rest, args = buffer[match.end():], []
+        for _ in range(int(match.group(1))):
+            head = re.match(rb"\$(\d+)\r\n", rest)
+            if head is None or len(rest) < head.end() + int(head.group(1)) + 2:
+                return commands, buffer
+            size = int(head.group(1))
+            args.append(rest[head.end():head.end() + size])
+            rest = rest[head.end() + size + 2:]
+        buffer = rest
+        commands.append(args)
+
+
 class Error(Exception):
     """An error reply."""
 
@@ -149,22 +169,9 @@ class Peer(Protocol):
             self.blocked[3].cancel()
 
     def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        while True:
-            match = re.match(rb"\*(\d+)\r\n", self.buffer)
-            if match is None:
-                break
-            rest, args = self.buffer[match.end():], []
-            for _ in range(int(match.group(1))):
-                head = re.match(rb"\$(\d+)\r\n", rest)
-                if head is None or len(rest) < head.end() + int(head.group(1)) + 2:
-                    return
-                size = int(head.group(1))
-                args.append(rest[head.end():head.end() + size])
-                rest = rest[head.end() + size + 2:]
-            self.buffer = rest
-            self.commands.append(args)
-            self.pending.append(args)
+        commands, self.buffer = split_commands(self.buffer + data)
+        self.commands += commands
+        self.pending += commands
         self.run()
 
     def run(self) -> None:

@@ -5,7 +5,6 @@ no wall clock."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from itertools import pairwise
 from typing import Any
@@ -23,6 +22,7 @@ from zope.interface import implementer
 from emojistream.config import parse_redis_url
 from emojistream.connection import MAX_DELAY, KeptConnection, backoff
 from emojistream.redisconn import CommandProtocol, RedisConnection
+from fakestreams import split_commands
 
 
 def top(attempt: int) -> float:
@@ -114,20 +114,8 @@ class FakeRedis(Protocol):
         self.commands: list[list[bytes]] = []
 
     def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        while True:
-            match = re.match(rb"\*(\d+)\r\n", self.buffer)
-            if match is None:
-                return
-            rest, args = self.buffer[match.end():], []
-            for _ in range(int(match.group(1))):
-                head = re.match(rb"\$(\d+)\r\n", rest)
-                if head is None or len(rest) < head.end() + int(head.group(1)) + 2:
-                    return
-                size = int(head.group(1))
-                args.append(rest[head.end():head.end() + size])
-                rest = rest[head.end() + size + 2:]
-            self.buffer = rest
+        commands, self.buffer = split_commands(self.buffer + data)
+        for args in commands:
             self.commands.append(args)
             if not self.wedged:
                 self.answer(args)
