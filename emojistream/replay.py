@@ -205,16 +205,6 @@ class Journal:
         resume read from the stream may bring."""
         return self._max_events
 
-    @property
-    def position(self) -> int:
-        """The newest position (or sequence) so far."""
-        return self._sequence
-
-    @property
-    def summarized(self) -> int:
-        """With positions: the newest position the summaries sent so far cover."""
-        return self._summarized
-
     def position_of(self, frame: bytes) -> int:
         """The position of a frame this journal encoded with positions (its C{id:})."""
         line = frame[len(self._id_prefix):frame.index(b"\n")]
